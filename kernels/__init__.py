@@ -1,0 +1,1 @@
+"""Tandem's kernels: Triton kernels with torch references, picked per device by a registry."""

@@ -1,0 +1,1 @@
+"""Tandem's orchestrator: deployment spec, controller, router, HTTP API, planner, CLI."""

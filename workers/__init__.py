@@ -1,0 +1,1 @@
+"""Tandem's workers: the DeepSeek-V4 model, KV pools, transfer, engines and the Ray actors."""
