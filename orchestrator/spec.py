@@ -8,7 +8,7 @@ the spec names (checkpoints, certificates, tokens) are checked when the deployme
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -29,13 +29,13 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class ModelPreset(str, Enum):
+class ModelPreset(StrEnum):
     TINY = "tiny"
     V4_FLASH = "v4-flash"
     V4_PRO = "v4-pro"
 
 
-class ComputeDtype(str, Enum):
+class ComputeDtype(StrEnum):
     FLOAT32 = "float32"
     BFLOAT16 = "bfloat16"
 
@@ -101,14 +101,14 @@ class B300HgxTopology(_Strict):
 Topology = Annotated[CpuTopology | Gb200Nvl72Topology | B300HgxTopology, Field(discriminator="kind")]
 
 
-class RoutingPolicy(str, Enum):
+class RoutingPolicy(StrEnum):
     KV = "kv"
     ROUND_ROBIN = "round-robin"
     SGLANG = "sglang"
     DYNAMO = "dynamo"
 
 
-class DisaggregationMode(str, Enum):
+class DisaggregationMode(StrEnum):
     # Prefill on the decode worker when the uncached part of the prompt is short.
     CONDITIONAL = "conditional"
     # Every request goes through a prefill worker (the demo shows a real handoff this way).
@@ -149,7 +149,7 @@ class RouterSpec(_Strict):
     default_max_tokens: int = Field(default=256, ge=1)
 
 
-class TransferBackend(str, Enum):
+class TransferBackend(StrEnum):
     NIXL_UCX = "nixl-ucx"
 
 
@@ -195,7 +195,8 @@ class DeploymentSpec(_Strict):
         topo = self.topology
         if isinstance(topo, CpuTopology):
             return self
-        gpus = topo.racks * topo.domain_gpus if isinstance(topo, Gb200Nvl72Topology) else topo.nodes * topo.domain_gpus
+        units = topo.racks if isinstance(topo, Gb200Nvl72Topology) else topo.nodes
+        gpus = units * topo.domain_gpus
         need = 0
         for role, pool in (("prefill", self.prefill), ("decode", self.decode)):
             per_instance = pool.ep_ranks * pool.gpus_per_rank

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from tandem.tokenizer import ByteTokenizer, HFTokenizer, IncrementalDecoder, load_tokenizer
 
 pytestmark = pytest.mark.foundation
