@@ -7,6 +7,7 @@ readable line on stderr and a non-zero exit status.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import typer
@@ -46,6 +47,63 @@ def validate(
         typer.echo(f"{spec}: valid spec '{parsed.name}' ({parsed.topology.kind}, "
                    f"{parsed.prefill.instances} prefill x EP{parsed.prefill.ep_ranks}, "
                    f"{parsed.decode.instances} decode x EP{parsed.decode.ep_ranks})")
+
+
+def _token_ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(",", " ").split()]
+    except ValueError:
+        raise typer.BadParameter(f"--token-ids must be integers separated by commas, got {text!r}") from None
+
+
+@app.command()
+def generate(
+    prompt: str | None = typer.Option(None, "--prompt", help="Prompt text (tokenised by the router)."),
+    token_ids: str | None = typer.Option(None, "--token-ids", help="Prompt as token ids: '1,2,3'."),
+    max_tokens: int | None = typer.Option(None, "--max-tokens", min=1, help="Tokens to generate at most."),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy."),
+    seed: int | None = typer.Option(None, "--seed", min=0, help="Sampling seed."),
+    ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Keep going past end-of-sequence."),
+    session: str = typer.Option("", "--session", help="Session id: a conversation's turns stick together."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per streamed chunk."),
+    address: str | None = typer.Option(None, "--address", envvar="TANDEM_ADDRESS", help="Router host:port."),
+    token: str | None = typer.Option(None, "--token", envvar="TANDEM_TOKEN", help="Bearer token."),
+    timeout: float = typer.Option(600.0, "--timeout", min=0.1, help="Seconds before giving up."),
+) -> None:
+    """Stream a generation from the router; text to stdout, or JSON lines with --json."""
+    import grpc
+
+    from orchestrator.router.client import chunk_to_json, make_request, open_channel
+    from orchestrator.router.client import generate as stream
+    from orchestrator.state import ServeState
+
+    if (prompt is None) == (token_ids is None):
+        _fail("give exactly one of --prompt and --token-ids")
+    state = ServeState.read()
+    addr = address or (state.router_address if state else None)
+    if addr is None:
+        _fail("no router address: pass --address, set TANDEM_ADDRESS, or start one with `tandem serve`")
+    tok = token or (state.token if state else None)
+    request = make_request(prompt=prompt, token_ids=_token_ids(token_ids) if token_ids else None,
+                           max_tokens=max_tokens, temperature=temperature, seed=seed,
+                           ignore_eos=ignore_eos, session_id=session)
+    try:
+        with open_channel(addr) as channel:
+            for chunk in stream(channel, request, token=tok, timeout_s=timeout):
+                if as_json:
+                    typer.echo(json.dumps(chunk_to_json(chunk), separators=(",", ":")))
+                else:
+                    sys.stdout.write(chunk.text)
+                    sys.stdout.flush()
+    except grpc.RpcError as exc:
+        _fail(f"{exc.code().name}: {exc.details()}")
+    if not as_json:
+        typer.echo()
+
+
+def _fail(message: str) -> None:
+    _err.print(f"error: {message}", markup=False, highlight=False)
+    raise typer.Exit(1)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,100 @@
+"""A small client for the router's Generate stream (used by `tandem generate` and the tests).
+
+Bearer tokens travel as `authorization: Bearer <token>` metadata; TLS uses the given CA bundle
+(and a client certificate for mutual TLS). `chunk_to_json` is the one JSON shape the CLI prints:
+proto field names at the top level, integers as numbers, the summary fields only on the last chunk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import grpc
+from tandem.v1 import generate_pb2, generate_pb2_grpc
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files for a TLS connection: the CA that signed the server, and optionally our identity."""
+
+    ca_file: str
+    cert_file: str | None = None
+    key_file: str | None = None
+
+
+def open_channel(address: str, tls: TlsFiles | None = None) -> grpc.Channel:
+    """A blocking channel to the router at host:port."""
+    if tls is None:
+        return grpc.insecure_channel(address)
+    with open(tls.ca_file, "rb") as f:
+        ca = f.read()
+    cert = key = None
+    if tls.cert_file and tls.key_file:
+        with open(tls.cert_file, "rb") as f:
+            cert = f.read()
+        with open(tls.key_file, "rb") as f:
+            key = f.read()
+    return grpc.secure_channel(address, grpc.ssl_channel_credentials(ca, key, cert))
+
+
+def make_request(
+    *,
+    prompt: str | None = None,
+    token_ids: Sequence[int] | None = None,
+    max_tokens: int | None = None,
+    temperature: float = 0.0,
+    seed: int | None = None,
+    ignore_eos: bool = False,
+    stop: Sequence[str] = (),
+    session_id: str = "",
+    request_id: str = "",
+    deadline_ms: int = 0,
+    cache_salt: str = "",
+) -> generate_pb2.GenerateRequest:
+    """A GenerateRequest from keyword arguments; exactly one of prompt and token_ids."""
+    if (prompt is None) == (token_ids is None):
+        raise ValueError("give exactly one of prompt and token_ids")
+    sampling = generate_pb2.SamplingParams(temperature=temperature, ignore_eos=ignore_eos, stop=list(stop))
+    if max_tokens is not None:
+        sampling.max_tokens = max_tokens
+    if seed is not None:
+        sampling.seed = seed
+    return generate_pb2.GenerateRequest(
+        request_id=request_id, prompt=prompt or "", token_ids=list(token_ids or ()), sampling=sampling,
+        session_id=session_id, deadline_ms=deadline_ms, cache_salt=cache_salt,
+    )
+
+
+def generate(
+    channel: grpc.Channel,
+    request: generate_pb2.GenerateRequest,
+    *,
+    token: str | None = None,
+    timeout_s: float | None = None,
+) -> Iterator[generate_pb2.GenerateChunk]:
+    """Stream the chunks of one generation; raises grpc.RpcError with the router's status."""
+    stub = generate_pb2_grpc.RouterStub(channel)
+    metadata = (("authorization", f"Bearer {token}"),) if token else None
+    yield from stub.Generate(request, metadata=metadata, timeout=timeout_s)
+
+
+def chunk_to_json(chunk: generate_pb2.GenerateChunk) -> dict:
+    """The CLI's JSON object for a chunk (one per line with --json)."""
+    out: dict = {"token_ids": list(chunk.token_ids), "text": chunk.text}
+    if chunk.finish_reason == generate_pb2.FINISH_REASON_UNSPECIFIED:
+        return out
+    t, u = chunk.timing, chunk.usage
+    out.update(
+        finish_reason=generate_pb2.FinishReason.Name(chunk.finish_reason).removeprefix("FINISH_REASON_").lower(),
+        request_id=chunk.request_id,
+        trace_id=chunk.trace_id,
+        prefill_worker=chunk.prefill_worker,
+        decode_worker=chunk.decode_worker,
+        kv_transfer_bytes=chunk.kv_transfer_bytes,
+        usage={"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+               "cached_tokens": u.cached_tokens},
+        timing={"ttft_s": t.ttft_s, "queue_s": t.queue_s, "prefill_s": t.prefill_s,
+                "transfer_s": t.transfer_s, "tpot_s": t.tpot_s, "total_s": t.total_s},
+    )
+    return out
