@@ -1,0 +1,97 @@
+"""KV compressor: one entry per `ratio` tokens, a learned softmax pooling per dimension.
+
+Per token: kv = wkv(x), score = wgate(x) + ape[position % ratio], both fp32 and `coff * dim`
+wide (coff = 2 when overlapping, i.e. ratio 4 in CSA and its indexer; else 1).
+- No overlap (HCA, ratio 128): entry j = sum over tokens of block j of softmax(score) * kv.
+- Overlap (CSA): series A = outputs [0, dim) and B = [dim, 2 dim). Entry j pools, per
+  dimension, 2 * ratio slots: series A of block j-1 and series B of block j (block -1 is empty).
+Then RMSNorm, and RoPE on the last rope dims at position ratio * j.
+Entry j is finished once token ratio * (j + 1) - 1 has been seen; queries at position t may see
+entries j < (t + 1) // ratio.
+
+The same code serves prefill chunks and decode steps: the state holds the raw rows still needed
+(see cache.CompressorState), the new tokens are appended, and every newly finished entry is made.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from workers.model.cache import CompressorState
+from workers.model.layers import Linear, RMSNorm
+from workers.model.rope import Rope
+
+
+class Compressor(nn.Module):
+    """Compressor of width `head_dim` with ratio `ratio` (overlapping iff `overlap`)."""
+
+    def __init__(self, dim: int, head_dim: int, ratio: int, overlap: bool, eps: float) -> None:
+        super().__init__()
+        self.head_dim, self.ratio, self.overlap = head_dim, ratio, overlap
+        coff = 2 if overlap else 1
+        self.width = coff * head_dim
+        # Compressor projections are BF16 in the checkpoint and run in fp32: no FP8 input.
+        self.wkv = Linear(dim, self.width, quantised_input=False, sim=False, dtype=torch.float32)
+        self.wgate = Linear(dim, self.width, quantised_input=False, sim=False, dtype=torch.float32)
+        self.ape = nn.Parameter(torch.zeros(ratio, self.width, dtype=torch.float32))
+        self.norm = RMSNorm(head_dim, eps)
+
+    def state_start(self, n_entries: int) -> int:
+        """First position the state must keep once `n_entries` entries are finished."""
+        first_block = max(n_entries - 1, 0) if self.overlap else n_entries
+        return first_block * self.ratio
+
+    def forward(
+        self, x: torch.Tensor, state: CompressorState, rope: Rope
+    ) -> tuple[torch.Tensor, CompressorState]:
+        """Fold tokens x [T, dim] (positions state.end ..) in; return (new entries [n, head_dim], state).
+
+        Entries are normalised and rotated, in x's dtype, before any KV quantisation.
+        """
+        m, d = self.ratio, self.head_dim
+        pos = state.end
+        n_done = pos // m
+        if state.start != self.state_start(n_done):
+            raise ValueError(
+                f"compressor state starts at {state.start}, expected {self.state_start(n_done)} "
+                f"for {n_done} finished entries (ratio {m})"
+            )
+        xf = x.float()
+        kv_new = self.wkv(xf)
+        positions = torch.arange(pos, pos + x.shape[0], device=x.device)
+        score_new = self.wgate(xf) + self.ape[positions % m]
+        kv = torch.cat([state.kv, kv_new], dim=0)
+        score = torch.cat([state.score, score_new], dim=0)
+        end = pos + x.shape[0]
+        n_total = end // m
+        first_block = state.start // m
+        n_blocks = n_total - first_block  # whole blocks available in the rows
+        if n_total > n_done:
+            rows = (n_total - first_block) * m
+            kvb = kv[:rows].view(n_blocks, m, self.width)
+            sb = score[:rows].view(n_blocks, m, self.width)
+            lo = n_done - first_block  # block index (within rows) of the first new entry
+            if self.overlap:
+                # Slots: series A of the previous block, then series B of this block.
+                prev_kv = torch.zeros(n_total - n_done, m, d, dtype=torch.float32, device=x.device)
+                prev_s = torch.full_like(prev_kv, float("-inf"))
+                has_prev = torch.arange(n_done, n_total, device=x.device) > 0
+                src = torch.arange(lo - 1, n_blocks - 1, device=x.device).clamp(min=0)
+                prev_kv = torch.where(has_prev[:, None, None], kvb[src, :, :d], prev_kv)
+                prev_s = torch.where(has_prev[:, None, None], sb[src, :, :d], prev_s)
+                slots_kv = torch.cat([prev_kv, kvb[lo:, :, d:]], dim=1)
+                slots_s = torch.cat([prev_s, sb[lo:, :, d:]], dim=1)
+            else:
+                slots_kv, slots_s = kvb[lo:], sb[lo:]
+            pooled = (slots_kv * slots_s.softmax(dim=1)).sum(dim=1)
+            entries = self.norm(pooled.to(x.dtype))
+            entry_pos = torch.arange(n_done, n_total, device=x.device) * m
+            entries = rope.apply(entries, entry_pos)
+        else:
+            entries = x.new_zeros(0, d)
+        keep_from = self.state_start(n_total) - state.start
+        new_state = CompressorState(
+            self.state_start(n_total), kv[keep_from:].clone(), score[keep_from:].clone()
+        )
+        return entries, new_state

@@ -1,0 +1,52 @@
+"""Basic layers: RMSNorm and a linear layer that simulates its activation quantisation."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from workers.model.quant import act_sim
+
+
+class RMSNorm(nn.Module):
+    """y = weight * x / sqrt(mean(x^2) + eps), computed in float32, weight kept in float32."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + self.eps)
+        return (self.weight * y).to(x.dtype)
+
+
+def rms_unit(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMS normalisation without a weight (per-head query scaling, mHC input), float32 math."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+class Linear(nn.Module):
+    """y = x @ W^T with W [out, in]. `quantised_input`: the real kernel takes an FP8 activation
+    (the weight is FP8 or FP4 in the checkpoint), so with `sim` the input is FP8-simulated."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        quantised_input: bool,
+        sim: bool,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype))
+        self.quantised_input = quantised_input
+        self.sim = sim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = act_sim(x, self.sim and self.quantised_input)
+        return F.linear(x.to(self.weight.dtype), self.weight)
