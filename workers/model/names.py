@@ -3,7 +3,8 @@
 Official names (DeepSeek's release) are the model's parameter paths with the mHC tensors
 flattened: `layers.N.hc_attn.fn` <-> `layers.N.hc_attn_fn`, `hc_head.fn` <-> `hc_head_fn`.
 transformers' `save_pretrained` writes the same suffixes under `model.` (except `head.weight`)
-and spells two top-level ones differently (`model.embed_tokens.weight`, `model.hc_head.hc_fn`);
+and spells a few differently (`model.embed_tokens.weight`, `model.hc_head.hc_fn`, and the attention's
+`kv_norm` as `attn.norm`);
 `canonical_name` maps either spelling to the official one.
 FP8 / FP4 tensors carry a sibling `<module>.scale` (UE8M0 bytes, dtype F8_E8M0).
 """
@@ -35,6 +36,8 @@ _FORMAT_RULES: tuple[tuple[re.Pattern[str], WeightFormat], ...] = tuple(
 
 _HC = re.compile(r"(^|\.)hc_(attn|ffn|head)\.(fn|base|scale)$")
 _HC_FLAT = re.compile(r"(^|\.)hc_(attn|ffn|head)_(fn|base|scale)$")
+# transformers writes the attention's kv_norm back as `attn.norm` (its reverse renaming).
+_HF_ATTN_NORM = re.compile(r"^((?:layers|mtp)\.\d+\.attn)\.norm\.weight$")
 _HF_TOP = {
     "embed_tokens.weight": "embed.weight",
     "hc_head.hc_fn": "hc_head_fn",
@@ -56,6 +59,7 @@ def param_path(ckpt_name: str) -> str:
 def canonical_name(stored: str) -> str:
     """Official name of a stored tensor name in either the official or the transformers spelling."""
     name = stored[len("model.") :] if stored.startswith("model.") else stored
+    name = _HF_ATTN_NORM.sub(r"\1.kv_norm.weight", name)
     return _HF_TOP.get(name, name)
 
 
