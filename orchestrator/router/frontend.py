@@ -1,0 +1,245 @@
+"""One Generate request from arrival to its last chunk: admit, route, prefill, hand off, stream.
+
+`Frontend.generate` is the router's request path, shared by the gRPC server and the HTTP API:
+1. admit: validate and tokenise (`admission.admit`), or INVALID_ARGUMENT naming the field;
+2. route: match the prompt's block hashes in the `KvIndex`, let the `Router` choose and book a
+   (prefill, decode) pair, or answer RESOURCE_EXHAUSTED / UNAVAILABLE at once;
+3. serve: a remote prefill returns the first token (streamed at once) and the handoff; the decode
+   pulls the KV and streams the rest; with local prefill the decode does both;
+4. release: the booking is released when the first token is back (prefill part) and when the
+   stream ends however it ends; a request that ends early (client gone, deadline) is cancelled on
+   the workers that hold it.
+The `Gateway` is the router's hands on the workers (Ray actors in a deployment).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from tandem.request import GenerationRequest, RequestError
+from tandem.stream import Finish, PrefillResult, TokenDelta
+from tandem.tokenizer import Tokenizer
+from tandem.v1 import generate_pb2
+
+from orchestrator.router.admission import Limits, admit
+from orchestrator.router.decision import Refusal, RefusalReason, RouteDecision
+from orchestrator.router.inputs import RouteRequest, WorkerId, WorkerState
+from orchestrator.router.kv_index import KvIndex
+from orchestrator.router.metrics import RouterMetrics
+from orchestrator.router.router import Router
+
+
+class ErrorCode(enum.Enum):
+    """The statuses Generate ends with besides OK (gRPC names; the HTTP API maps them too)."""
+
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+    UNAVAILABLE = "UNAVAILABLE"
+    DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
+    INTERNAL = "INTERNAL"
+
+
+class RouterError(Exception):
+    """A request that ends with a status other than OK."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        self.code = code
+        self.message = message
+        super().__init__(f"{code.value}: {message}")
+
+
+class Gateway(Protocol):
+    """How the router reaches workers. Implementations must not block the event loop."""
+
+    def reports(self) -> Sequence[WorkerState]:
+        """The latest load report of every live worker."""
+        ...
+
+    async def prefill(self, worker: WorkerId, decode: WorkerId, request: GenerationRequest) -> PrefillResult:
+        """Prefill on `worker` for a decode on `decode`; returns the first token and the handoff."""
+        ...
+
+    def decode(
+        self, worker: WorkerId, request: GenerationRequest, prefilled: PrefillResult | None
+    ) -> AsyncIterator[TokenDelta]:
+        """The request's deltas from `worker`, ending with the one whose finish is set.
+
+        With `prefilled` the worker pulls the KV by its handoff and continues after its first token;
+        without it the worker prefills the prompt itself.
+        """
+        ...
+
+    async def cancel(self, worker: WorkerId, request_id: str) -> None:
+        """Stop the request on `worker` and free what it holds there (no-op when unknown)."""
+        ...
+
+
+_FINISH = {
+    Finish.STOP: generate_pb2.FINISH_REASON_STOP,
+    Finish.LENGTH: generate_pb2.FINISH_REASON_LENGTH,
+    Finish.CANCELLED: generate_pb2.FINISH_REASON_CANCELLED,
+}
+
+
+@dataclass
+class _Progress:
+    """What the stream has sent so far; the final chunk is built from it."""
+
+    arrival: float
+    first_token_at: float | None = None
+    tokens: int = 0
+
+
+class Frontend:
+    """The request path. One per router process; runs on one asyncio loop."""
+
+    def __init__(self, *, tokenizer: Tokenizer, limits: Limits, router: Router, index: KvIndex,
+                 gateway: Gateway, metrics: RouterMetrics,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.tokenizer = tokenizer
+        self.limits = limits
+        self.router = router
+        self.index = index
+        self.gateway = gateway
+        self.metrics = metrics
+        self.clock = clock
+
+    async def generate(self, msg: generate_pb2.GenerateRequest) -> AsyncIterator[generate_pb2.GenerateChunk]:
+        """The chunks of one request; raises RouterError for a non-OK ending."""
+        arrival = self.clock()
+        try:
+            req = admit(msg, self.tokenizer, self.limits)
+        except RequestError as exc:
+            raise RouterError(ErrorCode.INVALID_ARGUMENT, str(exc)) from None
+        decision = self._route(req, arrival)
+        self.metrics.in_flight.inc()
+        try:
+            stream = self._serve(req, decision, _Progress(arrival))
+            if msg.deadline_ms:
+                stream = _with_deadline(stream, msg.deadline_ms / 1000.0)
+            async for chunk in stream:
+                yield chunk
+        finally:
+            self.metrics.in_flight.dec()
+            self.router.finish(req.request_id)
+
+    def _route(self, req: GenerationRequest, now: float) -> RouteDecision:
+        route_req = RouteRequest(req.request_id, len(req.prompt_ids), req.block_hashes, req.session_id)
+        matches = self.index.match(req.block_hashes)
+        outcome = self.router.route(route_req, self.gateway.reports(), matches, now)
+        if isinstance(outcome, Refusal):
+            code = (ErrorCode.RESOURCE_EXHAUSTED if outcome.reason is RefusalReason.QUEUES_FULL
+                    else ErrorCode.UNAVAILABLE)
+            raise RouterError(code, outcome.detail)
+        self.metrics.decisions.labels(outcome.reason.value).inc()
+        self.metrics.prompt_blocks.inc(len(req.block_hashes))
+        prefiller = outcome.prefill if outcome.prefill is not None else outcome.decode
+        self.metrics.cached_blocks.inc(min(matches.get(prefiller, 0), len(req.block_hashes)))
+        return outcome
+
+    async def _serve(self, req: GenerationRequest, d: RouteDecision,
+                     progress: _Progress) -> AsyncIterator[generate_pb2.GenerateChunk]:
+        holders: list[WorkerId] = []
+        done = False
+        prefilled: PrefillResult | None = None
+        try:
+            if d.prefill is not None:
+                holders.append(d.prefill)
+                prefilled = await self.gateway.prefill(d.prefill, d.decode, req)
+                self.router.prefill_done(req.request_id)
+                first = prefilled.first
+                if first.finish is not None:
+                    done = True
+                    yield self._last(req, d, progress, first, prefilled)
+                    return
+                yield self._chunk(progress, first)
+            holders.append(d.decode)
+            async for delta in self.gateway.decode(d.decode, req, prefilled):
+                if progress.first_token_at is None:
+                    self.router.prefill_done(req.request_id)
+                if delta.finish is None:
+                    yield self._chunk(progress, delta)
+                    continue
+                done = True
+                if delta.finish is Finish.ABORTED:
+                    assert delta.summary is not None
+                    raise RouterError(ErrorCode.UNAVAILABLE, f"worker {d.decode} aborted the request: "
+                                                             f"{delta.summary.error}")
+                yield self._last(req, d, progress, delta, prefilled)
+                return
+            raise RouterError(ErrorCode.INTERNAL, f"worker {d.decode} ended the stream without a finish")
+        finally:
+            if not done:
+                for w in holders:
+                    await asyncio.shield(self.gateway.cancel(w, req.request_id))
+
+    def _chunk(self, progress: _Progress, delta: TokenDelta) -> generate_pb2.GenerateChunk:
+        now = self.clock()
+        if progress.first_token_at is None and delta.token_ids:
+            progress.first_token_at = now
+            self.metrics.ttft.observe(now - progress.arrival)
+        progress.tokens += len(delta.token_ids)
+        self.metrics.output_tokens.inc(len(delta.token_ids))
+        return generate_pb2.GenerateChunk(token_ids=delta.token_ids, text=delta.text)
+
+    def _last(self, req: GenerationRequest, d: RouteDecision, progress: _Progress, delta: TokenDelta,
+              prefilled: PrefillResult | None) -> generate_pb2.GenerateChunk:
+        chunk = self._chunk(progress, delta)
+        s = delta.summary
+        assert s is not None and delta.finish is not None
+        now = self.clock()
+        first = progress.first_token_at if progress.first_token_at is not None else now
+        ttft, total = first - progress.arrival, now - progress.arrival
+        tpot = (now - first) / (progress.tokens - 1) if progress.tokens > 1 else 0.0
+        if progress.tokens > 1:
+            self.metrics.tpot.observe(tpot)
+        self.metrics.e2e.observe(total)
+        self.metrics.kv_transfer_bytes.inc(s.kv_transfer_bytes)
+        cached = prefilled.cached_tokens if prefilled is not None else s.cached_tokens
+        chunk.finish_reason = _FINISH[delta.finish]
+        chunk.usage.CopyFrom(generate_pb2.Usage(prompt_tokens=len(req.prompt_ids),
+                                                completion_tokens=progress.tokens, cached_tokens=cached))
+        chunk.timing.CopyFrom(generate_pb2.Timing(
+            ttft_s=ttft, queue_s=prefilled.queue_s if prefilled else s.queue_s,
+            prefill_s=prefilled.prefill_s if prefilled else s.prefill_s, transfer_s=s.transfer_s,
+            tpot_s=tpot, total_s=total))
+        chunk.prefill_worker = _name(d.prefill if d.prefill is not None else d.decode)
+        chunk.decode_worker = _name(d.decode)
+        chunk.kv_transfer_bytes = s.kv_transfer_bytes
+        chunk.request_id = req.request_id
+        chunk.trace_id = req.trace_id
+        return chunk
+
+
+def _name(w: WorkerId) -> str:
+    """The wire name of a worker, e.g. "prefill-0/r0"."""
+    return f"{w.instance}/r{w.dp_rank}"
+
+
+async def _with_deadline(stream: AsyncIterator[generate_pb2.GenerateChunk],
+                         seconds: float) -> AsyncIterator[generate_pb2.GenerateChunk]:
+    """Re-yield stream until `seconds` after now; then DEADLINE_EXCEEDED (the stream is closed)."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + seconds
+    try:
+        while True:
+            left = end - loop.time()
+            if left <= 0:
+                raise RouterError(ErrorCode.DEADLINE_EXCEEDED, f"deadline of {seconds:g} s passed")
+            try:
+                chunk = await asyncio.wait_for(anext(stream), left)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                raise RouterError(ErrorCode.DEADLINE_EXCEEDED, f"deadline of {seconds:g} s passed") from None
+            yield chunk
+    finally:
+        await stream.aclose()  # type: ignore[attr-defined]
+
+
+__all__ = ["ErrorCode", "Frontend", "Gateway", "RouterError"]
