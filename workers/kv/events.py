@@ -1,0 +1,108 @@
+"""KV events: what a worker's prefix cache started or stopped being able to serve as a hit.
+
+Mirrors tandem.v1 KvEvent / KvEventBatch / KvSnapshot (the worker converts at its edge). Only
+boundaries that can really hit are reported: block hash h_k is "stored" once the compressed pages of
+blocks 0..k AND the window before boundary k+1 (with its compressor state) are held, and "removed" as
+soon as either goes. Because hashes are chained, h_k alone names the whole prefix: an index must not
+assume h_{k-1} is held when h_k is (window pages of inner boundaries are evicted on their own).
+
+Every event gets the next per-worker sequence number when recorded; consecutive events of the same
+kind that extend each other are merged while still pending (one seq), which is what batching means
+here. A snapshot lists what is held now and the last seq it reflects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class KvStored:
+    """Blocks now hit-able, in chain order; parent_hash is the block before block_hashes[0] in the
+    chain (None for block 0), whether or not the parent itself is hit-able."""
+
+    block_hashes: tuple[int, ...]
+    parent_hash: int | None
+
+
+@dataclass(frozen=True)
+class KvRemoved:
+    block_hashes: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class KvCleared:
+    """Everything the worker reported before is gone."""
+
+
+KvEventBody = KvStored | KvRemoved | KvCleared
+
+
+@dataclass(frozen=True)
+class KvEvent:
+    seq: int
+    body: KvEventBody
+
+
+@dataclass(frozen=True)
+class KvEventBatch:
+    worker: str
+    events: tuple[KvEvent, ...]
+
+
+@dataclass(frozen=True)
+class KvSnapshot:
+    """What `worker` can serve as hits after applying every event with seq <= `seq`."""
+
+    worker: str
+    seq: int
+    block_hashes: tuple[int, ...]
+
+
+class EventLog:
+    """Pending events of one worker, numbered 1, 2, ... (0 means "nothing yet")."""
+
+    def __init__(self, worker: str) -> None:
+        self.worker = worker
+        self._seq = 0
+        self._pending: list[KvEvent] = []
+
+    @property
+    def last_seq(self) -> int:
+        return self._seq
+
+    def stored(self, block_hash: int, parent_hash: int | None) -> None:
+        last = self._pending[-1] if self._pending else None
+        if (
+            isinstance(last, KvEvent)
+            and isinstance(last.body, KvStored)
+            and last.body.block_hashes[-1] == parent_hash
+        ):
+            body = KvStored(last.body.block_hashes + (block_hash,), last.body.parent_hash)
+            self._pending[-1] = KvEvent(last.seq, body)
+            return
+        self._record(KvStored((block_hash,), parent_hash))
+
+    def removed(self, block_hash: int) -> None:
+        last = self._pending[-1] if self._pending else None
+        if isinstance(last, KvEvent) and isinstance(last.body, KvRemoved):
+            self._pending[-1] = KvEvent(last.seq, KvRemoved(last.body.block_hashes + (block_hash,)))
+            return
+        self._record(KvRemoved((block_hash,)))
+
+    def cleared(self) -> None:
+        self._record(KvCleared())
+
+    def _record(self, body: KvEventBody) -> None:
+        self._seq += 1
+        self._pending.append(KvEvent(self._seq, body))
+
+    def flush(self) -> KvEventBatch:
+        """The pending events as one batch (possibly empty), oldest first; clears them."""
+        batch = KvEventBatch(self.worker, tuple(self._pending))
+        self._pending = []
+        return batch
+
+    def snapshot(self, held: tuple[int, ...]) -> KvSnapshot:
+        """A snapshot of `held` (the caller's current hit-able hashes) at the last recorded seq."""
+        return KvSnapshot(self.worker, self._seq, held)
