@@ -11,6 +11,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import grpc
+
 from tandem.v1 import generate_pb2, generate_pb2_grpc
 
 

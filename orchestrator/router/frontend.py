@@ -21,17 +21,16 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from tandem.request import GenerationRequest, RequestError
-from tandem.stream import Finish, PrefillResult, TokenDelta
-from tandem.tokenizer import Tokenizer
-from tandem.v1 import generate_pb2
-
 from orchestrator.router.admission import Limits, admit
 from orchestrator.router.decision import Refusal, RefusalReason, RouteDecision
 from orchestrator.router.inputs import RouteRequest, WorkerId, WorkerState
 from orchestrator.router.kv_index import KvIndex
 from orchestrator.router.metrics import RouterMetrics
 from orchestrator.router.router import Router
+from tandem.request import GenerationRequest, RequestError
+from tandem.stream import Finish, PrefillResult, TokenDelta
+from tandem.tokenizer import Tokenizer
+from tandem.v1 import generate_pb2
 
 
 class ErrorCode(enum.Enum):

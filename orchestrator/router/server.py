@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from tandem.v1 import generate_pb2, generate_pb2_grpc
 
 from orchestrator.router.frontend import Frontend, RouterError
+from tandem.v1 import generate_pb2, generate_pb2_grpc
 
 _SERVICE = "tandem.v1.Router"
 _OPEN_METHODS = ("/grpc.health.v1.Health/", "/grpc.reflection.")

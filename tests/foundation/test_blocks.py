@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+
 from tandem.blocks import BLOCK_SIZE, block_hashes, root_hash
 
 pytestmark = pytest.mark.foundation

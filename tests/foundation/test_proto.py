@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from tandem.v1 import generate_pb2, generate_pb2_grpc, worker_pb2
 
 pytestmark = pytest.mark.foundation

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from tandem.tokenizer import ByteTokenizer, HFTokenizer, IncrementalDecoder, load_tokenizer
 
 pytestmark = pytest.mark.foundation

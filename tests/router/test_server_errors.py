@@ -1,0 +1,143 @@
+"""The router's gRPC front door refuses what it must, with the right status and the field named.
+
+No worker is needed: every request here is refused before any worker is called (the gateway
+fails the test if it is).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from prometheus_client import CollectorRegistry
+
+from orchestrator.router.admission import Limits
+from orchestrator.router.frontend import Frontend
+from orchestrator.router.inputs import FleetParams, Link, Role, Topology, WorkerId, WorkerState
+from orchestrator.router.kv_index import KvIndex
+from orchestrator.router.metrics import RouterMetrics
+from orchestrator.router.policy import PolicyName
+from orchestrator.router.router import Router
+from orchestrator.router.server import start_server
+from tandem.request import GenerationRequest
+from tandem.stream import PrefillResult, TokenDelta
+from tandem.tokenizer import ByteTokenizer
+from tandem.v1 import generate_pb2, generate_pb2_grpc
+
+pytestmark = pytest.mark.router
+
+
+class ReportsOnly:
+    """A gateway that only reports worker states; any call to a worker fails the test."""
+
+    def __init__(self, reports: Sequence[WorkerState]) -> None:
+        self._reports = tuple(reports)
+
+    def reports(self) -> Sequence[WorkerState]:
+        return self._reports
+
+    async def prefill(self, worker: WorkerId, decode: WorkerId, request: GenerationRequest) -> PrefillResult:
+        raise AssertionError("a refused request reached a prefill worker")
+
+    def decode(self, worker: WorkerId, request: GenerationRequest,
+               prefilled: PrefillResult | None) -> AsyncIterator[TokenDelta]:
+        raise AssertionError("a refused request reached a decode worker")
+
+    async def cancel(self, worker: WorkerId, request_id: str) -> None:
+        raise AssertionError("nothing to cancel")
+
+
+def _full(instance: str, role: Role) -> WorkerState:
+    return WorkerState(WorkerId(instance), role, "local", prefill_rate_tps=1000.0, queue_length=4,
+                       queue_limit=4, running_requests=8, max_running_requests=8)
+
+
+FLEET = FleetParams(kv_bytes_per_block=256 * 3584, topology=Topology(Link(8e9, 1e-5), Link(8e9, 1e-5)))
+
+
+def _run(reports: Sequence[WorkerState], calls, token: str | None = None):  # noqa: ANN001, ANN202
+    async def go():  # noqa: ANN202
+        frontend = Frontend(tokenizer=ByteTokenizer(), limits=Limits(max_context=1024, default_max_tokens=16,
+                                                                     max_tokens=512),
+                            router=Router.named(PolicyName.KV, FLEET), index=KvIndex(),
+                            gateway=ReportsOnly(reports), metrics=RouterMetrics(CollectorRegistry()))
+        server, port = await start_server(frontend, port=0, token=token)
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+                return await calls(ch)
+        finally:
+            await server.stop(None)
+
+    return asyncio.run(go())
+
+
+async def _status(ch: grpc.aio.Channel, req: generate_pb2.GenerateRequest,
+                  metadata: tuple = ()) -> tuple[grpc.StatusCode, str]:
+    stub = generate_pb2_grpc.RouterStub(ch)
+    try:
+        async for _ in stub.Generate(req, metadata=metadata or None, timeout=10):
+            pass
+    except grpc.aio.AioRpcError as exc:
+        return exc.code(), exc.details()
+    return grpc.StatusCode.OK, ""
+
+
+BAD = [
+    ("empty", generate_pb2.GenerateRequest(), "prompt: give exactly one of prompt and token_ids (neither is set)"),
+    ("both", generate_pb2.GenerateRequest(prompt="a", token_ids=[1]), "(both are set)"),
+    ("over context", generate_pb2.GenerateRequest(token_ids=[1] * 1024), "prompt: 1024 tokens; the model's context is 1024"),
+    ("token outside vocab", generate_pb2.GenerateRequest(token_ids=[1, 259]), "token_ids[1]: 259 is not below the vocabulary size 259"),
+    ("temperature", generate_pb2.GenerateRequest(prompt="a", sampling=generate_pb2.SamplingParams(temperature=-0.5)), "sampling.temperature"),
+    ("top_p", generate_pb2.GenerateRequest(prompt="a", sampling=generate_pb2.SamplingParams(top_p=2)), "sampling.top_p"),
+    ("max_tokens past context", generate_pb2.GenerateRequest(prompt="a", sampling=generate_pb2.SamplingParams(max_tokens=1023)), "sampling.max_tokens: must be <= 512"),
+    ("long request id", generate_pb2.GenerateRequest(prompt="a", request_id="x" * 200), "request_id: at most 128"),
+]
+
+
+@pytest.mark.parametrize(("what", "req", "detail"), BAD, ids=[b[0] for b in BAD])
+def test_bad_request_is_invalid_argument_naming_the_field(what: str, req, detail: str) -> None:  # noqa: ANN001
+    code, msg = _run([_full("decode-0", Role.DECODE)], lambda ch: _status(ch, req))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert detail in msg
+
+
+def test_no_workers_is_unavailable() -> None:
+    code, msg = _run([], lambda ch: _status(ch, generate_pb2.GenerateRequest(prompt="hello")))
+    assert code == grpc.StatusCode.UNAVAILABLE and "no decode worker" in msg
+
+
+def test_full_queues_are_resource_exhausted_at_once() -> None:
+    reports = [_full("decode-0", Role.DECODE), _full("prefill-0", Role.PREFILL)]
+    code, msg = _run(reports, lambda ch: _status(ch, generate_pb2.GenerateRequest(prompt="hello" * 100)))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "limit" in msg
+
+
+def test_token_is_required_but_health_stays_open() -> None:
+    async def calls(ch: grpc.aio.Channel):  # noqa: ANN202
+        req = generate_pb2.GenerateRequest(prompt="hi")
+        missing = await _status(ch, req)
+        wrong = await _status(ch, req, (("authorization", "Bearer nope"),))
+        right = await _status(ch, req, (("authorization", "Bearer s3cret"),))
+        health = await health_pb2_grpc.HealthStub(ch).Check(
+            health_pb2.HealthCheckRequest(service="tandem.v1.Router"), timeout=5)
+        return missing, wrong, right, health.status
+
+    missing, wrong, right, status = _run([], calls, token="s3cret")
+    assert missing[0] == wrong[0] == grpc.StatusCode.UNAUTHENTICATED
+    assert right[0] == grpc.StatusCode.UNAVAILABLE  # authenticated; then refused for lack of workers
+    assert status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_reflection_lists_the_router_service() -> None:
+    async def calls(ch: grpc.aio.Channel):  # noqa: ANN202
+        stub = reflection_pb2_grpc.ServerReflectionStub(ch)
+        req = reflection_pb2.ServerReflectionRequest(list_services="")
+        async for resp in stub.ServerReflectionInfo(iter([req]), timeout=5):
+            return [s.name for s in resp.list_services_response.service]
+
+    names = _run([], calls)
+    assert "tandem.v1.Router" in names and "grpc.health.v1.Health" in names
