@@ -7,13 +7,14 @@ fails the test if it is).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client import CollectorRegistry
+from support.gateways import ReportsOnly
 
 from orchestrator.router.admission import Limits
 from orchestrator.router.frontend import Frontend
@@ -23,32 +24,10 @@ from orchestrator.router.metrics import RouterMetrics
 from orchestrator.router.policy import PolicyName
 from orchestrator.router.router import Router
 from orchestrator.router.server import start_server
-from tandem.request import GenerationRequest
-from tandem.stream import PrefillResult, TokenDelta
 from tandem.tokenizer import ByteTokenizer
 from tandem.v1 import generate_pb2, generate_pb2_grpc
 
 pytestmark = pytest.mark.router
-
-
-class ReportsOnly:
-    """A gateway that only reports worker states; any call to a worker fails the test."""
-
-    def __init__(self, reports: Sequence[WorkerState]) -> None:
-        self._reports = tuple(reports)
-
-    def reports(self) -> Sequence[WorkerState]:
-        return self._reports
-
-    async def prefill(self, worker: WorkerId, decode: WorkerId, request: GenerationRequest) -> PrefillResult:
-        raise AssertionError("a refused request reached a prefill worker")
-
-    def decode(self, worker: WorkerId, request: GenerationRequest,
-               prefilled: PrefillResult | None) -> AsyncIterator[TokenDelta]:
-        raise AssertionError("a refused request reached a decode worker")
-
-    async def cancel(self, worker: WorkerId, request_id: str) -> None:
-        raise AssertionError("nothing to cancel")
 
 
 def _full(instance: str, role: Role) -> WorkerState:

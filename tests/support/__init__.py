@@ -1,0 +1,1 @@
+"""Helpers shared by test folders (on the path via pytest's `pythonpath`)."""
