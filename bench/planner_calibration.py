@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 
 from orchestrator.planner.cost import decode_token_flops
 from orchestrator.planner.estimate import Estimate, EstimateQuery, estimate
-from orchestrator.planner.hardware import EFFICIENCIES, LAYER_LATENCY_FLOOR_S, GpuKind
+from orchestrator.planner.hardware import GpuKind, shared_constants
 from orchestrator.planner.kv_layout import request_bytes
 from orchestrator.planner.models import ModelName, Precision, model
 
@@ -97,19 +97,12 @@ def rows() -> list[Row]:
             for name, pub, fn, unit, kind, source, definition in specs]
 
 
-def constants() -> dict[str, float]:
-    out = {f"{gen.value}_compute_efficiency": e.compute for gen, e in EFFICIENCIES.items()}
-    out.update({f"{gen.value}_bandwidth_efficiency": e.bandwidth for gen, e in EFFICIENCIES.items()})
-    out["layer_latency_floor_s"] = LAYER_LATENCY_FLOOR_S
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", metavar="PATH", help="write the rows and constants as JSON")
     args = parser.parse_args(argv)
     table = rows()
-    print("shared constants: " + ", ".join(f"{k}={v:g}" for k, v in constants().items()))
+    print("shared constants: " + ", ".join(f"{k}={v:g}" for k, v in shared_constants().items()))
     print(f"{'name':<24} {'published':>11} {'predicted':>11} {'error':>7}  {'unit':<11} {'kind':<11} ok")
     for r in table:
         print(f"{r.name:<24} {r.published:>11.4g} {r.predicted:>11.4g} {r.error:>+7.1%}  {r.unit:<11} "
@@ -117,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     passed = sum(r.ok for r in table)
     print(f"{passed}/{len(table)} within target ({TOLERANCE:.0%})")
     if args.json:
-        payload = {"constants": constants(), "tolerance": TOLERANCE,
+        payload = {"constants": shared_constants(), "tolerance": TOLERANCE,
                    "rows": [asdict(r) | {"kind": r.kind.value, "error": r.error, "ok": r.ok} for r in table]}
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump(payload, fh, indent=2)

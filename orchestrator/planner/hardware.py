@@ -130,3 +130,11 @@ def link_bytes_per_s(g: Gpu, link: LinkKind) -> float:
 def link_for_group(g: Gpu, group_gpus: int) -> LinkKind:
     """The link a collective over `group_gpus` GPUs uses: NVLink when it fits one domain."""
     return LinkKind.NVLINK if group_gpus <= g.nvlink_domain else LinkKind.RDMA
+
+
+def shared_constants() -> dict[str, float]:
+    """The fitted constants every prediction shares, by name (for outputs that must list them)."""
+    out = {f"{gen.value}_compute_efficiency": e.compute for gen, e in EFFICIENCIES.items()}
+    out |= {f"{gen.value}_bandwidth_efficiency": e.bandwidth for gen, e in EFFICIENCIES.items()}
+    out["layer_latency_floor_s"] = LAYER_LATENCY_FLOOR_S
+    return out

@@ -10,9 +10,8 @@ raw-token layouts the engines keep and send; nothing here is fitted.
 
 from __future__ import annotations
 
-from tandem.blocks import BLOCK_SIZE
-
 from orchestrator.planner.models import AttentionGeometry, AttnKind, ModelArch
+from tandem.blocks import BLOCK_SIZE
 
 
 def _entries(a: AttentionGeometry, tokens: int) -> int:

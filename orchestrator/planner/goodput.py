@@ -1,0 +1,104 @@
+"""Goodput (DistServe's definition): the highest request rate at which at least 90% of requests
+meet both the TTFT and the TPOT target, found by bisection over time-scaled replays of a load.
+
+The load's own rate is n / (last arrival - first arrival); replaying it at rate r multiplies every
+arrival time by (own rate / r), keeping its shape (bursts, shared prefixes, sessions). Attainment
+is treated as non-increasing in rate; the search brackets the threshold by doubling or halving,
+then bisects in log space.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from orchestrator.planner.fleet import FleetConfig
+from orchestrator.planner.results import SimResult
+from orchestrator.planner.sim import Simulator
+from orchestrator.planner.trace import TraceRequest
+
+ATTAINMENT_TARGET = 0.9
+
+
+@dataclass(frozen=True)
+class Slo:
+    ttft_s: float
+    tpot_s: float
+
+    def __post_init__(self) -> None:
+        for name in ("ttft_s", "tpot_s"):
+            value = getattr(self, name)
+            if not value > 0:
+                raise ValueError(f"Slo.{name} = {value}: must be > 0")
+
+
+@dataclass(frozen=True)
+class Goodput:
+    rate_rps: float  # 0.0 when even the slowest tried rate misses the target
+    result: SimResult | None  # the run at rate_rps (None when rate_rps is 0)
+    runs: int
+
+
+def own_rate(requests: Sequence[TraceRequest]) -> float:
+    """Requests per second of the load as given."""
+    if len(requests) < 2:
+        raise ValueError(f"a load of {len(requests)} request(s) has no rate; need at least 2")
+    times = [r.arrival_s for r in requests]
+    span = max(times) - min(times)
+    if span <= 0:
+        raise ValueError("every request arrives at the same instant: the load has no rate")
+    return len(requests) / span
+
+
+def at_rate(requests: Sequence[TraceRequest], rate_rps: float) -> list[TraceRequest]:
+    """The same load replayed at rate_rps (arrival times scaled from the first arrival)."""
+    if not rate_rps > 0:
+        raise ValueError(f"rate_rps = {rate_rps}: must be > 0")
+    factor = own_rate(requests) / rate_rps
+    t0 = min(r.arrival_s for r in requests)
+    return [dataclasses.replace(r, arrival_s=(r.arrival_s - t0) * factor) for r in requests]
+
+
+def goodput(fleet: FleetConfig, requests: Sequence[TraceRequest], slo: Slo, bisections: int = 8,
+            progress: Callable[[str], None] | None = None) -> Goodput:
+    """The highest rate meeting the attainment target, within a factor 2 ** (1 / 2 ** bisections)."""
+    cache: dict[float, SimResult] = {}
+
+    def run(rate: float) -> SimResult:
+        if rate not in cache:
+            cache[rate] = Simulator(fleet, at_rate(requests, rate)).run()
+            if progress is not None:
+                res = cache[rate]
+                progress(f"  {fleet.policy.value}: {rate:.4g} req/s -> "
+                         f"{res.attainment(slo.ttft_s, slo.tpot_s):.1%} within SLO")
+        return cache[rate]
+
+    def ok(rate: float) -> bool:
+        return run(rate).attainment(slo.ttft_s, slo.tpot_s) >= ATTAINMENT_TARGET
+
+    base = own_rate(requests)
+    lo, hi = base, base
+    if ok(base):
+        for _ in range(12):
+            hi *= 2
+            if not ok(hi):
+                break
+            lo = hi
+        else:
+            return Goodput(lo, cache[lo], len(cache))
+    else:
+        for _ in range(12):
+            lo /= 2
+            if ok(lo):
+                break
+            hi = lo
+        else:
+            return Goodput(0.0, None, len(cache))
+    for _ in range(bisections):
+        mid = (lo * hi) ** 0.5
+        if ok(mid):
+            lo = mid
+        else:
+            hi = mid
+    return Goodput(lo, cache[lo], len(cache))

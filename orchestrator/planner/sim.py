@@ -1,0 +1,324 @@
+"""The discrete-event fleet simulator: requests flow through the router's own `Router` (policy +
+load book) and `KvIndex`, simulated prefill and decode instances, and KV transfers over the
+topology's links.
+
+Events are per request and per prefill iteration, never per token (decode batches advance
+analytically, see `instances`). Every routing decision sees the fleet's exact state: worker
+reports are rebuilt at each decision and stamped just after the decision time, so the router's
+load book adds nothing twice, and the index is fed by the instances' caches with the same stored /
+removed calls a real worker's KV events make. Placement: instances fill NVLink domains in order,
+prefill and decode interleaved in proportion, never split across domains.
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+import math
+from collections.abc import Sequence
+
+from orchestrator.planner.cache import PrefixCache
+from orchestrator.planner.fleet import FleetConfig, PoolConfig
+from orchestrator.planner.instances import DecodeInstance, Job, PrefillEngine
+from orchestrator.planner.kv_layout import block_bytes, handoff_bytes, request_reserve_bytes
+from orchestrator.planner.models import model
+from orchestrator.planner.results import SimResult, collect
+from orchestrator.planner.trace import TraceRequest
+from orchestrator.router.decision import Refusal
+from orchestrator.router.inputs import Role, RouteRequest, WorkerId, WorkerState
+from orchestrator.router.kv_index import KvIndex
+from orchestrator.router.router import Router
+
+
+class Ev(enum.IntEnum):
+    ARRIVE = 0
+    PREFILL_DONE = 1
+    LOCAL_DONE = 2
+    TRANSFER_DONE = 3
+    DECODE_FINISH = 4
+
+
+class _Prefill:
+    __slots__ = ("domain", "engine", "worker")
+
+    def __init__(self, worker: WorkerId, domain: str, engine: PrefillEngine) -> None:
+        self.worker, self.domain, self.engine = worker, domain, engine
+
+
+def _placement(fleet: FleetConfig) -> tuple[list[str], list[str]]:
+    """NVLink domain of each prefill and each decode instance."""
+    order = sorted([((i + 0.5) / fleet.prefill.instances, 0, i) for i in range(fleet.prefill.instances)]
+                   + [((i + 0.5) / fleet.decode.instances, 1, i) for i in range(fleet.decode.instances)])
+    domains: tuple[list[str], list[str]] = ([""] * fleet.prefill.instances, [""] * fleet.decode.instances)
+    dom, used = 0, 0
+    for _, role, i in order:
+        size = (fleet.prefill if role == 0 else fleet.decode).par.gpus
+        if used + size > fleet.domain_gpus:
+            dom, used = dom + 1, 0
+        domains[role][i] = f"domain{dom}"
+        used += size
+    return domains
+
+
+class Simulator:
+    """One run of `requests` (sorted by arrival) on `fleet`. Call `run()` once."""
+
+    def __init__(self, fleet: FleetConfig, requests: Sequence[TraceRequest]) -> None:
+        self.fleet = fleet
+        self.arch = model(fleet.model)
+        self.block_bytes = block_bytes(self.arch)
+        self.params = fleet.fleet_params()
+        self.router = Router.named(fleet.policy, self.params)
+        self.index = KvIndex()
+        self.requests = sorted(requests, key=lambda r: r.arrival_s)
+        self.events: list[tuple[float, int, int, object]] = []
+        self._seq = 0
+        self.now = 0.0
+        self.in_system = 0
+        self.area = 0.0  # integral of requests in the system over time
+        self._t_area = 0.0
+        pdom, ddom = _placement(fleet)
+        pcost, dcost = fleet.cost_model(fleet.prefill), fleet.cost_model(fleet.decode)
+        self.prefill_rate = self._rate(fleet.prefill)
+        self.decode_rate = self._rate(fleet.decode)
+        self.prefills = []
+        for i, dom in enumerate(pdom):
+            w = WorkerId(f"prefill{i}")
+            cache = PrefixCache(w, self._capacity(fleet.prefill), self.index)
+            eng = PrefillEngine(pcost, cache, fleet.prefill.max_batch, fleet.prefill.max_batched_tokens,
+                                self._prefill_reserve)
+            self.prefills.append(_Prefill(w, dom, eng))
+        self.decodes = []
+        for i, dom in enumerate(ddom):
+            w = WorkerId(f"decode{i}")
+            cache = PrefixCache(w, self._capacity(fleet.decode), self.index)
+            local = PrefillEngine(dcost, cache, fleet.decode.max_batch, fleet.decode.max_batched_tokens,
+                                  self._decode_reserve)
+            self.decodes.append(DecodeInstance(w, dom, dcost, cache, fleet.decode.max_batch, local))
+        self._prefill_by_id = {p.worker: p for p in self.prefills}
+        self._domain_of_engine = {id(p.engine): p.domain for p in self.prefills}
+        self._decode_by_id = {d.worker: d for d in self.decodes}
+        self._promised = {d.worker: [0, 0] for d in self.decodes}  # routed, not yet admitted: [n, blocks]
+        self.jobs: list[Job] = []
+        self.rejected = 0
+        self._state_cache: dict[WorkerId, tuple[tuple[int, ...], WorkerState]] = {}
+        self._handlers = (self._arrive, self._prefill_done, self._local_done, self._transfer_done,
+                          self._decode_finish)
+
+    # ---- set-up helpers --------------------------------------------------------------------------
+    def _capacity(self, pool: PoolConfig) -> int:
+        if pool.kv_blocks is not None:
+            return pool.kv_blocks
+        return int(self.fleet.cost_model(pool).kv_pool_bytes() // self.block_bytes)
+
+    def _rate(self, pool: PoolConfig) -> float:
+        """The prefill rate a worker reports: one full chunk from an empty context, per the cost model."""
+        chunk = pool.max_batched_tokens
+        return chunk / self.fleet.cost_model(pool).prefill_chunk_seconds(((0, chunk),), 1)
+
+    def _blocks(self, nbytes: int) -> int:
+        return -(-nbytes // self.block_bytes)
+
+    def _prefill_reserve(self, job: Job) -> int:
+        return self._blocks(request_reserve_bytes(self.arch, job.req.prompt_tokens))
+
+    def _decode_reserve(self, job: Job) -> int:
+        return self._blocks(request_reserve_bytes(self.arch, job.req.prompt_tokens + job.req.output_tokens))
+
+    def _push(self, t: float, kind: Ev, payload: object) -> None:
+        self._seq += 1
+        heapq.heappush(self.events, (t, self._seq, kind, payload))
+
+    # ---- the loop --------------------------------------------------------------------------------
+    def run(self) -> SimResult:
+        """Replay every request to completion (or refusal); the collected metrics."""
+        for req in self.requests:
+            self._push(req.arrival_s, Ev.ARRIVE, req)
+        events, handlers = self.events, self._handlers
+        while events:
+            t, _, kind, payload = heapq.heappop(events)
+            self.now = t
+            handlers[kind](payload)
+        return collect(self)
+
+    def _count(self, delta: int) -> None:
+        self.area += self.in_system * (self.now - self._t_area)
+        self._t_area = self.now
+        self.in_system += delta
+
+    def _states(self) -> list[WorkerState]:
+        """Every worker's exact state now. A state whose numbers did not change since it was last
+        built is reused (its stamp is older, but no booking touched the worker since: bookings
+        drop the chosen workers' cached states)."""
+        stamp = math.nextafter(self.now, math.inf)
+        limit, cache, out = self.fleet.queue_limit, self._state_cache, []
+        for p in self.prefills:
+            e = p.engine
+            sig = (max(e.queued_tokens, 0), e.cache.reserved, len(e.running), len(e.queue) - len(e.running))
+            hit = cache.get(p.worker)
+            if hit is None or hit[0] != sig:
+                hit = (sig, WorkerState(
+                    worker=p.worker, role=Role.PREFILL, nvlink_domain=p.domain,
+                    prefill_rate_tps=self.prefill_rate,
+                    queued_prefill_tokens=sig[0], kv_blocks_used=sig[1], kv_blocks_total=e.cache.capacity,
+                    running_requests=sig[2], max_running_requests=e.max_batch, queue_length=sig[3],
+                    queue_limit=limit, reported_at_s=stamp))
+                cache[p.worker] = hit
+            out.append(hit[1])
+        for d in self.decodes:
+            n, blocks = self._promised[d.worker]
+            sig = (max(d.local.queued_tokens, 0), d.cache.reserved + blocks, d.batch + d.incoming + n,
+                   len(d.waiting) + len(d.local.queue))
+            hit = cache.get(d.worker)
+            if hit is None or hit[0] != sig:
+                hit = (sig, WorkerState(
+                    worker=d.worker, role=Role.DECODE, nvlink_domain=d.domain,
+                    prefill_rate_tps=self.decode_rate,
+                    queued_prefill_tokens=sig[0], kv_blocks_used=sig[1], kv_blocks_total=d.cache.capacity,
+                    running_requests=sig[2], max_running_requests=d.max_batch, queue_length=sig[3],
+                    queue_limit=limit, reported_at_s=stamp))
+                cache[d.worker] = hit
+            out.append(hit[1])
+        return out
+
+    # ---- handlers --------------------------------------------------------------------------------
+    def _arrive(self, req: TraceRequest) -> None:
+        job = Job(req)
+        self.jobs.append(job)
+        rreq = RouteRequest(request_id=req.request_id, prompt_tokens=req.prompt_tokens,
+                            block_hashes=req.block_hashes, session_id=req.session_id)
+        outcome = self.router.route(rreq, self._states(), self.index.match(req.block_hashes), self.now)
+        if isinstance(outcome, Refusal):
+            self.rejected += 1
+            return
+        self._count(+1)
+        self._state_cache.pop(outcome.decode, None)
+        if outcome.prefill is not None:
+            self._state_cache.pop(outcome.prefill, None)
+        decode = self._decode_by_id[outcome.decode]
+        job.decode = decode
+        job.decode_reserve = self._decode_reserve(job)
+        promised = self._promised[decode.worker]
+        promised[0] += 1
+        promised[1] += job.decode_reserve
+        if outcome.prefill is None:
+            job.local = True
+            decode.local.add(job, outcome.uncached_tokens)
+            self._kick_local(decode)
+        else:
+            pf = self._prefill_by_id[outcome.prefill]
+            job.prefill = pf.engine
+            pf.engine.add(job, outcome.uncached_tokens)
+            self._kick_prefill(pf.engine)
+
+    def _kick_prefill(self, engine: PrefillEngine) -> None:
+        if not engine.busy:
+            dt = engine.start()
+            if dt is not None:
+                self._push(self.now + dt, Ev.PREFILL_DONE, engine)
+
+    def _prefill_done(self, engine: PrefillEngine) -> None:
+        for job in engine.finish_iteration():
+            job.t_first = self.now
+            self.router.prefill_done(job.req.request_id)
+            engine.cache.complete(job.hashes[job.cached_blocks:])
+            decode = job.decode
+            promised = self._promised[decode.worker]
+            if job.req.output_tokens == 1:  # ended with its first token: nothing to hand off
+                promised[0] -= 1
+                promised[1] -= job.decode_reserve
+                self._release_prefill(job)
+                self._end(job)
+            else:
+                decode.waiting.append(job)
+                self._admit(decode)
+        self._kick_prefill(engine)
+
+    def _admit(self, decode: DecodeInstance) -> None:
+        """Admit waiting remote jobs while KV and batch slots allow; start their KV pulls."""
+        promised = self._promised[decode.worker]
+        while decode.waiting and decode.batch + decode.incoming + len(decode.local.queue) < decode.max_batch:
+            job = decode.waiting[0]
+            if not decode.cache.reserve(job.decode_reserve):
+                break
+            decode.waiting.popleft()
+            promised[0] -= 1
+            promised[1] -= job.decode_reserve
+            n = decode.cache.leading(job.hashes)
+            decode.cache.acquire(job.hashes[:n])
+            job.reused_blocks = n
+            same = self._domain_of_engine[id(job.prefill)] == decode.domain
+            link = self.params.topology.intra_domain if same else self.params.topology.cross_domain
+            decode.incoming += 1
+            self._push(self.now + link.seconds(handoff_bytes(self.arch, job.req.prompt_tokens, n)),
+                       Ev.TRANSFER_DONE, job)
+
+    def _release_prefill(self, job: Job) -> None:
+        engine = job.prefill
+        engine.cache.unreserve(job.prefill_reserve)
+        engine.cache.release(job.hashes)
+        self._kick_prefill(engine)
+
+    def _transfer_done(self, job: Job) -> None:
+        self._release_prefill(job)
+        decode = job.decode
+        decode.incoming -= 1
+        decode.cache.complete(job.hashes[job.reused_blocks:])
+        decode.join(job, self.now)
+        self._reschedule(decode)
+
+    def _reschedule(self, decode: DecodeInstance) -> None:
+        t = decode.next_finish(self.now)
+        if t is not None:
+            self._push(t, Ev.DECODE_FINISH, (decode, decode.version))
+
+    def _decode_finish(self, payload: tuple[DecodeInstance, int]) -> None:
+        decode, version = payload
+        if version != decode.version:
+            return
+        for job in decode.pop_finished(self.now):
+            decode.cache.unreserve(job.prefill_reserve if job.local else job.decode_reserve)
+            decode.cache.release(job.hashes)
+            self._end(job)
+        self._admit(decode)
+        self._kick_local(decode)
+        if not decode.paused:
+            self._reschedule(decode)
+
+    def _end(self, job: Job) -> None:
+        job.t_finish = self.now
+        self.router.finish(job.req.request_id)
+        self._count(-1)
+
+    def _kick_local(self, decode: DecodeInstance) -> None:
+        local = decode.local
+        if local.busy or not local.queue:
+            return
+        decode.advance(self.now)
+        dt = local.start()
+        if dt is None:
+            return
+        decode.paused = True
+        decode.version += 1  # its pending finish is void: decoding stalls while the prefill runs
+        self._push(self.now + dt, Ev.LOCAL_DONE, decode)
+
+    def _local_done(self, decode: DecodeInstance) -> None:
+        promised = self._promised[decode.worker]
+        for job in decode.local.finish_iteration():
+            job.t_first = self.now
+            self.router.prefill_done(job.req.request_id)
+            decode.cache.complete(job.hashes[job.cached_blocks:])
+            promised[0] -= 1
+            promised[1] -= job.decode_reserve
+            if job.req.output_tokens == 1:
+                decode.cache.unreserve(job.prefill_reserve)
+                decode.cache.release(job.hashes)
+                self._end(job)
+            else:
+                decode.join(job, self.now)
+        decode.advance(self.now)
+        decode.paused = False
+        self._admit(decode)
+        self._kick_local(decode)
+        if not decode.paused:
+            self._reschedule(decode)
