@@ -13,6 +13,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from orchestrator.planner.commands import register as register_planner
 from orchestrator.spec import SpecError, load_spec
 
 app = typer.Typer(
@@ -23,6 +24,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 _err = Console(stderr=True)
+register_planner(app)  # simulate, estimate, plan
 
 
 @app.callback()
