@@ -53,7 +53,8 @@ class WorkerState:
     - running_requests / max_running_requests: requests in the running batch / batch slots.
     - queue_length / queue_limit: requests waiting to start / the most that may wait. Requests
       booked past the batch slots (running_requests > max_running_requests once bookings are
-      folded in) wait too; a worker whose waiting count reaches queue_limit takes no new request.
+      folded in) wait too. Admission: a worker whose waiting count reaches queue_limit, or whose
+      queued_prefill_tokens reach max_queued_prefill_tokens, takes no new request.
     - nvlink_domain: the NVLink domain (NVL72 rack, HGX node, or "local") the worker sits in.
     """
 
@@ -68,6 +69,7 @@ class WorkerState:
     max_running_requests: int = 1
     queue_length: int = 0
     queue_limit: int = 1
+    max_queued_prefill_tokens: int = 1_048_576
     reported_at_s: float = 0.0
 
     def __post_init__(self) -> None:
@@ -76,16 +78,19 @@ class WorkerState:
         for name in ("queued_prefill_tokens", "kv_blocks_used", "running_requests", "queue_length"):
             value = getattr(self, name)
             _require(value >= 0, f"{w}.{name}", value, "must be >= 0")
-        for name in ("kv_blocks_total", "max_running_requests", "queue_limit"):
+        for name in ("kv_blocks_total", "max_running_requests", "queue_limit", "max_queued_prefill_tokens"):
             value = getattr(self, name)
             _require(value >= 1, f"{w}.{name}", value, "must be >= 1")
         _require(bool(self.nvlink_domain), f"{w}.nvlink_domain", self.nvlink_domain, "must be non-empty")
 
     @property
     def admits(self) -> bool:
-        """True while the requests waiting on this worker are fewer than its queue limit."""
+        """True while the worker is under both admission limits (requests waiting, prefill tokens queued)."""
         overflow = max(self.running_requests - self.max_running_requests, 0)
-        return self.queue_length + overflow < self.queue_limit
+        return (
+            self.queue_length + overflow < self.queue_limit
+            and self.queued_prefill_tokens < self.max_queued_prefill_tokens
+        )
 
 
 @dataclass(frozen=True)
@@ -140,32 +145,49 @@ class Topology:
         return self.intra_domain if a.nvlink_domain == b.nvlink_domain else self.cross_domain
 
 
+class DisaggMode(enum.Enum):
+    """When requests go through a prefill worker (mirrors the spec's router.disaggregation.mode)."""
+
+    CONDITIONAL = "conditional"  # the decode prefills locally when the uncached part is short
+    ALWAYS = "always"  # every request goes through a prefill worker
+    NEVER = "never"  # aggregated serving: decode workers prefill everything
+
+
 @dataclass(frozen=True)
 class DisaggThresholds:
-    """Conditional disaggregation: when the decode worker prefills the request itself.
+    """Conditional disaggregation (the spec's router.disaggregation): with mode CONDITIONAL, a decode
+    worker prefills a request itself iff the tokens it would compute are fewer than
+    max_local_prefill_tokens AND less than max_local_uncached_fraction of the prompt."""
 
-    Tandem's `kv` policy lets a decode worker prefill locally when the part of the prompt it does
-    not hold is at most `local_max_uncached_tokens` (then the cheaper of local and remote wins by
-    cost). `local_max_uncached_fraction` is used only by the `dynamo` policy (its published rule:
-    local when uncached < 2048 tokens AND uncached / prompt < 0.7).
-    """
-
-    local_max_uncached_tokens: int = 2048
-    local_max_uncached_fraction: float = 0.7
+    mode: DisaggMode = DisaggMode.CONDITIONAL
+    max_local_prefill_tokens: int = 2048
+    max_local_uncached_fraction: float = 0.7
 
     def __post_init__(self) -> None:
         _require(
-            self.local_max_uncached_tokens >= 0,
-            "DisaggThresholds.local_max_uncached_tokens",
-            self.local_max_uncached_tokens,
+            isinstance(self.mode, DisaggMode), "DisaggThresholds.mode", self.mode, "must be a DisaggMode"
+        )
+        _require(
+            self.max_local_prefill_tokens >= 0,
+            "DisaggThresholds.max_local_prefill_tokens",
+            self.max_local_prefill_tokens,
             "must be >= 0",
         )
         _require(
-            0.0 <= self.local_max_uncached_fraction <= 1.0,
-            "DisaggThresholds.local_max_uncached_fraction",
-            self.local_max_uncached_fraction,
+            0.0 <= self.max_local_uncached_fraction <= 1.0,
+            "DisaggThresholds.max_local_uncached_fraction",
+            self.max_local_uncached_fraction,
             "must be in [0, 1]",
         )
+
+    def local(self, uncached: int, prompt_tokens: int) -> bool:
+        """Whether a decode that would compute `uncached` of `prompt_tokens` tokens prefills locally."""
+        if self.mode is DisaggMode.CONDITIONAL:
+            return (
+                uncached < self.max_local_prefill_tokens
+                and uncached < self.max_local_uncached_fraction * prompt_tokens
+            )
+        return self.mode is DisaggMode.NEVER
 
 
 @dataclass(frozen=True)

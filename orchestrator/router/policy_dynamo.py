@@ -10,7 +10,7 @@ scale 1.0, temperature 0 = argmin), per worker w of a side:
 
 The decode worker is chosen first with overlap credit 0 (Dynamo's decode stage). Conditional
 disaggregation as published: prefill locally on that decode when its uncached part is below
-`local_max_uncached_tokens` AND below `local_max_uncached_fraction` of the prompt (2048 and 0.7);
+2048 tokens AND below 0.7 of the prompt (`DisaggThresholds.local`, whose defaults are these);
 otherwise the prefill worker is the argmin of cost with full credit. Dynamo picks at random among
 equal costs; here the lowest WorkerId wins, so the policy stays deterministic. Dynamo queues at
 the router when every worker is busy; here the common admission rule refuses instead.
@@ -56,8 +56,7 @@ class DynamoPolicy:
         decode = argmin(decodes, lambda w: self.cost(view, w, 0.0))
         n = view.request.prompt_tokens
         unc = uncached_tokens(n, view.matched_blocks(decode.worker), self.fleet.block_size)
-        disagg = self.fleet.disagg
-        if unc < disagg.local_max_uncached_tokens and unc / n < disagg.local_max_uncached_fraction:
+        if self.fleet.disagg.local(unc, n):
             return decision(view, None, decode, Reason.LOCAL_PREFILL)
         prefills = open_workers(view, Role.PREFILL)
         if isinstance(prefills, Refusal):

@@ -1,24 +1,28 @@
 """Tandem's `kv` policy: choose the (prefill, decode) pair together, by expected cost in seconds.
 
-For every admitting decode worker d and admitting prefill worker p (and, when d would have to
-compute at most `DisaggThresholds.local_max_uncached_tokens` tokens itself, the local option
-p = None):
+Candidates: for every admitting decode worker d, the local option (None, d) when
+`DisaggThresholds.local(uncached[d], prompt)` says d prefills this request itself, otherwise the
+pairs (p, d) over admitting prefill workers p. With n = prompt tokens, B = n's blocks (partial
+last block included), held[w] = leading blocks of the prompt w holds:
 
-    ttft(p)      = (queued_prefill_tokens[p] + uncached[p]) / prefill_rate[p]
-                   uncached[w] = max(prompt - matched_blocks[w] * block_size, 1)
-    handoff(p,d) = link(p, d).latency + transfer_blocks(d) * kv_bytes_per_block / link.bandwidth
-                   transfer_blocks(d) = prompt blocks - matched_blocks[d]   (decode-side reuse)
-                   link = NVLink within a domain, RDMA across; 0 when local
-    pressure(d)  = max((kv_used + transfer_blocks(d)) / kv_total, (running + 1) / max_running)
-                   + max(running + 1 - busiest other dp rank of d's instance, 0) / max_running
+    uncached[w]  = max(n - held[w] * block_size, 1)
+    ttft(w)      = (queued_prefill_tokens[w] + uncached[w]) / prefill_rate[w]
+    handoff(p,d) = link(p, d).latency + (B - held[d]) * kv_bytes_per_block / link.bandwidth
+                   (NVLink within a domain, RDMA across; only the blocks d lacks move; 0 if local)
+    kv(d)        = (kv_used[d] + B - reuse_credit * held[d]) / kv_total[d]
+    run(d)       = (running[d] + 1) / max_running[d]
+    dp(d)        = max(running[d] + 1 - busiest other dp rank of d's instance, 0) / max_running[d]
+                   (0 for a single-rank instance)
+    pressure(d)  = w_kv * kv(d) + w_running * run(d) + w_dp * dp(d)
     cost(p,d)    = ttft(p) + handoff(p,d) + decode_load_weight_s * pressure(d)
+    cost(None,d) = ttft(d) + decode_load_weight_s * pressure(d)
 
-The dp-rank term charges only what a request adds to its instance's busiest rank: dp ranks step
-together through the MoE all-to-all, so the busiest rank sets every rank's step time.
-The cheapest pair wins. Pairs within `tie_tolerance_s` of the cheapest are ties (measured rates are
-not more precise than that); a tie goes to the pair sharing most with the session's previous pair
-(decode and prefill), then to the least loaded (prefiller's queued seconds + decode pressure),
-then to the lowest (prefill, decode) ids: never at random.
+The dp term charges only what a request adds to its instance's busiest rank: the dp ranks of an
+instance step together through the MoE all-to-all, so the busiest rank sets all their step times.
+The cheapest candidate wins. Candidates within `tie_tolerance_s` of the cheapest are ties
+(measured rates are not more precise than that); a tie goes to the candidate sharing most workers
+with the session's previous pair, then to the least loaded (prefiller's queued seconds plus
+decode pressure), then to the lowest (prefill, decode) ids: never at random.
 """
 
 from __future__ import annotations
@@ -27,26 +31,39 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from orchestrator.router.decision import Reason, Refusal, RefusalReason, RouteDecision, RouteOutcome
-from orchestrator.router.estimate import handoff_seconds, prefill_seconds, transfer_blocks, uncached_tokens
+from orchestrator.router.estimate import (
+    handoff_seconds,
+    prefill_seconds,
+    prompt_blocks,
+    transfer_blocks,
+    uncached_tokens,
+)
 from orchestrator.router.inputs import FleetParams, Role, WorkerState
 from orchestrator.router.view import RoutingView, WorkerPair
-
-_NO_ID_KEY = ("", -1)
 
 
 @dataclass(frozen=True)
 class KvParams:
-    """decode_load_weight_s: seconds of TTFT that one unit of decode pressure (a full KV pool or a
-    full batch) is worth. tie_tolerance_s: cost differences below this are ties."""
+    """The `kv` policy's knobs (the spec's router.weights give the first four).
 
+    w_kv, w_running, w_dp: weights of the decode pressure terms, each a fraction in [0, 1] when the
+    decode has room. reuse_credit: share of the blocks a decode holds that count as free for it.
+    decode_load_weight_s: seconds of TTFT that one unit of pressure is worth.
+    tie_tolerance_s: cost differences below this are ties.
+    """
+
+    w_kv: float = 1.0
+    w_running: float = 1.0
+    w_dp: float = 0.5
+    reuse_credit: float = 1.0
     decode_load_weight_s: float = 0.5
     tie_tolerance_s: float = 1e-3
 
     def __post_init__(self) -> None:
-        if self.decode_load_weight_s < 0:
-            raise ValueError(f"KvParams.decode_load_weight_s = {self.decode_load_weight_s}: must be >= 0")
-        if self.tie_tolerance_s < 0:
-            raise ValueError(f"KvParams.tie_tolerance_s = {self.tie_tolerance_s}: must be >= 0")
+        for name in ("w_kv", "w_running", "w_dp", "reuse_credit", "decode_load_weight_s", "tie_tolerance_s"):
+            value = getattr(self, name)
+            if not value >= 0:
+                raise ValueError(f"KvParams.{name} = {value!r}: must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -62,22 +79,9 @@ class _Candidate:
     transfer: int
     alloc: int
 
-    def order_key(self) -> tuple:
-        p = self.pair.prefill
-        return (p is not None, (p.instance, p.dp_rank) if p else _NO_ID_KEY, self.pair.decode)
-
-
-def decode_pressure(view: RoutingView, d: WorkerState, transfer: int) -> float:
-    """pressure(d) of the module formula: KV or batch fill after admitting, plus the dp-rank raise."""
-    kv = (d.kv_blocks_used + transfer) / d.kv_blocks_total
-    run = (d.running_requests + 1) / d.max_running_requests
-    others = [
-        w.running_requests
-        for w in view.workers
-        if w.role is Role.DECODE and w.worker.instance == d.worker.instance and w.worker != d.worker
-    ]
-    raise_ = max(d.running_requests + 1 - max(others), 0) / d.max_running_requests if others else 0.0
-    return max(kv, run) + raise_
+    def order_key(self) -> tuple[bool, tuple[str, int], tuple[str, int]]:
+        p, d = self.pair.prefill, self.pair.decode
+        return (p is not None, (p.instance, p.dp_rank) if p else ("", -1), (d.instance, d.dp_rank))
 
 
 class KvPolicy:
@@ -87,13 +91,23 @@ class KvPolicy:
         self.fleet = fleet
         self.params = params if params is not None else KvParams()
 
-    def _prefill_shortlist(
-        self, view: RoutingView, prefills: list[WorkerState]
-    ) -> list[tuple[WorkerState, float]]:
-        """Per NVLink domain, the prefills within tolerance of that domain's best TTFT.
+    def pressure(self, view: RoutingView, d: WorkerState) -> float:
+        """pressure(d) of the module formula, for view.request."""
+        p, bs = self.params, self.fleet.block_size
+        blocks = prompt_blocks(view.request.prompt_tokens, bs)
+        kv = (d.kv_blocks_used + blocks - p.reuse_credit * view.matched_blocks(d.worker)) / d.kv_blocks_total
+        run = (d.running_requests + 1) / d.max_running_requests
+        others = [
+            w.running_requests
+            for w in view.workers
+            if w.role is Role.DECODE and w.worker.instance == d.worker.instance and w.worker != d.worker
+        ]
+        dp = max(d.running_requests + 1 - max(others), 0) / d.max_running_requests if others else 0.0
+        return p.w_kv * kv + p.w_running * run + p.w_dp * dp
 
-        The pair cost depends on p only through ttft(p) and p's domain, so no other prefill can win.
-        """
+    def _shortlist(self, view: RoutingView, prefills: list[WorkerState]) -> list[tuple[WorkerState, float]]:
+        """Per NVLink domain, the prefills within tolerance of that domain's best TTFT: a pair's
+        cost depends on p only through ttft(p) and p's domain, so no other prefill can win."""
         n, bs, tol = view.request.prompt_tokens, self.fleet.block_size, self.params.tie_tolerance_s
         by_domain: dict[str, list[tuple[WorkerState, float]]] = defaultdict(list)
         for p in prefills:
@@ -109,81 +123,62 @@ class KvPolicy:
         self, view: RoutingView, decodes: list[WorkerState], prefills: list[WorkerState]
     ) -> list[_Candidate]:
         n, bs = view.request.prompt_tokens, self.fleet.block_size
-        w = self.params.decode_load_weight_s
-        shortlist = self._prefill_shortlist(view, prefills)
+        weight = self.params.decode_load_weight_s
+        shortlist = self._shortlist(view, prefills)
         out = []
         for d in decodes:
             held = view.matched_blocks(d.worker)
             moved = transfer_blocks(n, held, bs)
-            pressure = decode_pressure(view, d, moved)
+            pressure = self.pressure(view, d)
             unc_d = uncached_tokens(n, held, bs)
-            if unc_d <= self.fleet.disagg.local_max_uncached_tokens:
+            if self.fleet.disagg.local(unc_d, n):
                 t = prefill_seconds(d, unc_d)
                 load = d.queued_prefill_tokens / d.prefill_rate_tps + pressure
-                out.append(
-                    _Candidate(
-                        t + w * pressure,
-                        WorkerPair(None, d.worker),
-                        t,
-                        0.0,
-                        load,
-                        held,
-                        held,
-                        unc_d,
-                        0,
-                        moved,
-                    )
-                )
+                pair = WorkerPair(None, d.worker)
+                out.append(_Candidate(t + weight * pressure, pair, t, 0.0, load, held, held, unc_d, 0, moved))
+                continue
             for p, t in shortlist:
                 h = handoff_seconds(self.fleet, p, d, moved)
                 load = p.queued_prefill_tokens / p.prefill_rate_tps + pressure
                 cached = view.matched_blocks(p.worker)
+                unc = uncached_tokens(n, cached, bs)
+                pair = WorkerPair(p.worker, d.worker)
                 out.append(
-                    _Candidate(
-                        t + h + w * pressure,
-                        WorkerPair(p.worker, d.worker),
-                        t,
-                        h,
-                        load,
-                        cached,
-                        held,
-                        uncached_tokens(n, cached, bs),
-                        moved,
-                        moved,
-                    )
+                    _Candidate(t + h + weight * pressure, pair, t, h, load, cached, held, unc, moved, moved)
                 )
         return out
 
-    def choose(self, view: RoutingView) -> RouteOutcome:
-        """The cheapest admitting pair (module formula), or a refusal naming what is full or missing."""
+    def _refusal(self, view: RoutingView, decodes: tuple[WorkerState, ...], open_decodes: list) -> Refusal:
         rid = view.request.request_id
-        decodes = view.of_role(Role.DECODE)
         if not decodes:
             return Refusal(rid, RefusalReason.NO_WORKERS, "no decode worker is registered")
-        open_decodes = [d for d in decodes if d.admits]
+        if not open_decodes:
+            return Refusal(
+                rid, RefusalReason.QUEUES_FULL, f"all {len(decodes)} decode workers are at a limit"
+            )
         prefills = view.of_role(Role.PREFILL)
-        open_prefills = [p for p in prefills if p.admits]
-        cands = self._candidates(view, open_decodes, open_prefills)
-        if not cands:
-            if not open_decodes:
-                return Refusal(
-                    rid,
-                    RefusalReason.QUEUES_FULL,
-                    f"all {len(decodes)} decode workers are at their queue limit",
-                )
-            if not prefills:
-                return Refusal(
-                    rid,
-                    RefusalReason.NO_WORKERS,
-                    "no prefill worker is registered and the uncached part of the prompt exceeds "
-                    f"local_max_uncached_tokens = {self.fleet.disagg.local_max_uncached_tokens}",
-                )
+        if not prefills:
             return Refusal(
                 rid,
-                RefusalReason.QUEUES_FULL,
-                f"all {len(prefills)} prefill workers are at their queue limit and no decode worker "
-                "may prefill this prompt locally",
+                RefusalReason.NO_WORKERS,
+                "no prefill worker is registered and no admitting decode worker may prefill this prompt "
+                f"locally ({self.fleet.disagg})",
             )
+        return Refusal(
+            rid,
+            RefusalReason.QUEUES_FULL,
+            f"all {len(prefills)} prefill workers are at a limit and no admitting decode worker may "
+            f"prefill this prompt locally ({self.fleet.disagg})",
+        )
+
+    def choose(self, view: RoutingView) -> RouteOutcome:
+        """The cheapest admitting candidate (module formula), or a refusal naming what is full or missing."""
+        decodes = view.of_role(Role.DECODE)
+        open_decodes = [d for d in decodes if d.admits]
+        open_prefills = [p for p in view.of_role(Role.PREFILL) if p.admits]
+        cands = self._candidates(view, open_decodes, open_prefills)
+        if not cands:
+            return self._refusal(view, decodes, open_decodes)
         best = min(c.cost for c in cands)
         ties = [c for c in cands if c.cost <= best + self.params.tie_tolerance_s]
         aff = view.affinity
@@ -203,7 +198,7 @@ class KvPolicy:
         else:
             reason = Reason.LEAST_LOAD
         return RouteDecision(
-            request_id=rid,
+            request_id=view.request.request_id,
             prefill=pick.pair.prefill,
             decode=pick.pair.decode,
             reason=reason,

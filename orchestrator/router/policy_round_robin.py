@@ -2,13 +2,14 @@
 
 The k-th decision (k = the router's decision counter) starts at position k mod n of each side's
 workers in WorkerId order and takes the first admitting one from there, wrapping around. Always
-disaggregated (no local prefill), like a plain round-robin proxy in front of a P/D fleet.
+disaggregated, like a plain round-robin proxy in front of a P/D fleet (local prefill only when
+the disaggregation mode is NEVER).
 """
 
 from __future__ import annotations
 
 from orchestrator.router.decision import Reason, Refusal, RouteOutcome
-from orchestrator.router.inputs import FleetParams, Role, WorkerState
+from orchestrator.router.inputs import DisaggMode, FleetParams, Role, WorkerState
 from orchestrator.router.outcome import decision, open_workers
 from orchestrator.router.view import RoutingView
 
@@ -32,11 +33,15 @@ class RoundRobinPolicy:
         raise RuntimeError(f"no admitting {role.value} worker although open_workers found one")
 
     def choose(self, view: RoutingView) -> RouteOutcome:
-        """Next admitting prefill and decode in turn, or the refusal for the side that has none."""
-        for role in (Role.DECODE, Role.PREFILL):
-            side = open_workers(view, role)
-            if isinstance(side, Refusal):
-                return side
-        return decision(
-            view, self._turn(view, Role.PREFILL), self._turn(view, Role.DECODE), Reason.ROUND_ROBIN
-        )
+        """Next admitting prefill and decode in turn, or the refusal for the side that has none.
+        With disaggregation mode NEVER (aggregated serving) the decode prefills locally."""
+        decodes = open_workers(view, Role.DECODE)
+        if isinstance(decodes, Refusal):
+            return decodes
+        decode = self._turn(view, Role.DECODE)
+        if view.fleet.disagg.mode is DisaggMode.NEVER:
+            return decision(view, None, decode, Reason.ROUND_ROBIN)
+        prefills = open_workers(view, Role.PREFILL)
+        if isinstance(prefills, Refusal):
+            return prefills
+        return decision(view, self._turn(view, Role.PREFILL), decode, Reason.ROUND_ROBIN)

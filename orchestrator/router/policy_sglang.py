@@ -11,8 +11,9 @@ load = running + waiting requests (what the gateway counts per worker):
     else                              -> least loaded                       (LEAST_LOAD)
 
 The gateway's approximate per-worker radix tree (LRU-pruned every 120 s) is replaced by the KV
-index's exact match; ties go to the lower load, then the lowest WorkerId. Always disaggregated.
-The decision's reason is the prefill side's.
+index's exact match; ties go to the lower load, then the lowest WorkerId. Always disaggregated
+(the decode prefills only when the disaggregation mode is NEVER). The decision's reason is the
+prefill side's.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from orchestrator.router.decision import Reason, Refusal, RouteOutcome
-from orchestrator.router.inputs import FleetParams, Role, WorkerState
+from orchestrator.router.inputs import DisaggMode, FleetParams, Role, WorkerState
 from orchestrator.router.outcome import argmin, decision, open_workers
 from orchestrator.router.view import RoutingView
 
@@ -62,9 +63,11 @@ class SglangPolicy:
         decodes = open_workers(view, Role.DECODE)
         if isinstance(decodes, Refusal):
             return decodes
+        decode, decode_reason = self.pick(view, decodes)
+        if view.fleet.disagg.mode is DisaggMode.NEVER:
+            return decision(view, None, decode, decode_reason)
         prefills = open_workers(view, Role.PREFILL)
         if isinstance(prefills, Refusal):
             return prefills
         prefill, reason = self.pick(view, prefills)
-        decode, _ = self.pick(view, decodes)
         return decision(view, prefill, decode, reason)
