@@ -7,9 +7,9 @@ through which page each step must take.
 from __future__ import annotations
 
 import pytest
-from tandem.blocks import block_hashes
 
-from workers.kv.events import KvRemoved, KvStored
+from tandem.blocks import block_hashes
+from workers.kv.events import KvCleared, KvEvent, KvRemoved, KvStored
 from workers.kv.geometry import KvGeometry, PoolKind
 from workers.kv.manager import AdmissionRefused, KvCacheManager, KvCapacity
 from workers.kv.presets import Preset
@@ -48,7 +48,7 @@ def test_exact_pages_hits_and_eviction_order() -> None:
     assert m.block_pages(1) == [0, 1, 2, 3]
     assert m.window_pages(1) == {5: 2, 6: 3}
     assert [m.prefix.boundary_page(h) for h in ha] == [0, 1, 2]
-    assert m.flush_events().events[0].body == KvStored(tuple(ha), None)
+    assert m.flush_events().events == (KvEvent(0, KvCleared()), KvEvent(1, KvStored(tuple(ha), None)))
     m.free(1)
     # Unregistered pages go straight back; registered ones are cached, the tail block oldest.
     assert free_ids(m, PoolKind.BLOCK) == [4, 5, 6, 7, 3]

@@ -6,9 +6,15 @@ blocks 0..k AND the window before boundary k+1 (with its compressor state) are h
 soon as either goes. Because hashes are chained, h_k alone names the whole prefix: an index must not
 assume h_{k-1} is held when h_k is (window pages of inner boundaries are evicted on their own).
 
-Every event gets the next per-worker sequence number when recorded; consecutive events of the same
-kind that extend each other are merged while still pending (one seq), which is what batching means
-here. A snapshot lists what is held now and the last seq it reflects.
+Every event gets the next per-worker sequence number when recorded, from 0: a log starts with
+event 0 = Cleared, the worker announcing that it (re)started with an empty cache (the router's
+KvIndex drops that worker's old entries on seeing seq 0). Consecutive events of the same kind that
+extend each other are merged while still pending and not yet covered by a snapshot (one seq),
+which is what batching means here. A snapshot lists what is held now and the last seq it reflects.
+
+Note for indexes: hit-able hashes are not closed under prefixes (an inner boundary can lose its
+window while a deeper one keeps it); with chained hashes the exact hit of a query is its deepest
+reported hash, so an index that stops at the first missing block undercounts such workers.
 """
 
 from __future__ import annotations
@@ -60,38 +66,39 @@ class KvSnapshot:
 
 
 class EventLog:
-    """Pending events of one worker, numbered 1, 2, ... (0 means "nothing yet")."""
+    """Pending events of one worker, numbered 0, 1, 2, ...; event 0 is Cleared (a fresh start)."""
 
     def __init__(self, worker: str) -> None:
         self.worker = worker
-        self._seq = 0
+        self._seq = -1
         self._pending: list[KvEvent] = []
+        self._sealed = 0  # pending events before this index are covered by a snapshot: no merging
+        self.cleared()
 
     @property
     def last_seq(self) -> int:
         return self._seq
 
     def stored(self, block_hash: int, parent_hash: int | None) -> None:
-        last = self._pending[-1] if self._pending else None
-        if (
-            isinstance(last, KvEvent)
-            and isinstance(last.body, KvStored)
-            and last.body.block_hashes[-1] == parent_hash
-        ):
+        last = self._mergeable()
+        if last is not None and isinstance(last.body, KvStored) and last.body.block_hashes[-1] == parent_hash:
             body = KvStored(last.body.block_hashes + (block_hash,), last.body.parent_hash)
             self._pending[-1] = KvEvent(last.seq, body)
             return
         self._record(KvStored((block_hash,), parent_hash))
 
     def removed(self, block_hash: int) -> None:
-        last = self._pending[-1] if self._pending else None
-        if isinstance(last, KvEvent) and isinstance(last.body, KvRemoved):
+        last = self._mergeable()
+        if last is not None and isinstance(last.body, KvRemoved):
             self._pending[-1] = KvEvent(last.seq, KvRemoved(last.body.block_hashes + (block_hash,)))
             return
         self._record(KvRemoved((block_hash,)))
 
     def cleared(self) -> None:
         self._record(KvCleared())
+
+    def _mergeable(self) -> KvEvent | None:
+        return self._pending[-1] if len(self._pending) > self._sealed else None
 
     def _record(self, body: KvEventBody) -> None:
         self._seq += 1
@@ -100,9 +107,11 @@ class EventLog:
     def flush(self) -> KvEventBatch:
         """The pending events as one batch (possibly empty), oldest first; clears them."""
         batch = KvEventBatch(self.worker, tuple(self._pending))
-        self._pending = []
+        self._pending, self._sealed = [], 0
         return batch
 
     def snapshot(self, held: tuple[int, ...]) -> KvSnapshot:
-        """A snapshot of `held` (the caller's current hit-able hashes) at the last recorded seq."""
+        """A snapshot of `held` (the caller's current hit-able hashes) at the last recorded seq.
+        Events already pending stop growing, so none numbered <= that seq changes afterwards."""
+        self._sealed = len(self._pending)
         return KvSnapshot(self.worker, self._seq, held)

@@ -110,7 +110,8 @@ class KvCacheManager:
     def _plan(self, hashes: list[int], prompt_len: int, max_len: int) -> tuple[int, dict[PoolKind, int]]:
         if not 0 < prompt_len <= max_len:
             raise ValueError(f"admit: need 0 < prompt_len ({prompt_len}) <= max_len ({max_len})")
-        k = min(self.prefix.lookup(hashes), (prompt_len - 1) // self.block_size)
+        # At least one prompt token must be computed (its logits sample the next token).
+        k = self.prefix.lookup(hashes[: (prompt_len - 1) // self.block_size])
         pages = {p: self._budget(p, max_len) for p in PoolKind}
         if k:
             # Hit pages already held by others cost nothing; evictable ones stop being evictable.
