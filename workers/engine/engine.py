@@ -1,0 +1,228 @@
+"""One rank's engine: receive requests, schedule a step, run the model, sample, emit one batch.
+
+`Engine.step()` is the whole loop body: schedule (scheduler.py) -> import handed-off KV for newly
+admitted requests -> run the model over every chunk -> sample the chunks that reach their end ->
+stop checks -> one `StepOutput` holding every request's new tokens. Finished and cancelled requests
+free their KV at once. In the PREFILL role a request leaves after its first token: its KV stays
+held as a handoff until `take_handoff` / `release_handoff`.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from dataclasses import dataclass
+
+import torch
+
+from tandem.request import GenerationRequest
+from tandem.tokenizer import Tokenizer
+from workers.engine.handoff import SequenceKv, export_kv, import_kv
+from workers.engine.kv import KvSpace
+from workers.engine.runner import ModelRunner
+from workers.engine.sampler import sample_batch
+from workers.engine.scheduler import Scheduler, SchedulerConfig, StepPlan
+from workers.engine.state import Phase, RequestState
+from workers.engine.stop import FinishReason
+from workers.model.config import ModelConfig
+
+
+class Role(enum.Enum):
+    PREFILL = "prefill"  # prompt -> first token + handoff
+    DECODE = "decode"  # takes handed-off requests; may also prefill locally
+    AGGREGATED = "aggregated"  # prefill and decode in one engine
+
+
+@dataclass(frozen=True)
+class TokenDelta:
+    """A request's share of one step: new token ids and the text they release. `finish` is set on
+    the last delta; `handoff` marks a prefill's first token whose KV now waits for a decode."""
+
+    request_id: str
+    token_ids: tuple[int, ...]
+    text: str
+    finish: FinishReason | None = None
+    handoff: bool = False
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """Everything one step produced, sent out as ONE message."""
+
+    step: int
+    deltas: tuple[TokenDelta, ...]
+    num_tokens: int  # tokens run through the model this step
+    num_preempted: int
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    queued: int
+    queued_prefill_tokens: int
+    running: int
+    handoffs_held: int
+    blocks_used: int
+    blocks_free: int
+    prefill_tokens: int  # cumulative tokens of prompt / recompute chunks run
+    decode_tokens: int  # cumulative tokens sampled
+    preemptions: int
+    steps: int
+
+
+class Engine:
+    """Scheduler + runner + sampler for one rank (see the module docstring)."""
+
+    def __init__(self, role: Role, model_cfg: ModelConfig, sched: SchedulerConfig, kv: KvSpace,
+                 runner: ModelRunner, tokenizer: Tokenizer) -> None:
+        self.role, self.model_cfg, self.kv = role, model_cfg, kv
+        self.runner, self.tokenizer = runner, tokenizer
+        self.scheduler = Scheduler(sched, kv)
+        self._states: dict[str, RequestState] = {}
+        self._handoffs: dict[str, RequestState] = {}
+        self._incoming: dict[str, SequenceKv] = {}
+        self._pending: list[TokenDelta] = []  # deltas made outside a step (cancellations)
+        self._seq_ids = itertools.count()
+        self._order = itertools.count()
+        self._steps = self._prefill_tokens = self._decode_tokens = self._preemptions = 0
+
+    # --- intake --------------------------------------------------------------------------------
+    def _new_state(self, request: GenerationRequest) -> RequestState:
+        if request.request_id in self._states or request.request_id in self._handoffs:
+            raise ValueError(f"request_id {request.request_id!r} is already in this engine")
+        need = len(request.prompt_ids) + request.sampling.max_tokens
+        if need > self.kv.max_seq_tokens:
+            raise ValueError(f"request {request.request_id!r}: prompt + max_tokens = {need} positions, "
+                             f"more than this engine's KV can ever hold ({self.kv.max_seq_tokens})")
+        state = RequestState(request, next(self._seq_ids), self.tokenizer, next(self._order))
+        self._states[request.request_id] = state
+        return state
+
+    def add(self, request: GenerationRequest) -> None:
+        """Queue a request to be prefilled here."""
+        self.scheduler.add(self._new_state(request))
+
+    def add_prefilled(self, request: GenerationRequest, first_token: int, kv: SequenceKv | None) -> None:
+        """Queue a request prefilled elsewhere, with its first token. With `kv` its prompt's state is
+        imported on admission; without it (a failed transfer) the prompt is recomputed here. Its
+        stream starts with the tokens AFTER the first; its text covers the first token too."""
+        if self.role is Role.PREFILL:
+            raise ValueError(f"add_prefilled({request.request_id!r}): a PREFILL engine does not decode")
+        state = self._new_state(request)
+        piece = state.tracker.push(first_token)
+        state.tokens.append(first_token)
+        if piece.finish is not None:
+            raise ValueError(f"add_prefilled({request.request_id!r}): the first token already ended it")
+        self._pending_text(state, piece.text)
+        if kv is not None:
+            if kv.length != state.num_prompt:
+                raise ValueError(f"add_prefilled({request.request_id!r}): kv.length {kv.length} != "
+                                 f"prompt length {state.num_prompt}")
+            state.computed = kv.length
+            self._incoming[request.request_id] = kv
+        self.scheduler.add(state)
+
+    def _pending_text(self, state: RequestState, text: str) -> None:
+        if text:
+            self._pending.append(TokenDelta(state.request_id, (), text))
+
+    def cancel(self, request_id: str) -> bool:
+        """End a request now, freeing its blocks at once; False when it is not here."""
+        state = self._states.pop(request_id, None) or self._handoffs.pop(request_id, None)
+        if state is None:
+            return False
+        self._incoming.pop(request_id, None)
+        if state.phase is Phase.FINISHED:  # a held handoff
+            self.kv.free(state.seq)
+        else:
+            self.scheduler.remove(state)
+        state.phase = Phase.FINISHED
+        self._pending.append(self._final(state, (), state.tracker.cancel().text, FinishReason.CANCELLED))
+        return True
+
+    # --- handoffs (PREFILL role) ---------------------------------------------------------------
+    def take_handoff(self, request_id: str) -> SequenceKv:
+        """The held prompt state of a handed-off request; frees its blocks."""
+        state = self._handoff(request_id)
+        kv = export_kv(self.kv.cache, self.model_cfg, state.seq)
+        self.kv.free(state.seq)
+        return kv
+
+    def release_handoff(self, request_id: str) -> None:
+        """Free a handoff's blocks without exporting them (the decode pulled them, or gave up)."""
+        self.kv.free(self._handoff(request_id).seq)
+
+    def _handoff(self, request_id: str) -> RequestState:
+        state = self._handoffs.pop(request_id, None)
+        if state is None:
+            raise KeyError(f"no handoff held for request_id {request_id!r}")
+        return state
+
+    # --- the loop body -------------------------------------------------------------------------
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work or bool(self._pending)
+
+    def step(self) -> StepOutput:
+        """Run one engine step (see the module docstring). Without work it runs no model (an EP
+        rank's runner still takes part in the exchanges when called with no chunks)."""
+        plan = self.scheduler.schedule()
+        for state in plan.admitted:
+            kv = self._incoming.pop(state.request_id, None)
+            if kv is not None:
+                import_kv(self.kv.cache, self.model_cfg, state.seq, kv)
+        for state in plan.preempted:
+            self._incoming.pop(state.request_id, None)  # recomputed from its tokens now
+        logits = self.runner.run([(c.state.seq, c.tokens) for c in plan.chunks], self.kv.cache)
+        deltas = self._postprocess(plan, logits)
+        self._steps += 1
+        self._preemptions += len(plan.preempted)
+        pending, self._pending = self._pending, []
+        return StepOutput(self._steps, tuple(pending) + deltas, plan.num_tokens, len(plan.preempted))
+
+    def _postprocess(self, plan: StepPlan, logits: torch.Tensor) -> tuple[TokenDelta, ...]:
+        rows = [i for i, c in enumerate(plan.chunks) if c.samples]
+        for c in plan.chunks:
+            c.state.computed += len(c.tokens)
+            if not c.samples or len(c.tokens) > 1:
+                self._prefill_tokens += len(c.tokens)
+        states = [plan.chunks[i].state for i in rows]
+        params = [s.request.sampling for s in states]
+        tokens = sample_batch(logits[rows], params, [len(s.tokens) for s in states])
+        self._decode_tokens += len(tokens)
+        deltas = []
+        for state, tok in zip(states, tokens, strict=True):
+            state.tokens.append(tok)
+            piece = state.tracker.push(tok)
+            if piece.finish is not None:
+                self._states.pop(state.request_id)
+                self.scheduler.remove(state)
+                state.phase = Phase.FINISHED
+                deltas.append(self._final(state, (tok,), piece.text, piece.finish))
+            elif self.role is Role.PREFILL:
+                self._states.pop(state.request_id)
+                self.scheduler.detach(state)
+                state.phase = Phase.FINISHED
+                self._handoffs[state.request_id] = state
+                deltas.append(TokenDelta(state.request_id, (tok,), piece.text, handoff=True,
+                                         prompt_tokens=state.num_prompt, completion_tokens=1))
+            else:
+                deltas.append(TokenDelta(state.request_id, (tok,), piece.text))
+        return tuple(deltas)
+
+    def _final(self, state: RequestState, toks: tuple[int, ...], text: str, reason: FinishReason
+               ) -> TokenDelta:
+        return TokenDelta(state.request_id, toks, text, reason, prompt_tokens=state.num_prompt,
+                          completion_tokens=len(state.output_ids), cached_tokens=state.cached_tokens)
+
+    def stats(self) -> EngineStats:
+        sched = self.scheduler
+        return EngineStats(
+            queued=len(sched.waiting), queued_prefill_tokens=sum(s.remaining for s in sched.waiting),
+            running=len(sched.running), handoffs_held=len(self._handoffs),
+            blocks_used=self.kv.blocks_used, blocks_free=self.kv.blocks_free,
+            prefill_tokens=self._prefill_tokens, decode_tokens=self._decode_tokens,
+            preemptions=self._preemptions, steps=self._steps,
+        )

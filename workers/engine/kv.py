@@ -1,0 +1,107 @@
+"""What the scheduler needs of KV memory, and a block-counting implementation of it.
+
+`KvSpace` is the narrow protocol: admit a sequence for its first tokens, grow it a step at a time,
+free it, and report blocks used / free. `cache` is the `ModelCache` the model reads and writes.
+A paged manager (workers/kv/) satisfies it through an adapter; `BlockSpace` counts fixed-size
+blocks of token positions over a `ContiguousCache`, growing each sequence lazily, so running out of
+blocks mid-decode really happens and the scheduler's preemption is exercised.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from workers.model.cache import ContiguousCache, ModelCache
+
+
+class KvExhausted(RuntimeError):
+    """A grow or admit asked for more blocks than are free: the scheduler should have checked."""
+
+
+class KvSpace(Protocol):
+    """Block accounting and the model cache for one rank."""
+
+    @property
+    def cache(self) -> ModelCache: ...
+    @property
+    def blocks_used(self) -> int: ...
+    @property
+    def blocks_free(self) -> int: ...
+    @property
+    def max_seq_tokens(self) -> int:
+        """Positions one sequence could ever hold (with every block free): longer requests never fit."""
+        ...
+    def can_hold(self, seq: int, num_tokens: int) -> bool:
+        """Whether `seq` (admitted or not) could hold `num_tokens` positions without evicting anyone."""
+        ...
+    def hold(self, seq: int, num_tokens: int) -> None:
+        """Make `seq` hold at least `num_tokens` positions (admits it on first use)."""
+        ...
+    def free(self, seq: int) -> None:
+        """Release every block and all model state of `seq` at once."""
+        ...
+
+
+@dataclass(frozen=True)
+class BlockSpaceConfig:
+    """num_blocks blocks of block_size token positions each."""
+
+    num_blocks: int
+    block_size: int = 256
+
+    def __post_init__(self) -> None:
+        if self.num_blocks <= 0:
+            raise ValueError(f"BlockSpaceConfig.num_blocks must be positive, got {self.num_blocks}")
+        if self.block_size <= 0:
+            raise ValueError(f"BlockSpaceConfig.block_size must be positive, got {self.block_size}")
+
+
+class BlockSpace:
+    """KvSpace over a ContiguousCache: ceil(positions / block_size) blocks per sequence."""
+
+    def __init__(self, config: BlockSpaceConfig, window: int) -> None:
+        self.config = config
+        self._cache = ContiguousCache(window)
+        self._held: dict[int, int] = {}  # seq -> blocks
+        self._used = 0
+
+    @property
+    def cache(self) -> ContiguousCache:
+        return self._cache
+
+    @property
+    def blocks_used(self) -> int:
+        return self._used
+
+    @property
+    def blocks_free(self) -> int:
+        return self.config.num_blocks - self._used
+
+    @property
+    def max_seq_tokens(self) -> int:
+        return self.config.num_blocks * self.config.block_size
+
+    def blocks_of(self, seq: int) -> int:
+        """Blocks `seq` holds now (0 when not admitted)."""
+        return self._held.get(seq, 0)
+
+    def _need(self, seq: int, num_tokens: int) -> int:
+        want = -(-num_tokens // self.config.block_size)
+        return max(0, want - self._held.get(seq, 0))
+
+    def can_hold(self, seq: int, num_tokens: int) -> bool:
+        return self._need(seq, num_tokens) <= self.blocks_free
+
+    def hold(self, seq: int, num_tokens: int) -> None:
+        need = self._need(seq, num_tokens)
+        if need > self.blocks_free:
+            raise KvExhausted(
+                f"sequence {seq} needs {need} more blocks for {num_tokens} tokens; {self.blocks_free} free"
+            )
+        self._held[seq] = self._held.get(seq, 0) + need
+        self._used += need
+
+    def free(self, seq: int) -> None:
+        self._used -= self._held.pop(seq, 0)
+        self._cache.free(seq)

@@ -1,0 +1,85 @@
+"""Counter-based sampling: the random draw for a token depends only on (request seed, position).
+
+So a request produces the same tokens wherever it runs (aggregated, disaggregated, migrated,
+preempted and recomputed): no generator state travels with it. The uniform for position p is a
+SplitMix64 mix of the seed and p, read as a 53-bit float in [0, 1). Sampling then inverts the CDF of
+the filtered distribution: logits / temperature in float64, top-k, softmax, top-p over tokens sorted
+by probability (ties broken by token id, lower first), renormalise, and pick the first token whose
+cumulative probability exceeds u. Greedy (temperature 0) is argmax with ties to the lowest id.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from tandem.request import SamplingConfig
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def uniform(seed: int, position: int) -> float:
+    """The draw in [0, 1) for the token at absolute `position` of a request with `seed`."""
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"uniform: seed {seed} outside [0, 2**64)")
+    if position < 0:
+        raise ValueError(f"uniform: position {position} must be >= 0")
+    bits = _splitmix64(seed ^ _splitmix64(position))
+    return (bits >> 11) * (1.0 / (1 << 53))
+
+
+def filtered_probs(logits: torch.Tensor, params: SamplingConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(probabilities, token ids) of the candidates left by temperature, top-k and top-p, sorted by
+    probability descending (ties: lower id first); probabilities sum to 1. logits: [vocab]."""
+    if params.greedy:
+        raise ValueError("filtered_probs: temperature 0 is greedy; there is no distribution to filter")
+    scaled = logits.double() / params.temperature
+    # Sort by (-logit, id): a stable sort of ids ascending keeps ties in id order.
+    order = torch.sort(scaled, descending=True, stable=True).indices
+    vals = scaled[order]
+    if params.top_k > 0:
+        vals, order = vals[: params.top_k], order[: params.top_k]
+    probs = torch.softmax(vals, dim=0)
+    if params.top_p < 1.0:
+        # Keep the smallest prefix whose mass reaches top_p (always at least one token).
+        before = torch.cumsum(probs, dim=0) - probs
+        keep = int((before < params.top_p).sum())
+        probs, order = probs[:keep], order[:keep]
+        probs = probs / probs.sum()
+    return probs, order
+
+
+def sample_one(logits: torch.Tensor, params: SamplingConfig, position: int) -> int:
+    """The token at `position` given its logits [vocab] (float); deterministic in (seed, position)."""
+    if logits.dim() != 1:
+        raise ValueError(f"sample_one: logits must be 1-D [vocab], got shape {tuple(logits.shape)}")
+    if params.greedy:
+        return int(torch.argmax(logits))  # torch.argmax returns the first maximal index
+    probs, ids = filtered_probs(logits, params)
+    u = uniform(params.seed, position)
+    cdf = torch.cumsum(probs, dim=0)
+    idx = int((cdf <= u).sum())  # first index whose cumulative mass exceeds u
+    return int(ids[min(idx, ids.numel() - 1)])  # u < 1 but rounding may leave cdf[-1] slightly < 1
+
+
+def sample_batch(
+    logits: torch.Tensor, params: Sequence[SamplingConfig], positions: Sequence[int]
+) -> list[int]:
+    """One token per row of logits [B, vocab]: greedy rows in one argmax, sampled rows one by one."""
+    if logits.dim() != 2 or logits.shape[0] != len(params) or len(params) != len(positions):
+        raise ValueError(
+            f"sample_batch: logits {tuple(logits.shape)}, {len(params)} params, {len(positions)} positions"
+        )
+    out = torch.argmax(logits, dim=1).tolist() if logits.shape[0] else []
+    for i, p in enumerate(params):
+        if not p.greedy:
+            out[i] = sample_one(logits[i], p, positions[i])
+    return out
