@@ -19,7 +19,7 @@ from workers.model.cache import CompressorState, EntryKind, ModelCache
 from workers.model.compressor import Compressor
 from workers.model.config import LayerKind, ModelConfig
 from workers.model.indexer import Indexer
-from workers.model.layers import Linear, RMSNorm, rms_unit
+from workers.model.layers import Linear, RMSNorm, rms_unit, wide
 from workers.model.quant import kv_sim
 from workers.model.rope import Rope
 
@@ -78,7 +78,7 @@ class Attention(nn.Module):
         state = cache.compressor_state(layer, seq, kind)
         width = module.width if isinstance(module, Compressor) else module.compressor.width
         if state is None:
-            state = CompressorState.empty(width, x.device)
+            state = CompressorState.empty(width, x.device, wide(x).dtype)
         if state.end != pos0:
             raise ValueError(
                 f"layer {layer} sequence {seq}: {kind.value} compressor state ends at {state.end}, "
@@ -133,8 +133,8 @@ class Attention(nn.Module):
 
     def _attend(self, q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Softmax attention with sink: q [T, H, D], keys (= values) [S, D], mask [T, S] -> [T, H, D]."""
-        logits = torch.einsum("thd,sd->ths", q.float(), keys.float()) * self.cfg.head_dim**-0.5
+        logits = torch.einsum("thd,sd->ths", wide(q), wide(keys)) * self.cfg.head_dim**-0.5
         logits = logits.masked_fill(~mask[:, None, :], float("-inf"))
-        sink = self.attn_sink.float()[None, :, None].expand(q.shape[0], -1, 1)
+        sink = wide(self.attn_sink)[None, :, None].expand(q.shape[0], -1, 1)
         probs = torch.cat([logits, sink], dim=-1).softmax(dim=-1)[..., :-1]
-        return torch.einsum("ths,sd->thd", probs, keys.float()).to(q.dtype)
+        return torch.einsum("ths,sd->thd", probs, wide(keys)).to(q.dtype)

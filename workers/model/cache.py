@@ -42,8 +42,9 @@ class EntryKind(enum.Enum):
 class CompressorState:
     """Raw projections of the tokens a compressor still needs, from absolute position `start`.
 
-    kv, score: [n, width] float32 (score already includes the positional bias `ape`). `start` is
-    a multiple of the compression ratio; rows are positions start .. start + n - 1.
+    kv, score: [n, width] float32 (float64 in a float64 model); score already includes the
+    positional bias `ape`. `start` is a multiple of the compression ratio; rows are positions
+    start .. start + n - 1.
     """
 
     start: int
@@ -55,8 +56,9 @@ class CompressorState:
         return self.start + self.kv.shape[0]
 
     @staticmethod
-    def empty(width: int, device: torch.device | str = "cpu") -> CompressorState:
-        z = torch.zeros(0, width, dtype=torch.float32, device=device)
+    def empty(width: int, device: torch.device | str = "cpu",
+              dtype: torch.dtype = torch.float32) -> CompressorState:
+        z = torch.zeros(0, width, dtype=dtype, device=device)
         return CompressorState(0, z, z.clone())
 
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from workers.model.cache import CompressorState
-from workers.model.layers import Linear, RMSNorm
+from workers.model.layers import Linear, RMSNorm, wide
 from workers.model.rope import Rope
 
 
@@ -57,7 +57,7 @@ class Compressor(nn.Module):
                 f"compressor state starts at {state.start}, expected {self.state_start(n_done)} "
                 f"for {n_done} finished entries (ratio {m})"
             )
-        xf = x.float()
+        xf = wide(x)
         kv_new = self.wkv(xf)
         positions = torch.arange(pos, pos + x.shape[0], device=x.device)
         score_new = self.wgate(xf) + self.ape[positions % m]
@@ -74,7 +74,7 @@ class Compressor(nn.Module):
             lo = n_done - first_block  # block index (within rows) of the first new entry
             if self.overlap:
                 # Slots: series A of the previous block, then series B of this block.
-                prev_kv = torch.zeros(n_total - n_done, m, d, dtype=torch.float32, device=x.device)
+                prev_kv = kv.new_zeros(n_total - n_done, m, d)
                 prev_s = torch.full_like(prev_kv, float("-inf"))
                 has_prev = torch.arange(n_done, n_total, device=x.device) > 0
                 src = torch.arange(lo - 1, n_blocks - 1, device=x.device).clamp(min=0)

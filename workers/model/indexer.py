@@ -14,7 +14,7 @@ from torch import nn
 
 from workers.model.cache import CompressorState
 from workers.model.compressor import Compressor
-from workers.model.layers import Linear
+from workers.model.layers import Linear, wide
 from workers.model.quant import index_sim
 from workers.model.rope import Rope
 
@@ -53,8 +53,8 @@ class Indexer(nn.Module):
         """Index scores [T, n] (float32) of queries at `positions` against all keys [n, head_dim]."""
         q = self.wq_b(qr).view(x.shape[0], self.heads, self.head_dim)
         q = index_sim(rope.apply(q, positions), self.sim)
-        w = self.weights_proj(x).float() * (self.head_dim**-0.5 * self.heads**-0.5)
-        dots = torch.einsum("thd,nd->thn", q.float(), keys.float()).relu()
+        w = wide(self.weights_proj(x)) * (self.head_dim**-0.5 * self.heads**-0.5)
+        dots = torch.einsum("thd,nd->thn", wide(q), wide(keys)).relu()
         return (dots * w.unsqueeze(-1)).sum(dim=1)
 
     def select(

@@ -9,6 +9,15 @@ from torch import nn
 from workers.model.quant import act_sim
 
 
+def wide(x: torch.Tensor) -> torch.Tensor:
+    """x in the precision the model computes sensitive steps in: float32, or float64 if x already is.
+
+    A float64 model (tests) thereby stays float64 throughout, which makes every row's result
+    independent of the batch shape even through the FP8 / FP4 rounding of quant_sim.
+    """
+    return x if x.dtype == torch.float64 else x.float()
+
+
 class RMSNorm(nn.Module):
     """y = weight * x / sqrt(mean(x^2) + eps), computed in float32, weight kept in float32."""
 
@@ -18,14 +27,14 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
+        xf = wide(x)
         y = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + self.eps)
         return (self.weight * y).to(x.dtype)
 
 
 def rms_unit(x: torch.Tensor, eps: float) -> torch.Tensor:
     """RMS normalisation without a weight (per-head query scaling, mHC input), float32 math."""
-    xf = x.float()
+    xf = wide(x)
     return (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.model.layers import rms_unit
+from workers.model.layers import rms_unit, wide
 
 
 def sinkhorn(m: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
@@ -43,7 +43,7 @@ class HyperConnection(nn.Module):
     def weights(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(pre [N, n], post [N, n], comb [N, n, n]) float32 for streams x [N, n, d]."""
         n = self.n
-        mixes = F.linear(rms_unit(x.flatten(1).float(), self.norm_eps), self.fn.float())
+        mixes = F.linear(rms_unit(wide(x.flatten(1)), self.norm_eps), wide(self.fn))
         pre = torch.sigmoid(mixes[:, :n] * self.scale[0] + self.base[:n]) + self.eps
         post = 2 * torch.sigmoid(mixes[:, n : 2 * n] * self.scale[1] + self.base[n : 2 * n])
         comb = mixes[:, 2 * n :].view(-1, n, n) * self.scale[2] + self.base[2 * n :].view(n, n)
@@ -53,13 +53,13 @@ class HyperConnection(nn.Module):
     def collapse(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(block input [N, d], post, comb) for streams x [N, n, d]."""
         pre, post, comb = self.weights(x)
-        return (pre.unsqueeze(-1) * x.float()).sum(dim=1).to(x.dtype), post, comb
+        return (pre.unsqueeze(-1) * wide(x)).sum(dim=1).to(x.dtype), post, comb
 
     @staticmethod
     def expand(out: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
         """New streams [N, n, d]: post_k * out + sum_j comb[j, k] x_j."""
-        mixed = torch.einsum("njk,njd->nkd", comb, x.float())
-        return (post.unsqueeze(-1) * out.float().unsqueeze(1) + mixed).to(x.dtype)
+        mixed = torch.einsum("njk,njd->nkd", comb, wide(x))
+        return (post.unsqueeze(-1) * wide(out).unsqueeze(1) + mixed).to(x.dtype)
 
 
 class HyperHead(nn.Module):
@@ -73,6 +73,6 @@ class HyperHead(nn.Module):
         self.scale = nn.Parameter(torch.ones(1, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mixes = F.linear(rms_unit(x.flatten(1).float(), self.norm_eps), self.fn.float())
+        mixes = F.linear(rms_unit(wide(x.flatten(1)), self.norm_eps), wide(self.fn))
         pre = torch.sigmoid(mixes * self.scale + self.base) + self.eps
-        return (pre.unsqueeze(-1) * x.float()).sum(dim=1).to(x.dtype)
+        return (pre.unsqueeze(-1) * wide(x)).sum(dim=1).to(x.dtype)

@@ -21,7 +21,7 @@ from torch import nn
 from workers.model.block import Block, Segment
 from workers.model.cache import ContiguousCache, ModelCache
 from workers.model.config import ModelConfig
-from workers.model.layers import RMSNorm
+from workers.model.layers import RMSNorm, wide
 from workers.model.mhc import HyperHead
 from workers.model.mtp import MTPBlock
 
@@ -90,7 +90,7 @@ class DeepseekV4(nn.Module):
 
     def head_logits(self, streams: torch.Tensor) -> torch.Tensor:
         """Logits [N, vocab] float32 of final streams [N, n, d]."""
-        return F.linear(self.norm(self.hc_head(streams)).float(), self.head.weight.float())
+        return F.linear(wide(self.norm(self.hc_head(streams))), wide(self.head.weight))
 
     @torch.no_grad()
     def step(

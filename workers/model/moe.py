@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from workers.model.config import ModelConfig, ScoreFunc
-from workers.model.layers import Linear
+from workers.model.layers import Linear, wide
 
 
 class Gate(nn.Module):
@@ -35,7 +35,7 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(weights [N, k] float32, expert ids [N, k]) for tokens x [N, hidden] with ids [N]."""
-        logits = F.linear(x.float(), self.weight.float())
+        logits = F.linear(wide(x), wide(self.weight))
         f = self.cfg.score_func
         if f is ScoreFunc.SQRT_SOFTPLUS:
             scores = F.softplus(logits).sqrt()
@@ -64,8 +64,8 @@ class Expert(nn.Module):
         self.w3 = Linear(dim, inter, quantised_input=True, sim=sim)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-        gate = self.w1(x).float().clamp(max=self.limit)
-        up = self.w3(x).float().clamp(min=-self.limit, max=self.limit)
+        gate = wide(self.w1(x)).clamp(max=self.limit)
+        up = wide(self.w3(x)).clamp(min=-self.limit, max=self.limit)
         h = F.silu(gate) * up
         if weights is not None:
             h = h * weights
@@ -95,13 +95,13 @@ class MoE(nn.Module):
     def routed(self, x: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
         """Sum of this rank's routed experts' weighted outputs, float32 [N, hidden]."""
         weights, ids = self.gate(x, token_ids)
-        y = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
+        y = wide(x.new_zeros(x.shape))
         for e in self.local_experts:  # expert-id order fixes the summation order
             rows, slot = torch.where(ids == e)
             if rows.numel():
-                y[rows] += self.experts[str(e)](x[rows], weights[rows, slot, None]).float()
+                y[rows] += wide(self.experts[str(e)](x[rows], weights[rows, slot, None]))
         return y
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
         """MoE output [N, hidden] for x [N, hidden] with token ids [N]."""
-        return (self.routed(x, token_ids) + self.shared_experts(x).float()).to(x.dtype)
+        return (self.routed(x, token_ids) + wide(self.shared_experts(x))).to(x.dtype)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from workers.model.block import Block, Segment
 from workers.model.cache import ModelCache
 from workers.model.config import LayerKind, ModelConfig
-from workers.model.layers import Linear, RMSNorm
+from workers.model.layers import Linear, RMSNorm, wide
 from workers.model.mhc import HyperHead
 
 
@@ -47,5 +47,5 @@ class MTPBlock(Block):
         e = self.e_proj(self.enorm(next_emb)).unsqueeze(1)
         x = e + self.h_proj(self.hnorm(streams))
         x = super().forward(x, next_ids, segments, layer, cache)
-        logits = F.linear(self.norm(self.hc_head(x)).float(), head.float())
+        logits = F.linear(wide(self.norm(self.hc_head(x))), wide(head))
         return logits, x

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from workers.model.config import LayerKind, ModelConfig, YarnConfig
+from workers.model.layers import wide
 
 
 def inv_frequencies(dim: int, theta: float, yarn: YarnConfig | None) -> torch.Tensor:
@@ -69,7 +70,7 @@ class Rope:
             cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
         if inverse:
             sin = -sin
-        rope = x[..., -rd:].float().unflatten(-1, (-1, 2))
+        rope = wide(x[..., -rd:]).unflatten(-1, (-1, 2))
         a, b = rope[..., 0], rope[..., 1]
         rotated = torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2)
         return torch.cat([x[..., :-rd], rotated.to(x.dtype)], dim=-1)
