@@ -71,20 +71,33 @@ class CostModel:
         object.__setattr__(self, "_fp8", self.gpu.fp8_flops * eff.compute)
         object.__setattr__(self, "_routed", (self.gpu.fp4_flops if fp4 else self.gpu.fp8_flops) * eff.compute)
         object.__setattr__(self, "_bw", self.gpu.hbm_bytes_per_s * eff.bandwidth)
+        object.__setattr__(self, "_memo", {})
 
     # ---- the pricing ---------------------------------------------------------------------------
     def step_seconds(self, work: Work) -> float:
         """Time of one forward step of `work` (see module docstring)."""
         a, p, bw = self.arch, self.par, self._bw
-        t = float(work.tokens)
+        total = self._fixed_seconds(work.tokens, work.sampled)
+        attn_rate = a.heads * (a.qk_dim + a.v_dim) * 2 / self._bf16 / p.gpus
+        index_rate = a.index_heads * a.index_dim * 2 / self._fp8 / p.gpus
+        kv_rate = 1.0 / (p.dp * bw)
+        for geo, aw in zip(a.attention, work.attn, strict=True):
+            total += geo.layers * max(attn_rate * aw.attended + index_rate * aw.scored, aw.kv_read * kv_rate)
+        return total
+
+    def _fixed_seconds(self, tokens: int, sampled: int) -> float:
+        """Everything but the attention core: it depends only on the token counts (memoised, since
+        the simulator prices the same batch sizes over and over)."""
+        key = (tokens, sampled)
+        hit = self._memo.get(key)
+        if hit is not None:
+            return hit
+        a, p, bw = self.arch, self.par, self._bw
+        t = float(tokens)
         fp8_b = WEIGHT_BYTES[Precision.FP8]
         total = 0.0
-        for geo, aw in zip(a.attention, work.attn, strict=True):
-            proj = max(2 * geo.params * t / p.gpus / self._fp8, geo.params * fp8_b / p.tp / bw)
-            core_flops_t = (a.heads * (a.qk_dim + a.v_dim) * 2 * aw.attended / self._bf16
-                            + a.index_heads * a.index_dim * 2 * aw.scored / self._fp8) / p.gpus
-            core = max(core_flops_t, aw.kv_read / p.dp / bw)
-            total += geo.layers * (proj + core)
+        for geo in a.attention:
+            total += geo.layers * max(2 * geo.params * t / p.gpus / self._fp8, geo.params * fp8_b / p.tp / bw)
         m = a.moe
         touched = m.experts * (1.0 - (1.0 - m.topk / m.experts) ** t)
         routed = max(2 * t * m.topk * m.expert_params / p.gpus / self._routed,
@@ -94,9 +107,10 @@ class CostModel:
         if m.dense_layers:
             total += m.dense_layers * max(2 * t * m.dense_params / p.gpus / self._fp8,
                                           m.dense_params * fp8_b / p.tp / bw)
-        total += a.layers * (self.collective_seconds(work.tokens) + LAYER_LATENCY_FLOOR_S)
+        total += a.layers * (self.collective_seconds(tokens) + LAYER_LATENCY_FLOOR_S)
         head = a.hidden * a.vocab
-        total += max(2 * work.sampled * head / p.gpus / self._bf16, head * BF16_BYTES / p.gpus / bw)
+        total += max(2 * sampled * head / p.gpus / self._bf16, head * BF16_BYTES / p.gpus / bw)
+        self._memo[key] = total
         return total
 
     def collective_seconds(self, tokens: float) -> float:

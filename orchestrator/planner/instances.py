@@ -129,8 +129,8 @@ class DecodeInstance:
     prefills (conditional disaggregation) pause decoding while they run (prefill first)."""
 
     __slots__ = ("active_time", "area", "batch", "cache", "cost", "ctx_base", "domain", "heap", "incoming",
-                 "local", "max_batch", "paused", "step_time", "steps", "t_last", "version", "waiting",
-                 "worker")
+                 "local", "max_batch", "paused", "promised", "step_time", "steps", "t_last", "version",
+                 "waiting", "worker")
 
     def __init__(self, worker: WorkerId, domain: str, cost: CostModel, cache: PrefixCache, max_batch: int,
                  local: PrefillEngine) -> None:
@@ -142,6 +142,7 @@ class DecodeInstance:
         self.local = local  # the engine for local prefills, sharing this instance's cache
         self.waiting: deque[Job] = deque()  # remote prefills done, waiting for KV / a slot
         self.incoming = 0  # admitted, KV in flight
+        self.promised = [0, 0]  # routed here, not admitted yet: [requests, KV blocks they reserve]
         self.heap: list[tuple[float, int, Job]] = []  # (finish step, tie, job)
         self.batch = 0
         self.ctx_base = 0.0

@@ -98,10 +98,11 @@ class Simulator:
         self._prefill_by_id = {p.worker: p for p in self.prefills}
         self._domain_of_engine = {id(p.engine): p.domain for p in self.prefills}
         self._decode_by_id = {d.worker: d for d in self.decodes}
-        self._promised = {d.worker: [0, 0] for d in self.decodes}  # routed, not yet admitted: [n, blocks]
+        self._slot = {w.worker: i for i, w in enumerate([*self.prefills, *self.decodes])}
         self.jobs: list[Job] = []
         self.rejected = 0
-        self._state_cache: dict[WorkerId, tuple[tuple[int, ...], WorkerState]] = {}
+        # per worker slot: (the numbers it was built from, the state)
+        self._state_cache: list[tuple[tuple[int, ...], WorkerState] | None] = [None] * len(self._slot)
         self._handlers = (self._arrive, self._prefill_done, self._local_done, self._transfer_done,
                           self._decode_finish)
 
@@ -152,10 +153,10 @@ class Simulator:
         drop the chosen workers' cached states)."""
         stamp = math.nextafter(self.now, math.inf)
         limit, cache, out = self.fleet.queue_limit, self._state_cache, []
-        for p in self.prefills:
+        for i, p in enumerate(self.prefills):
             e = p.engine
             sig = (max(e.queued_tokens, 0), e.cache.reserved, len(e.running), len(e.queue) - len(e.running))
-            hit = cache.get(p.worker)
+            hit = cache[i]
             if hit is None or hit[0] != sig:
                 hit = (sig, WorkerState(
                     worker=p.worker, role=Role.PREFILL, nvlink_domain=p.domain,
@@ -163,13 +164,13 @@ class Simulator:
                     queued_prefill_tokens=sig[0], kv_blocks_used=sig[1], kv_blocks_total=e.cache.capacity,
                     running_requests=sig[2], max_running_requests=e.max_batch, queue_length=sig[3],
                     queue_limit=limit, reported_at_s=stamp))
-                cache[p.worker] = hit
+                cache[i] = hit
             out.append(hit[1])
-        for d in self.decodes:
-            n, blocks = self._promised[d.worker]
+        for i, d in enumerate(self.decodes, start=len(self.prefills)):
+            n, blocks = d.promised
             sig = (max(d.local.queued_tokens, 0), d.cache.reserved + blocks, d.batch + d.incoming + n,
                    len(d.waiting) + len(d.local.queue))
-            hit = cache.get(d.worker)
+            hit = cache[i]
             if hit is None or hit[0] != sig:
                 hit = (sig, WorkerState(
                     worker=d.worker, role=Role.DECODE, nvlink_domain=d.domain,
@@ -177,7 +178,7 @@ class Simulator:
                     queued_prefill_tokens=sig[0], kv_blocks_used=sig[1], kv_blocks_total=d.cache.capacity,
                     running_requests=sig[2], max_running_requests=d.max_batch, queue_length=sig[3],
                     queue_limit=limit, reported_at_s=stamp))
-                cache[d.worker] = hit
+                cache[i] = hit
             out.append(hit[1])
         return out
 
@@ -192,13 +193,13 @@ class Simulator:
             self.rejected += 1
             return
         self._count(+1)
-        self._state_cache.pop(outcome.decode, None)
+        self._state_cache[self._slot[outcome.decode]] = None
         if outcome.prefill is not None:
-            self._state_cache.pop(outcome.prefill, None)
+            self._state_cache[self._slot[outcome.prefill]] = None
         decode = self._decode_by_id[outcome.decode]
         job.decode = decode
         job.decode_reserve = self._decode_reserve(job)
-        promised = self._promised[decode.worker]
+        promised = decode.promised
         promised[0] += 1
         promised[1] += job.decode_reserve
         if outcome.prefill is None:
@@ -223,7 +224,7 @@ class Simulator:
             self.router.prefill_done(job.req.request_id)
             engine.cache.complete(job.hashes[job.cached_blocks:])
             decode = job.decode
-            promised = self._promised[decode.worker]
+            promised = decode.promised
             if job.req.output_tokens == 1:  # ended with its first token: nothing to hand off
                 promised[0] -= 1
                 promised[1] -= job.decode_reserve
@@ -236,7 +237,7 @@ class Simulator:
 
     def _admit(self, decode: DecodeInstance) -> None:
         """Admit waiting remote jobs while KV and batch slots allow; start their KV pulls."""
-        promised = self._promised[decode.worker]
+        promised = decode.promised
         while decode.waiting and decode.batch + decode.incoming + len(decode.local.queue) < decode.max_batch:
             job = decode.waiting[0]
             if not decode.cache.reserve(job.decode_reserve):
@@ -303,7 +304,7 @@ class Simulator:
         self._push(self.now + dt, Ev.LOCAL_DONE, decode)
 
     def _local_done(self, decode: DecodeInstance) -> None:
-        promised = self._promised[decode.worker]
+        promised = decode.promised
         for job in decode.local.finish_iteration():
             job.t_first = self.now
             self.router.prefill_done(job.req.request_id)

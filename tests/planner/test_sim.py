@@ -81,10 +81,10 @@ def test_littles_law_and_conservation(trace_slice: list[TraceRequest], policy: P
     # every reservation and hold was returned; the router's index holds exactly the cached blocks
     caches = [p.engine.cache for p in sim.prefills] + [d.cache for d in sim.decodes]
     for c in caches:
-        assert c.reserved == 0 and not c.refs
-        assert len(c.lru) <= c.capacity
-        assert sim.index.blocks_of(c.worker) == len(c.lru)
-    assert len(sim.index) == len(set().union(*(c.lru.keys() for c in caches)))
+        assert c.reserved == 0 and c.held() == 0
+        assert c.cached == len(c.present) <= c.capacity
+        assert sim.index.blocks_of(c.worker) == len(c.present)
+    assert len(sim.index) == len(set().union(*(c.present.keys() for c in caches)))
     assert all(j.t_first <= j.t_finish for j in done)
 
 
