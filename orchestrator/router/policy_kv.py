@@ -38,7 +38,7 @@ from orchestrator.router.estimate import (
     transfer_blocks,
     uncached_tokens,
 )
-from orchestrator.router.inputs import FleetParams, Role, WorkerState
+from orchestrator.router.inputs import FleetParams, Role, WorkerId, WorkerState
 from orchestrator.router.view import RoutingView, WorkerPair
 
 
@@ -84,6 +84,23 @@ class _Candidate:
         return (p is not None, (p.instance, p.dp_rank) if p else ("", -1), (d.instance, d.dp_rank))
 
 
+def _busiest_other_ranks(view: RoutingView) -> dict[WorkerId, int]:
+    """For each decode rank of a multi-rank instance: the most running requests on any OTHER rank
+    of its instance (all ranks count, admitting or not). One pass over the workers."""
+    ranks: dict[str, list[WorkerState]] = defaultdict(list)
+    for w in view.workers:
+        if w.role is Role.DECODE:
+            ranks[w.worker.instance].append(w)
+    out = {}
+    for group in ranks.values():
+        if len(group) < 2:
+            continue
+        top = sorted(group, key=lambda w: -w.running_requests)[:2]
+        for w in group:
+            out[w.worker] = (top[1] if w.worker == top[0].worker else top[0]).running_requests
+    return out
+
+
 class KvPolicy:
     """Tandem's joint (prefill, decode) choice; see the module docstring for the formula."""
 
@@ -93,60 +110,76 @@ class KvPolicy:
 
     def pressure(self, view: RoutingView, d: WorkerState) -> float:
         """pressure(d) of the module formula, for view.request."""
+        return self._pressure(view, d, _busiest_other_ranks(view).get(d.worker))
+
+    def _pressure(self, view: RoutingView, d: WorkerState, busiest_other: int | None) -> float:
         p, bs = self.params, self.fleet.block_size
         blocks = prompt_blocks(view.request.prompt_tokens, bs)
         kv = (d.kv_blocks_used + blocks - p.reuse_credit * view.matched_blocks(d.worker)) / d.kv_blocks_total
         run = (d.running_requests + 1) / d.max_running_requests
-        others = [
-            w.running_requests
-            for w in view.workers
-            if w.role is Role.DECODE and w.worker.instance == d.worker.instance and w.worker != d.worker
-        ]
-        dp = max(d.running_requests + 1 - max(others), 0) / d.max_running_requests if others else 0.0
+        dp = (
+            0.0
+            if busiest_other is None
+            else max(d.running_requests + 1 - busiest_other, 0) / d.max_running_requests
+        )
         return p.w_kv * kv + p.w_running * run + p.w_dp * dp
 
-    def _shortlist(self, view: RoutingView, prefills: list[WorkerState]) -> list[tuple[WorkerState, float]]:
-        """Per NVLink domain, the prefills within tolerance of that domain's best TTFT: a pair's
-        cost depends on p only through ttft(p) and p's domain, so no other prefill can win."""
-        n, bs, tol = view.request.prompt_tokens, self.fleet.block_size, self.params.tie_tolerance_s
+    def _domains(self, view: RoutingView, prefills: list[WorkerState]) -> list[tuple[float, list]]:
+        """Per NVLink domain: (best ttft, [(prefill, ttft), ...]). A pair's cost depends on its
+        prefill only through ttft and domain, so each decode is first costed per domain."""
+        n, bs = view.request.prompt_tokens, self.fleet.block_size
         by_domain: dict[str, list[tuple[WorkerState, float]]] = defaultdict(list)
         for p in prefills:
             unc = uncached_tokens(n, view.matched_blocks(p.worker), bs)
             by_domain[p.nvlink_domain].append((p, prefill_seconds(p, unc)))
-        short = []
-        for group in by_domain.values():
-            best = min(t for _, t in group)
-            short += [(p, t) for p, t in group if t <= best + tol]
-        return short
+        return [(min(t for _, t in group), group) for group in by_domain.values()]
 
-    def _candidates(
+    def _ties(
         self, view: RoutingView, decodes: list[WorkerState], prefills: list[WorkerState]
     ) -> list[_Candidate]:
+        """Every candidate whose cost is within tie_tolerance_s of the cheapest; [] if none exists."""
         n, bs = view.request.prompt_tokens, self.fleet.block_size
-        weight = self.params.decode_load_weight_s
-        shortlist = self._shortlist(view, prefills)
-        out = []
+        weight, tol = self.params.decode_load_weight_s, self.params.tie_tolerance_s
+        domains = self._domains(view, prefills)
+        busiest = _busiest_other_ranks(view)
+        local: list[_Candidate] = []
+        rows = []  # (cost with the domain's best prefill, decode, members, handoff, pressure, held, moved)
         for d in decodes:
             held = view.matched_blocks(d.worker)
             moved = transfer_blocks(n, held, bs)
-            pressure = self.pressure(view, d)
+            pressure = self._pressure(view, d, busiest.get(d.worker))
             unc_d = uncached_tokens(n, held, bs)
             if self.fleet.disagg.local(unc_d, n):
                 t = prefill_seconds(d, unc_d)
                 load = d.queued_prefill_tokens / d.prefill_rate_tps + pressure
                 pair = WorkerPair(None, d.worker)
-                out.append(_Candidate(t + weight * pressure, pair, t, 0.0, load, held, held, unc_d, 0, moved))
-                continue
-            for p, t in shortlist:
-                h = handoff_seconds(self.fleet, p, d, moved)
-                load = p.queued_prefill_tokens / p.prefill_rate_tps + pressure
-                cached = view.matched_blocks(p.worker)
-                unc = uncached_tokens(n, cached, bs)
-                pair = WorkerPair(p.worker, d.worker)
-                out.append(
-                    _Candidate(t + h + weight * pressure, pair, t, h, load, cached, held, unc, moved, moved)
+                local.append(
+                    _Candidate(t + weight * pressure, pair, t, 0.0, load, held, held, unc_d, 0, moved)
                 )
-        return out
+                continue
+            for best_t, members in domains:
+                h = handoff_seconds(self.fleet, members[0][0], d, moved)
+                rows.append((best_t + h + weight * pressure, d, members, h, pressure, held, moved))
+        costs = [c.cost for c in local] + [r[0] for r in rows]
+        if not costs:
+            return []
+        limit = min(costs) + tol
+        ties = [c for c in local if c.cost <= limit]
+        for cost, d, members, h, pressure, held, moved in rows:
+            if cost > limit:
+                continue
+            for p, t in members:
+                if t + h + weight * pressure <= limit:
+                    load = p.queued_prefill_tokens / p.prefill_rate_tps + pressure
+                    cached = view.matched_blocks(p.worker)
+                    unc = uncached_tokens(n, cached, bs)
+                    pair = WorkerPair(p.worker, d.worker)
+                    ties.append(
+                        _Candidate(
+                            t + h + weight * pressure, pair, t, h, load, cached, held, unc, moved, moved
+                        )
+                    )
+        return ties
 
     def _refusal(self, view: RoutingView, decodes: tuple[WorkerState, ...], open_decodes: list) -> Refusal:
         rid = view.request.request_id
@@ -176,11 +209,9 @@ class KvPolicy:
         decodes = view.of_role(Role.DECODE)
         open_decodes = [d for d in decodes if d.admits]
         open_prefills = [p for p in view.of_role(Role.PREFILL) if p.admits]
-        cands = self._candidates(view, open_decodes, open_prefills)
-        if not cands:
+        ties = self._ties(view, open_decodes, open_prefills)
+        if not ties:
             return self._refusal(view, decodes, open_decodes)
-        best = min(c.cost for c in cands)
-        ties = [c for c in cands if c.cost <= best + self.params.tie_tolerance_s]
         aff = view.affinity
 
         def shared(c: _Candidate) -> int:
