@@ -183,14 +183,28 @@ class KvCacheManager:
         """Allocate the pages a step to `new_len` tokens writes: block pages up to its last block,
         window pages covering its last W tokens. Within the admitted max_len this cannot fail."""
         s = self._get(seq)
-        if not s.length <= new_len <= s.max_len:
-            raise ValueError(
-                f"sequence {seq}: new length {new_len} outside [{s.length}, max_len {s.max_len}]"
-            )
-        while len(s.blocks) * self.block_size < new_len:
+        if new_len < s.length:
+            raise ValueError(f"sequence {seq}: new length {new_len} is below its length {s.length}")
+        self.ensure_blocks(seq, -(-new_len // self.block_size))
+        self.ensure_window(seq, max(s.length, new_len - self.window_tokens), new_len)
+
+    def ensure_blocks(self, seq: int, n_blocks: int) -> None:
+        """Block pages for blocks 0..n_blocks-1."""
+        s = self._get(seq)
+        if n_blocks * self.block_size >= s.max_len + self.block_size:
+            raise ValueError(f"sequence {seq}: {n_blocks} blocks outside max_len {s.max_len}")
+        while len(s.blocks) < n_blocks:
             s.blocks.append(self._take(PoolKind.BLOCK))
+
+    def ensure_window(self, seq: int, lo: int, hi: int) -> None:
+        """Window pages covering positions [lo, hi)."""
+        s = self._get(seq)
+        if not 0 <= lo <= hi <= s.max_len:
+            raise ValueError(
+                f"sequence {seq}: window positions [{lo}, {hi}) outside [0, max_len {s.max_len}]"
+            )
         w = self.window_tokens
-        for i in range(max(s.length, new_len - w) // w, -(-new_len // w)):
+        for i in range(lo // w, -(-hi // w)):
             if i not in s.windows:
                 s.windows[i] = self._take(PoolKind.WINDOW)
 
@@ -209,10 +223,10 @@ class KvCacheManager:
         self._get(seq).hashes.extend(hashes)
 
     # --- step end ------------------------------------------------------------------------------
-    def advance(self, seq: int, new_len: int, boundary_state_written: bool) -> None:
-        """Every layer has written the sequence up to `new_len`. Registers the blocks that filled,
-        and the boundary at new_len when it is a block end whose compressor state (at exactly
-        new_len) has been written into its window page; drops window pages out of the window."""
+    def advance(self, seq: int, new_len: int, boundary_state_written: bool, settle: bool = True) -> None:
+        """Every layer has written the sequence up to `new_len`: register the blocks that filled,
+        then (unless settle=False, for a caller that still writes below new_len, e.g. an MTP layer
+        after the step) `settle`."""
         s = self._get(seq)
         self.ensure(seq, new_len)
         s.length = new_len
@@ -220,16 +234,25 @@ class KvCacheManager:
         for k in range(s.registered, full):
             self.prefix.register_block(s.hashes[k], s.hashes[k - 1] if k else None, s.blocks[k])
         s.registered = max(s.registered, full)
-        k = new_len // self.block_size - 1
-        at_block_end = boundary_state_written and new_len % self.block_size == 0 and 0 <= k < full
+        if settle:
+            self.settle(seq, boundary_state_written)
+
+    def settle(self, seq: int, boundary_state_written: bool) -> None:
+        """Nothing more is written below the sequence's length L: register the boundary at L when
+        L is a block end whose window page holds the compressor state at exactly L, and drop the
+        window pages that end at or before L - W."""
+        s = self._get(seq)
+        n = s.length
+        k = n // self.block_size - 1
+        at_block_end = boundary_state_written and n % self.block_size == 0 and 0 <= k < s.registered
         # Only a boundary on this sequence's own registered block (not a private duplicate) is shared.
         if (
             at_block_end
             and self.prefix.is_registered(s.hashes[k])
             and self.prefix.block_page(s.hashes[k]) == s.blocks[k]
         ):
-            self.prefix.register_boundary(s.hashes[k], s.windows[new_len // self.window_tokens - 1])
-        first_needed = max(new_len - self.window_tokens, 0) // self.window_tokens
+            self.prefix.register_boundary(s.hashes[k], s.windows[n // self.window_tokens - 1])
+        first_needed = max(n - self.window_tokens, 0) // self.window_tokens
         for i in sorted(i for i in s.windows if i < first_needed):
             self._drop_window(s.windows.pop(i))
 
