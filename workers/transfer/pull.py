@@ -1,0 +1,162 @@
+"""The decode side of the handoff protocol: claim, READ the missing pages, check, release.
+
+`Puller.pull` runs one handoff to completion (or to a typed failure, after which the decode
+recomputes the prompt):
+  1. CLAIM (request id, epoch) and wait for the answer; EXPIRED -> HandoffExpired, another epoch
+     -> EpochMismatch, anything else but GRANTED -> ClaimRefused.
+  2. READ, as coalesced descriptors, the block pages the decode's prefix cache does not hold
+     (the first `cached_blocks` are skipped) plus the window and state pages.
+  3. Check the READ finished before the pin deadline; the deadline is counted from when the claim
+     was SENT, so it ends no later than the prefill's own (which starts when the claim arrives).
+     A READ that ends later may have raced with a pin expiry: HandoffExpired, bytes not trusted.
+  4. RELEASE (also after a failed READ, so the prefill frees at once rather than at pin expiry).
+Every wait is bounded by `timeout_s`. After any failure the local pages hold garbage.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from workers.kv.geometry import PoolKind
+from workers.transfer.descriptors import PoolPull, ReadPlan, plan_read
+from workers.transfer.handoff import ClaimAnswer, ClaimOutcome, HandoffDescriptor, HandoffPages
+from workers.transfer.messages import Claim, Inbox, Release
+from workers.transfer.metrics import TransferMetrics
+from workers.transfer.transport import TransferFailed, Transport, wait
+
+
+class HandoffExpired(RuntimeError):
+    """The prefill freed (or may have freed) the blocks: recompute."""
+
+
+class EpochMismatch(RuntimeError):
+    """The prefill's answer names another epoch than the descriptor: a stale descriptor."""
+
+
+class ClaimRefused(RuntimeError):
+    """The claim was refused (already claimed, or unknown to the prefill)."""
+
+
+@dataclass(frozen=True)
+class PullResult:
+    nbytes: int
+    descriptors: int
+    blocks_pulled: int
+    blocks_skipped: int
+    claim_seconds: float  # claim sent -> answer seen
+    read_seconds: float  # READ posted -> completion seen
+    total_seconds: float  # claim sent -> release sent
+
+
+def pull_plan(
+    desc: HandoffDescriptor, local: HandoffPages, cached_blocks: int, page_bytes: dict[PoolKind, int]
+) -> ReadPlan:
+    """The pages a pull moves: block pages from `cached_blocks` on, all window and state pages."""
+    if local.shape() != desc.pages.shape():
+        raise ValueError(
+            f"pull {desc.request_id!r}: local pages {local.shape()} (block, window, state) do not match "
+            f"the handoff's {desc.pages.shape()}"
+        )
+    if not 0 <= cached_blocks <= len(desc.pages.block):
+        raise ValueError(
+            f"pull {desc.request_id!r}: cached_blocks {cached_blocks} outside [0, {len(desc.pages.block)}]"
+        )
+    parts = [
+        PoolPull(PoolKind.BLOCK, desc.pages.block[cached_blocks:], local.block[cached_blocks:]),
+        PoolPull(PoolKind.WINDOW, desc.pages.window, local.window),
+        PoolPull(PoolKind.STATE, desc.pages.state, local.state),
+    ]
+    return plan_read(parts, page_bytes)
+
+
+class Puller:
+    """Pulls handoffs into one decode rank's pools (see module docstring)."""
+
+    def __init__(
+        self,
+        inbox: Inbox,
+        transport: Transport,
+        metrics: TransferMetrics,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.inbox, self.transport, self.metrics, self._clock = inbox, transport, metrics, clock
+        self.page_bytes = {r.pool: r.page_bytes for r in inbox.agent.regions}
+
+    def _await_answer(self, desc: HandoffDescriptor, deadline: float) -> ClaimAnswer:
+        while True:
+            self.inbox.poll()
+            answer = self.inbox.take_answer(desc.agent, desc.request_id)
+            if answer is not None:
+                return answer
+            if self._clock() > deadline:
+                raise TransferFailed(
+                    f"pull {desc.request_id!r}: no answer to the claim from {desc.agent!r} in time"
+                )
+
+    def _fail(self, desc: HandoffDescriptor, exc: Exception) -> Exception:
+        self.metrics.failures.inc()
+        return exc
+
+    def pull(
+        self, desc: HandoffDescriptor, local: HandoffPages, cached_blocks: int, timeout_s: float
+    ) -> PullResult:
+        self.inbox.agent.peer(desc.agent)  # KeyError naming it unless paired (layout checked)
+        plan = pull_plan(desc, local, cached_blocks, self.page_bytes)
+        start = self._clock()
+        deadline = start + timeout_s
+        self.inbox.send(desc.agent, Claim(desc.request_id, desc.epoch))
+        try:
+            answer = self._await_answer(desc, deadline)
+        except TransferFailed as exc:
+            raise self._fail(desc, exc) from None
+        claimed = self._clock()
+        if answer.epoch != desc.epoch or answer.outcome is ClaimOutcome.EPOCH_MISMATCH:
+            raise self._fail(
+                desc,
+                EpochMismatch(
+                    f"pull {desc.request_id!r}: descriptor epoch {desc.epoch}, prefill answered epoch "
+                    f"{answer.epoch} ({answer.outcome.value})"
+                ),
+            )
+        if answer.outcome is ClaimOutcome.EXPIRED:
+            raise self._fail(
+                desc, HandoffExpired(f"pull {desc.request_id!r} epoch {desc.epoch}: lease expired")
+            )
+        if answer.outcome is not ClaimOutcome.GRANTED:
+            raise self._fail(
+                desc, ClaimRefused(f"pull {desc.request_id!r} epoch {desc.epoch}: {answer.outcome.value}")
+            )
+        pin_deadline = start + answer.pin_s
+        read_start = self._clock()
+        try:
+            read = self.transport.read(desc.agent, plan)
+            try:
+                wait(read, min(pin_deadline, deadline), self._clock)
+            finally:
+                read.close()
+        except TransferFailed as exc:
+            self.inbox.send(desc.agent, Release(desc.request_id, desc.epoch))
+            raise self._fail(desc, exc) from None
+        done = self._clock()
+        self.inbox.send(desc.agent, Release(desc.request_id, desc.epoch))
+        if done > pin_deadline:
+            raise self._fail(
+                desc,
+                HandoffExpired(
+                    f"pull {desc.request_id!r}: READ ended {done - pin_deadline:.3f}s after the pin deadline"
+                ),
+            )
+        self.metrics.bytes.inc(plan.nbytes)
+        self.metrics.descriptors.inc(plan.num_descriptors)
+        self.metrics.seconds.observe(done - read_start)
+        return PullResult(
+            nbytes=plan.nbytes,
+            descriptors=plan.num_descriptors,
+            blocks_pulled=len(desc.pages.block) - cached_blocks,
+            blocks_skipped=cached_blocks,
+            claim_seconds=claimed - start,
+            read_seconds=done - read_start,
+            total_seconds=self._clock() - start,
+        )
