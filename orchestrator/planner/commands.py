@@ -29,6 +29,7 @@ from orchestrator.spec import SpecError, load_spec
 TraceOpt = Annotated[Path, typer.Option("--trace", help="Mooncake JSON-lines trace")]
 SpecOpt = Annotated[Path, typer.Option("--spec", help="deployment spec YAML")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON document on stdout")]
+ModelOpt = Annotated[ModelName | None, typer.Option("--model", help="the model a checkpoint spec serves")]
 LimitOpt = Annotated[int | None, typer.Option("--limit", min=2, help="replay only the first N requests")]
 TtftOpt = Annotated[float, typer.Option("--ttft-slo", min=0.0, help="TTFT target, seconds")]
 TpotOpt = Annotated[float, typer.Option("--tpot-slo", min=0.0, help="TPOT target, seconds")]
@@ -44,9 +45,9 @@ def _fail(msg: str) -> typer.Exit:
 
 
 def _inputs(spec: Path, trace: Path, limit: int | None,
-            policy: PolicyName | None = None) -> tuple[FleetConfig, list[TraceRequest]]:
+            model: ModelName | None) -> tuple[FleetConfig, list[TraceRequest]]:
     try:
-        fleet = fleet_from_spec(load_spec(spec), policy)
+        fleet = fleet_from_spec(load_spec(spec), model_name=model)
         requests = load_mooncake(trace, limit)
     except (SpecError, ValueError, OSError) as exc:
         raise _fail(str(exc)) from None
@@ -75,10 +76,11 @@ def simulate(
     ttft_slo: TtftOpt = 2.0,
     tpot_slo: TpotOpt = 0.05,
     limit: LimitOpt = None,
+    model: ModelOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Replay a trace on the spec's fleet under each routing policy; goodput by bisection."""
-    fleet, requests = _inputs(spec, trace, limit)
+    fleet, requests = _inputs(spec, trace, limit, model)
     slo = Slo(ttft_slo, tpot_slo)
     rows = []
     for name in policy or list(PolicyName):
@@ -133,10 +135,11 @@ def plan_cmd(
     tpot_slo: TpotOpt,
     limit: LimitOpt = 500,
     splits: Annotated[int, typer.Option("--splits", min=1, help="prefill shares tried per size pair")] = 5,
+    model: ModelOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Try P:D splits and instance sizes within --gpus; recommend the best goodput per GPU."""
-    fleet, requests = _inputs(spec, trace, limit)
+    fleet, requests = _inputs(spec, trace, limit, model)
     try:
         result = plan(fleet, requests, gpus, Slo(ttft_slo, tpot_slo), splits=splits, progress=_progress)
     except ValueError as exc:

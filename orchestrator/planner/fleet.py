@@ -116,8 +116,11 @@ def _pool(p: PoolSpec) -> PoolConfig:
 
 
 def fleet_from_spec(spec: DeploymentSpec, policy: PolicyName | None = None,
-                    precision: Precision = Precision.FP4) -> FleetConfig:
-    """The simulated fleet of a deployment spec; policy overrides the spec's router.policy."""
+                    precision: Precision = Precision.FP4, model_name: ModelName | None = None) -> FleetConfig:
+    """The simulated fleet of a deployment spec; policy overrides the spec's router.policy.
+
+    model_name says which model the spec serves when it names a checkpoint rather than a preset
+    (a checkpoint path says nothing reliable about the model); it overrides a preset too."""
     topo = spec.topology
     if isinstance(topo, Gb200Nvl72Topology):
         kind = GpuKind.GB200
@@ -127,11 +130,17 @@ def fleet_from_spec(spec: DeploymentSpec, policy: PolicyName | None = None,
         raise ValueError(f"topology.kind = {topo.kind!r}: the planner simulates gb200-nvl72 or b300-hgx "
                          "fleets")
     preset = spec.model.preset
-    if preset not in _MODELS:
-        raise ValueError(f"model.preset = {preset!r}: the planner knows {[p.value for p in _MODELS]}")
+    if model_name is None:
+        if preset is None:
+            raise ValueError(f"model.checkpoint = {spec.model.checkpoint!r}: say which model it is "
+                             f"(--model {'|'.join(m.value for m in ModelName)})")
+        if preset not in _MODELS:
+            raise ValueError(f"model.preset = {preset.value!r}: the planner knows "
+                             f"{[p.value for p in _MODELS]}")
+        model_name = _MODELS[preset]
     d = spec.router.disaggregation
     return FleetConfig(
-        model=_MODELS[preset], gpu=kind, precision=precision, domain_gpus=topo.domain_gpus,
+        model=model_name, gpu=kind, precision=precision, domain_gpus=topo.domain_gpus,
         prefill=_pool(spec.prefill), decode=_pool(spec.decode),
         policy=policy if policy is not None else PolicyName(spec.router.policy.value),
         disagg=DisaggThresholds(mode=_DISAGG[d.mode], max_local_prefill_tokens=d.max_local_prefill_tokens,

@@ -104,3 +104,15 @@ def test_plan_recommends_the_best_goodput_per_gpu(app: typer.Typer, files: tuple
         assert c["gpus"] <= 16
         assert c["prefill_instances"] * c["prefill_gpus_each"] + c["decode_instances"] * c["decode_gpus_each"] \
             == c["gpus"]
+
+
+def test_checkpoint_specs_need_the_model_named(app: typer.Typer, files: tuple[Path, Path], tmp_path: Path) -> None:
+    _, trace = files
+    spec = tmp_path / "ckpt.yaml"
+    spec.write_text(SPEC.replace("{preset: v4-flash}", "{checkpoint: /models/DeepSeek-V4-Flash}"))
+    args = ["simulate", "--trace", str(trace), "--spec", str(spec), "--policy", "kv", "--limit", "20", "--json"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 2 and "model.checkpoint" in res.stderr and "--model" in res.stderr
+    res = CliRunner().invoke(app, [*args, "--model", "v4-flash"])
+    assert res.exit_code == 0, res.stderr
+    assert json.loads(res.stdout)[0]["completed"] == 20
