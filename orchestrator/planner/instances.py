@@ -26,11 +26,12 @@ class Job:
     """One request's progress through the simulated fleet."""
 
     __slots__ = ("cached_blocks", "cached_tokens", "decode", "decode_reserve", "decoded_from", "hashes",
-                 "local", "pos", "prefill", "prefill_reserve", "req", "reused_blocks", "t_finish",
-                 "t_first", "t_join")
+                 "local", "pos", "prefill", "prefill_reserve", "req", "reused_blocks", "seq",
+                 "t_finish", "t_first", "t_join")
 
-    def __init__(self, req: TraceRequest) -> None:
+    def __init__(self, req: TraceRequest, seq: int) -> None:
         self.req = req
+        self.seq = seq  # arrival order: the deterministic tie-break between equal finish steps
         self.hashes = req.block_hashes
         self.prefill: PrefillEngine | None = None
         self.decode: DecodeInstance | None = None
@@ -172,7 +173,7 @@ class DecodeInstance:
         self.advance(now)
         job.decoded_from = self.steps
         job.t_join = now
-        heapq.heappush(self.heap, (self.steps + job.req.output_tokens - 1, id(job), job))
+        heapq.heappush(self.heap, (self.steps + job.req.output_tokens - 1, job.seq, job))
         self.batch += 1
         self.ctx_base += job.req.prompt_tokens + 1 - self.steps
 

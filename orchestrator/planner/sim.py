@@ -130,9 +130,29 @@ class Simulator:
         self._seq += 1
         heapq.heappush(self.events, (t, self._seq, kind, payload))
 
+    def _check_fits(self) -> None:
+        """Every request must fit one worker of each role it may use, or the replay would stall."""
+        if not self.requests:
+            raise ValueError("no requests to simulate")
+        big = max(self.requests, key=lambda r: r.prompt_tokens + r.output_tokens)
+        where = f"request {big.request_id!r} ({big.prompt_tokens} prompt + {big.output_tokens} output tokens)"
+        need = self._blocks(request_reserve_bytes(self.arch, big.prompt_tokens + big.output_tokens))
+        have = min(d.cache.capacity for d in self.decodes)
+        if need > have:
+            raise ValueError(f"{where} needs {need} KV blocks; a decode instance holds {have}")
+        big = max(self.requests, key=lambda r: r.prompt_tokens)
+        need = self._blocks(request_reserve_bytes(self.arch, big.prompt_tokens))
+        have = min((p.engine.cache.capacity for p in self.prefills), default=need)
+        if need > have:
+            raise ValueError(f"request {big.request_id!r} ({big.prompt_tokens} prompt tokens) needs {need} "
+                             f"KV blocks to prefill; a prefill instance holds {have}")
+
     # ---- the loop --------------------------------------------------------------------------------
     def run(self) -> SimResult:
-        """Replay every request to completion (or refusal); the collected metrics."""
+        """Replay every request to completion (or refusal); the collected metrics. Once."""
+        if self.jobs:
+            raise RuntimeError("Simulator.run() was already called; build a new Simulator per run")
+        self._check_fits()
         for req in self.requests:
             self._push(req.arrival_s, Ev.ARRIVE, req)
         events, handlers = self.events, self._handlers
@@ -184,7 +204,7 @@ class Simulator:
 
     # ---- handlers --------------------------------------------------------------------------------
     def _arrive(self, req: TraceRequest) -> None:
-        job = Job(req)
+        job = Job(req, len(self.jobs))
         self.jobs.append(job)
         rreq = RouteRequest(request_id=req.request_id, prompt_tokens=req.prompt_tokens,
                             block_hashes=req.block_hashes, session_id=req.session_id)

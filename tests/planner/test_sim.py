@@ -134,3 +134,10 @@ def test_refusals_count_against_attainment() -> None:
     assert res.rejected > 0
     assert res.completed + res.rejected == 6
     assert res.attainment(1e9, 1e9) == pytest.approx(res.completed / 6)
+
+
+def test_a_request_that_can_never_fit_is_an_error_not_a_stall() -> None:
+    base = _fleet(prefills=1, decodes=1)
+    fleet = dataclasses.replace(base, decode=dataclasses.replace(base.decode, kv_blocks=20))
+    with pytest.raises(ValueError, match=r"request 'only' \(20000 prompt \+ 5 output tokens\) needs \d+ KV blocks"):
+        Simulator(fleet, _one(20_000, 5)).run()
