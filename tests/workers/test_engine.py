@@ -9,9 +9,9 @@ import pytest
 from workers_util import drain, greedy_reference, make_engine, random_prompts, requests
 
 from tandem.request import GenerationRequest, SamplingConfig
+from tandem.stream import Finish
 from workers.engine.engine import Role
 from workers.engine.scheduler import SchedulerConfig
-from workers.engine.stop import FinishReason
 
 pytestmark = pytest.mark.workers
 
@@ -28,7 +28,7 @@ def test_greedy_batch_equals_sequential_generation(tiny_model, tokenizer) -> Non
         engine.add(r)
     got = drain(engine)
     assert [got.tokens[f"r{i}"] for i in range(len(prompts))] == expected
-    assert all(got.finish[f"r{i}"] is FinishReason.LENGTH for i in range(len(prompts)))
+    assert all(got.finish[f"r{i}"] is Finish.LENGTH for i in range(len(prompts)))
     assert all(o.num_tokens <= 96 for o in got.outputs)
     assert max(len([d for d in o.deltas if d.token_ids]) for o in got.outputs) > 1  # really batched
     st = engine.stats()
@@ -108,8 +108,8 @@ def test_cancel_frees_blocks_at_once(tiny_model, tokenizer) -> None:
     assert not engine.cancel("r0") and not engine.cancel("nope")
     out = engine.step()
     cancelled = [d for d in out.deltas if d.request_id == "r0"]
-    assert len(cancelled) == 1 and cancelled[0].finish is FinishReason.CANCELLED
-    assert cancelled[0].token_ids == () and cancelled[0].completion_tokens == 2
+    assert len(cancelled) == 1 and cancelled[0].finish is Finish.CANCELLED
+    assert cancelled[0].token_ids == () and cancelled[0].summary.completion_tokens == 2
 
 
 def test_stop_string_cuts_the_engine_text_exactly(tiny_model, tokenizer) -> None:
@@ -122,7 +122,7 @@ def test_stop_string_cuts_the_engine_text_exactly(tiny_model, tokenizer) -> None
     engine = make_engine(tiny_model, tokenizer)
     engine.add(GenerationRequest("s", tuple(prompt), SamplingConfig(max_tokens=40, ignore_eos=True, stop=(stop,))))
     got = drain(engine)
-    assert got.finish["s"] is FinishReason.STOP
+    assert got.finish["s"] is Finish.STOP
     assert got.text["s"] == full[: full.index(stop)]
     assert len(got.tokens["s"]) < 40
 
@@ -141,6 +141,8 @@ def test_prefill_handoff_then_decode_equals_aggregated(tiny_model, tokenizer) ->
         pre.add(r)
     first = drain(pre)
     assert all(len(first.tokens[r.request_id]) == 1 for r in reqs)
+    assert sorted(h for o in first.outputs for h in o.handoffs) == ["r0", "r1", "r2"]
+    assert not first.finish  # handed off, not finished
     assert pre.stats().handoffs_held == 3 and pre.stats().blocks_used == 1 + 1 + 1
     for i, r in enumerate(reqs):
         # r1 "loses" its transfer and is recomputed on the decode: same tokens either way.
@@ -149,9 +151,14 @@ def test_prefill_handoff_then_decode_equals_aggregated(tiny_model, tokenizer) ->
             pre.release_handoff(r.request_id)
         dec.add_prefilled(r, first.tokens[r.request_id][0], kv)
     assert pre.stats().blocks_used == 0
-    rest = drain(dec).tokens
+    done = drain(dec)
+    rest = done.tokens
     for r in reqs:
         assert first.tokens[r.request_id] + rest[r.request_id] == want[r.request_id]
+    last = {d.request_id: d for o in done.outputs for d in o.deltas if d.finish is not None}
+    # The KV came by handoff for r0 and r2 (not computed here); r1 was recomputed.
+    assert [last[f"r{i}"].summary.cached_tokens for i in range(3)] == [70, 0, 33]
+    assert all(last[f"r{i}"].summary.completion_tokens == 9 for i in range(3))
 
 
 def test_request_too_long_for_the_pool_is_refused(tiny_model, tokenizer) -> None:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 
 from tandem.request import GenerationRequest, SamplingConfig
+from tandem.stream import Finish
 from tandem.tokenizer import Tokenizer
 from workers.engine.engine import Engine, Role, StepOutput
 from workers.engine.kv import BlockSpace, BlockSpaceConfig
 from workers.engine.runner import LocalRunner
 from workers.engine.scheduler import SchedulerConfig
-from workers.engine.stop import FinishReason
 from workers.model.model import DeepseekV4
 
 
@@ -31,7 +31,7 @@ class Collected:
     def __init__(self) -> None:
         self.tokens: dict[str, list[int]] = {}
         self.text: dict[str, str] = {}
-        self.finish: dict[str, FinishReason] = {}
+        self.finish: dict[str, Finish] = {}
         self.outputs: list[StepOutput] = []
 
     def add(self, out: StepOutput) -> None:

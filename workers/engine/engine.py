@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import enum
 import itertools
+import time
 from dataclasses import dataclass
 
 import torch
 
 from tandem.request import GenerationRequest
+from tandem.stream import Finish, RequestSummary, TokenDelta
 from tandem.tokenizer import Tokenizer
 from workers.engine.handoff import SequenceKv, export_kv, import_kv
 from workers.engine.kv import KvSpace
@@ -23,7 +25,6 @@ from workers.engine.runner import ModelRunner
 from workers.engine.sampler import sample_batch
 from workers.engine.scheduler import Scheduler, SchedulerConfig, StepPlan
 from workers.engine.state import Phase, RequestState
-from workers.engine.stop import FinishReason
 from workers.model.config import ModelConfig
 
 
@@ -34,26 +35,13 @@ class Role(enum.Enum):
 
 
 @dataclass(frozen=True)
-class TokenDelta:
-    """A request's share of one step: new token ids and the text they release. `finish` is set on
-    the last delta; `handoff` marks a prefill's first token whose KV now waits for a decode."""
-
-    request_id: str
-    token_ids: tuple[int, ...]
-    text: str
-    finish: FinishReason | None = None
-    handoff: bool = False
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached_tokens: int = 0
-
-
-@dataclass(frozen=True)
 class StepOutput:
-    """Everything one step produced, sent out as ONE message."""
+    """Everything one step produced, sent out as ONE message. `handoffs`: requests (PREFILL role)
+    whose first token is in `deltas` and whose prompt KV is now held for a decode to take."""
 
     step: int
     deltas: tuple[TokenDelta, ...]
+    handoffs: tuple[str, ...]
     num_tokens: int  # tokens run through the model this step
     num_preempted: int
 
@@ -116,11 +104,12 @@ class Engine:
         if piece.finish is not None:
             raise ValueError(f"add_prefilled({request.request_id!r}): the first token already ended it")
         self._pending_text(state, piece.text)
+        state.first_token_at = state.arrival
         if kv is not None:
             if kv.length != state.num_prompt:
                 raise ValueError(f"add_prefilled({request.request_id!r}): kv.length {kv.length} != "
                                  f"prompt length {state.num_prompt}")
-            state.computed = kv.length
+            state.computed = state.cached_tokens = kv.length
             self._incoming[request.request_id] = kv
         self.scheduler.add(state)
 
@@ -139,7 +128,7 @@ class Engine:
         else:
             self.scheduler.remove(state)
         state.phase = Phase.FINISHED
-        self._pending.append(self._final(state, (), state.tracker.cancel().text, FinishReason.CANCELLED))
+        self._pending.append(self._final(state, (), state.tracker.cancel().text, Finish.CANCELLED))
         return True
 
     # --- handoffs (PREFILL role) ---------------------------------------------------------------
@@ -169,7 +158,10 @@ class Engine:
         """Run one engine step (see the module docstring). Without work it runs no model (an EP
         rank's runner still takes part in the exchanges when called with no chunks)."""
         plan = self.scheduler.schedule()
+        now = time.monotonic()
         for state in plan.admitted:
+            if state.started is None:
+                state.started = now
             kv = self._incoming.pop(state.request_id, None)
             if kv is not None:
                 import_kv(self.kv.cache, self.model_cfg, state.seq, kv)
@@ -180,7 +172,9 @@ class Engine:
         self._steps += 1
         self._preemptions += len(plan.preempted)
         pending, self._pending = self._pending, []
-        return StepOutput(self._steps, tuple(pending) + deltas, plan.num_tokens, len(plan.preempted))
+        handoffs = tuple(d.request_id for d in deltas if d.request_id in self._handoffs and d.finish is None)
+        all_deltas = tuple(pending) + deltas
+        return StepOutput(self._steps, all_deltas, handoffs, plan.num_tokens, len(plan.preempted))
 
     def _postprocess(self, plan: StepPlan, logits: torch.Tensor) -> tuple[TokenDelta, ...]:
         rows = [i for i, c in enumerate(plan.chunks) if c.samples]
@@ -193,8 +187,11 @@ class Engine:
         tokens = sample_batch(logits[rows], params, [len(s.tokens) for s in states])
         self._decode_tokens += len(tokens)
         deltas = []
+        now = time.monotonic()
         for state, tok in zip(states, tokens, strict=True):
             state.tokens.append(tok)
+            if state.first_token_at is None:
+                state.first_token_at = now
             piece = state.tracker.push(tok)
             if piece.finish is not None:
                 self._states.pop(state.request_id)
@@ -206,16 +203,21 @@ class Engine:
                 self.scheduler.detach(state)
                 state.phase = Phase.FINISHED
                 self._handoffs[state.request_id] = state
-                deltas.append(TokenDelta(state.request_id, (tok,), piece.text, handoff=True,
-                                         prompt_tokens=state.num_prompt, completion_tokens=1))
+                deltas.append(TokenDelta(state.request_id, (tok,), piece.text))
             else:
                 deltas.append(TokenDelta(state.request_id, (tok,), piece.text))
         return tuple(deltas)
 
-    def _final(self, state: RequestState, toks: tuple[int, ...], text: str, reason: FinishReason
+    def _final(self, state: RequestState, toks: tuple[int, ...], text: str, reason: Finish
                ) -> TokenDelta:
-        return TokenDelta(state.request_id, toks, text, reason, prompt_tokens=state.num_prompt,
-                          completion_tokens=len(state.output_ids), cached_tokens=state.cached_tokens)
+        start = state.started if state.started is not None else state.arrival
+        first = state.first_token_at if state.first_token_at is not None else start
+        summary = RequestSummary(
+            prompt_tokens=state.num_prompt, completion_tokens=len(state.output_ids),
+            cached_tokens=state.cached_tokens, queue_s=start - state.arrival,
+            prefill_s=0.0 if state.cached_tokens >= state.num_prompt else max(0.0, first - start),
+        )
+        return TokenDelta(state.request_id, toks, text, reason, summary)
 
     def stats(self) -> EngineStats:
         sched = self.scheduler

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import time
 
 from tandem.request import GenerationRequest
 from tandem.tokenizer import Tokenizer
@@ -31,7 +32,10 @@ class RequestState:
         self.phase = Phase.WAITING
         self.tracker = StopTracker(request.sampling, tokenizer)
         self.preemptions = 0
-        self.cached_tokens = 0
+        self.cached_tokens = 0  # prompt tokens not computed here (handoff or prefix cache)
+        self.arrival = time.monotonic()
+        self.started: float | None = None  # first scheduled
+        self.first_token_at: float | None = None
 
     @property
     def request_id(self) -> str:

@@ -10,19 +10,11 @@ the final text: concatenating every piece gives exactly the final text.
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 
 from tandem.request import SamplingConfig
+from tandem.stream import Finish
 from tandem.tokenizer import IncrementalDecoder, Tokenizer
-
-
-class FinishReason(enum.Enum):
-    """Why a request ended (tandem.v1.FinishReason at the edges)."""
-
-    STOP = 1  # EOS, a stop token id or a stop string
-    LENGTH = 2  # max_tokens reached
-    CANCELLED = 3
 
 
 @dataclass(frozen=True)
@@ -30,7 +22,7 @@ class Piece:
     """What one token adds to the stream: new text (possibly empty) and, at the end, the reason."""
 
     text: str
-    finish: FinishReason | None
+    finish: Finish | None
 
 
 class StopTracker:
@@ -45,7 +37,7 @@ class StopTracker:
         self._emitted = 0  # characters of _text already returned
         self._count = 0
         self._longest = max((len(s) for s in params.stop), default=0)
-        self.finish: FinishReason | None = None
+        self.finish: Finish | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -66,20 +58,20 @@ class StopTracker:
         cut = self._find_stop(before)
         if cut is not None:
             self._text = self._text[:cut]
-            return self._end(FinishReason.STOP)
+            return self._end(Finish.STOP)
         if stop_token:
-            return self._end(FinishReason.STOP)
+            return self._end(Finish.STOP)
         if at_length:
-            return self._end(FinishReason.LENGTH)
+            return self._end(Finish.LENGTH)
         return Piece(self._release(self._safe_end()), None)
 
     def cancel(self) -> Piece:
         """End the request as cancelled, releasing nothing more."""
         if self.finish is None:
-            self.finish = FinishReason.CANCELLED
+            self.finish = Finish.CANCELLED
         return Piece("", self.finish)
 
-    def _end(self, reason: FinishReason) -> Piece:
+    def _end(self, reason: Finish) -> Piece:
         self.finish = reason
         return Piece(self._release(len(self._text)), reason)
 
