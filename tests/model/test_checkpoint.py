@@ -163,3 +163,17 @@ def test_v4_flash_listing_matches_the_released_checkpoint():
     broken = dict(plan, **{"layers.7.attn.wkv.weight": ((512, 4095), torch.float8_e4m3fn)})
     with pytest.raises(CheckpointError, match=r"layers\.7\.attn\.wkv\.weight: expected shape \[512, 4096\]"):
         check_plan(preset("v4-flash"), broken)
+
+
+def test_quantised_weights_can_be_kept_for_kernels(native):
+    from workers.model.quant import dequantize
+
+    m = load(native, keep_quantized=True, progress=False)
+    q = m.layers[0].attn.wq_a.quantized
+    assert q is not None and q.fmt is WeightFormat.FP8_BLOCK and q.data.dtype == torch.float8_e4m3fn
+    assert torch.equal(dequantize(q.data, q.scale, q.fmt), m.layers[0].attn.wq_a.weight)
+    e = m.layers[2].ffn.experts["1"].w3.quantized
+    assert e is not None and e.fmt is WeightFormat.FP4_GROUP and e.data.dtype == torch.int8
+    assert torch.equal(dequantize(e.data, e.scale, e.fmt), m.layers[2].ffn.experts["1"].w3.weight)
+    assert m.layers[1].attn.compressor.wkv.quantized is None  # BF16 in the checkpoint
+    assert load(native, progress=False).layers[0].attn.wq_a.quantized is None

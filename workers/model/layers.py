@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.model.quant import act_sim
+from workers.model.quant import WeightFormat, act_sim
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """A weight as the checkpoint stores it, for kernels that take it quantised: FP8 e4m3 [O, I]
+    with UE8M0 128x128 block scales, or FP4 e2m1 packed two a byte (int8 [O, I/2], low nibble
+    first) with UE8M0 per-32 scales [O, I/32]. Scales are float8_e8m0fnu (exponent bytes)."""
+
+    data: torch.Tensor
+    scale: torch.Tensor
+    fmt: WeightFormat
 
 
 def wide(x: torch.Tensor) -> torch.Tensor:
@@ -55,6 +68,9 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype))
         self.quantised_input = quantised_input
         self.sim = sim
+        # Set by the loader (keep_quantized=True) when the checkpoint stores this weight quantised;
+        # `weight` always holds the dequantised values the CPU path computes with.
+        self.quantized: QuantizedWeight | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = act_sim(x, self.sim and self.quantised_input)

@@ -21,6 +21,7 @@ from rich.progress import Progress
 from safetensors import safe_open
 
 from workers.model.config import ModelConfig, load_config
+from workers.model.layers import Linear, QuantizedWeight
 from workers.model.model import DeepseekV4
 from workers.model.names import TensorSpec, canonical_name, tensor_specs
 from workers.model.quant import WeightFormat, dequantize
@@ -143,13 +144,15 @@ def load(
     quant_sim: bool = True,
     device: str | torch.device = "cpu",
     local_experts: Iterable[int] | None = None,
+    keep_quantized: bool = False,
     progress: bool = True,
 ) -> DeepseekV4:
     """The model stored at checkpoint directory `path`, in eval mode.
 
     dtype: the dtype of the large projections and the embedding (float32 or bfloat16); norms,
     mHC, compressors, gates and the head stay float32. local_experts: routed expert ids to load
-    (all by default).
+    (all by default). keep_quantized: also keep each FP8 / FP4 weight as stored, on its Linear's
+    `quantized` attribute, for kernels that take quantised weights.
     """
     if dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"load: dtype {dtype} is not supported (float32 or bfloat16)")
@@ -178,6 +181,10 @@ def load(
                 s = fs.get_tensor(scale.stored_name)  # type: ignore[attr-defined]
                 used.add(scale.stored_name)
             value = dequantize(raw, s, fmt)
+            if keep_quantized and s is not None:
+                owner = model.get_submodule(spec.param.rsplit(".", 1)[0])
+                if isinstance(owner, Linear):
+                    owner.quantized = QuantizedWeight(raw.to(device), s.to(device), fmt)
             with torch.no_grad():
                 targets[spec.param].copy_(value.to(targets[spec.param].dtype))
             used.add(spec.name)
@@ -200,7 +207,6 @@ def load(
 def _cast_compute_weights(model: DeepseekV4, dtype: torch.dtype) -> None:
     """Cast the embedding and the projections that real kernels run in low precision."""
     from workers.model.compressor import Compressor
-    from workers.model.layers import Linear
 
     keep = {id(m) for c in model.modules() if isinstance(c, Compressor) for m in (c.wkv, c.wgate)}
     for m in model.modules():
