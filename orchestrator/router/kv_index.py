@@ -106,6 +106,15 @@ class KvIndex:
             self._count[slot] += len(owners) - before
             return
         masks = list(map(owners.get, hashes, repeat(0)))
+        cut = masks.index(0) if 0 in masks else len(masks)
+        if not any(masks[cut:]) and len(set(hashes[:cut])) == cut:
+            # The usual shape: a prefix others hold, then blocks new to the index.
+            cur = masks[:cut]
+            self._count[slot] += sum(map(not_, map(and_, cur, repeat(bit))))
+            owners.update(zip(hashes[:cut], map(or_, cur, repeat(bit)), strict=True))
+            owners.update(zip(hashes[cut:], repeat(bit)))
+            self._count[slot] += len(owners) - before
+            return
         held = dict(zip(compress(hashes, masks), filter(None, masks), strict=True))  # indexed: hash -> mask
         gained = sum(map(not_, map(and_, held.values(), repeat(bit))))  # ... that lacked this bit
         owners.update(zip(held, map(or_, held.values(), repeat(bit)), strict=True))
