@@ -6,7 +6,7 @@ all) until it holds about blocks / W distinct blocks. Each sequence is one `stor
 the blocks the worker did not hold yet (parent = the block before them), as a worker emits them.
 Then an eviction phase: `removed` events for the tail quarter of a fifth of each worker's
 sequences. Queries (50-420 blocks): 80% a prefix of a stored sequence extended with new blocks,
-20% a group prefix plus new blocks. Reported: event apply rate (blocks/s) for each phase, and
+20% a group prefix plus new blocks. Reported: event apply rate (blocks per second of CPU time, and of wall clock) per phase, and
 match latency p50/p99 over the queries: on the full index as first touched after the build
 (cold CPU caches: each query's entries come from memory), the same with warm caches (best of 3
 back-to-back calls: the compute cost alone), and after the evictions (cold). Dynamo's
@@ -174,15 +174,17 @@ class DynamoSide(Side):
         return {w: n for (w, _rank), n in raw.items() if n}
 
 
-def timed(fn) -> float:
-    """Seconds fn takes with the collector off, so neither side pays for the other's garbage."""
+def timed(fn) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) fn takes, with the collector off so neither side
+    pays for the other's garbage. On a shared machine the CPU time is the steadier measure: it
+    leaves out the time other processes hold the core (and counts any helper threads' work)."""
     gc.collect()
     gc.disable()
-    t0 = time.perf_counter()
+    w0, c0 = time.perf_counter(), time.process_time()
     fn()
-    dt = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - w0, time.process_time() - c0
     gc.enable()
-    return dt
+    return wall, cpu
 
 
 def query_pass(side: Side, queries: list[list[int]], repeat: int = 1) -> tuple[list[float], list[object]]:
@@ -206,21 +208,27 @@ def query_pass(side: Side, queries: list[list[int]], repeat: int = 1) -> tuple[l
 
 def measure(sides: list[Side], wl: Workload, rounds: int) -> tuple[dict[str, dict], dict[str, list[dict]]]:
     """Rounds alternate the sides (each round: fresh index, store, queries, evict, queries), so
-    load from other processes hits both alike. Rates: best round. Latency: per query, the best
-    of the rounds (filters preemptions; every round starts from a fresh, cold index)."""
+    load from other processes hits both alike. Rates: the median round by CPU time, the best round
+    by wall clock. Latency: per query, the best of the rounds (filters preemptions; every round
+    starts from a fresh, cold index)."""
     n_store = sum(len(h) for _, h, _ in wl.stored)
     n_rm = sum(len(h) for _, h in wl.removed)
-    acc = {s.name: {"store": [], "remove": [], "full": [], "evicted": [], "warm": []} for s in sides}
+    keys = ("store", "store_cpu", "remove", "remove_cpu", "full", "evicted", "warm")
+    acc = {s.name: {k: [] for k in keys} for s in sides}
     answers: dict[str, list[dict]] = {}
     for _ in range(rounds):
         for side in sides:
             a = acc[side.name]
             side.fresh()
-            a["store"].append(n_store / timed(side.store))
+            wall, cpu = timed(side.store)
+            a["store"].append(n_store / wall)
+            a["store_cpu"].append(n_store / cpu)
             lat, raw_full = query_pass(side, wl.queries)
             a["full"].append(lat)
             a["warm"].append(query_pass(side, wl.queries, repeat=3)[0])
-            a["remove"].append(n_rm / timed(side.remove))
+            wall, cpu = timed(side.remove)
+            a["remove"].append(n_rm / wall)
+            a["remove_cpu"].append(n_rm / cpu)
             lat, raw_ev = query_pass(side, wl.queries)
             a["evicted"].append(lat)
             answers[side.name] = [side.answer(r) for r in raw_full + raw_ev]
@@ -230,7 +238,9 @@ def measure(sides: list[Side], wl: Workload, rounds: int) -> tuple[dict[str, dic
         ev = [min(v) for v in zip(*a["evicted"], strict=True)]
         warm = [min(v) for v in zip(*a["warm"], strict=True)]
         stats[name] = {
+            "store_blocks_per_cpu_s": statistics.median(a["store_cpu"]),
             "store_blocks_per_s": max(a["store"]),
+            "remove_blocks_per_cpu_s": statistics.median(a["remove_cpu"]),
             "remove_blocks_per_s": max(a["remove"]),
             "match_p50_us": pct(full, 50),
             "match_p99_us": pct(full, 99),
@@ -239,14 +249,18 @@ def measure(sides: list[Side], wl: Workload, rounds: int) -> tuple[dict[str, dic
             "match_after_evictions_p50_us": pct(ev, 50),
             "match_after_evictions_p99_us": pct(ev, 99),
             "store_blocks_per_s_rounds": a["store"],
+            "store_blocks_per_cpu_s_rounds": a["store_cpu"],
             "remove_blocks_per_s_rounds": a["remove"],
+            "remove_blocks_per_cpu_s_rounds": a["remove_cpu"],
         }
     return stats, answers
 
 
 ROWS = [  # (key, label, higher is better)
-    ("store_blocks_per_s", "apply stored (blocks/s)", True),
-    ("remove_blocks_per_s", "apply removed (blocks/s)", True),
+    ("store_blocks_per_cpu_s", "apply stored (blocks/CPU-s)", True),
+    ("store_blocks_per_s", "apply stored (blocks/s, wall)", True),
+    ("remove_blocks_per_cpu_s", "apply removed (blocks/CPU-s)", True),
+    ("remove_blocks_per_s", "apply removed (blocks/s, wall)", True),
     ("match_p50_us", "match p50 (us)", False),
     ("match_p99_us", "match p99 (us)", False),
     ("match_warm_p50_us", "match p50, warm caches (us)", False),
@@ -300,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         if d is not None:
             wins[key] = tandem[key] >= d if higher else tandem[key] <= d
             ratio, verdict = f"{tandem[key] / d:.2f}x", "better" if wins[key] else "worse"
-        fmt = (lambda v: f"{v / 1e6:.2f} M") if key.endswith("per_s") else (lambda v: f"{v:.1f}")
+        fmt = (lambda v: f"{v / 1e6:.2f} M") if "_per_" in key else (lambda v: f"{v:.1f}")
         shown = fmt(d) if d is not None else "n/a"
         print(f"{label:<34}{fmt(tandem[key]):>16}{shown:>18}{ratio:>15}{verdict:>8}")
     if mismatches is not None:

@@ -130,6 +130,11 @@ class KvIndex:
         owners = self._owners
         hashes = block_hashes if isinstance(block_hashes, list | tuple) else list(block_hashes)
         masks = list(map(owners.get, hashes, repeat(0)))
+        if masks.count(bit) == len(masks):  # the usual eviction: blocks only this worker holds
+            before = len(owners)
+            deque(map(owners.pop, hashes, repeat(None)), 0)  # pop with a default: duplicates are fine
+            self._count[slot] -= before - len(owners)
+            return
         mine = list(map(and_, masks, repeat(bit)))
         gone = dict(
             zip(compress(hashes, mine), compress(masks, mine), strict=True)
