@@ -54,6 +54,7 @@ class EngineStats:
     handoffs_held: int
     blocks_used: int
     blocks_free: int
+    prefix_hit_rate: float
     prefill_tokens: int  # cumulative tokens of prompt / recompute chunks run
     decode_tokens: int  # cumulative tokens sampled
     preemptions: int
@@ -143,6 +144,13 @@ class Engine:
         """Free a handoff's blocks without exporting them (the decode pulled them, or gave up)."""
         self.kv.free(self._handoff(request_id).seq)
 
+    def handoff_timing(self, request_id: str) -> tuple[float, float]:
+        """(queue_s, prefill_s) of a held handoff: arrival to first scheduled, then to first token."""
+        state = self._handoffs.get(request_id)
+        if state is None or state.started is None or state.first_token_at is None:
+            raise KeyError(f"no handoff held for request_id {request_id!r}")
+        return state.started - state.arrival, state.first_token_at - state.started
+
     def _handoff(self, request_id: str) -> RequestState:
         state = self._handoffs.pop(request_id, None)
         if state is None:
@@ -225,6 +233,7 @@ class Engine:
             queued=len(sched.waiting), queued_prefill_tokens=sum(s.remaining for s in sched.waiting),
             running=len(sched.running), handoffs_held=len(self._handoffs),
             blocks_used=self.kv.blocks_used, blocks_free=self.kv.blocks_free,
+            prefix_hit_rate=self.kv.prefix_hit_rate,
             prefill_tokens=self._prefill_tokens, decode_tokens=self._decode_tokens,
             preemptions=self._preemptions, steps=self._steps,
         )

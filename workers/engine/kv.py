@@ -1,10 +1,12 @@
 """What the scheduler needs of KV memory, and a block-counting implementation of it.
 
 `KvSpace` is the narrow protocol: admit a sequence for its first tokens, grow it a step at a time,
-free it, and report blocks used / free. `cache` is the `ModelCache` the model reads and writes.
-A paged manager (workers/kv/) satisfies it through an adapter; `BlockSpace` counts fixed-size
-blocks of token positions over a `ContiguousCache`, growing each sequence lazily, so running out of
-blocks mid-decode really happens and the scheduler's preemption is exercised.
+free it, and report blocks used / free, prefix hit rate and KV events. `cache` is the `ModelCache`
+the model reads and writes. `BlockSpace` counts fixed-size blocks of token positions over a
+`ContiguousCache`, growing each sequence lazily and caching no prefixes, so running out of blocks
+mid-decode really happens and the scheduler's preemption is exercised. The paged pools of
+workers/kv/ (KvCacheManager + PagedModelCache) are meant to satisfy the same protocol through an
+adapter.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+from workers.kv.events import KvEvent
 from workers.model.cache import ContiguousCache, ModelCache
 
 
@@ -28,6 +31,13 @@ class KvSpace(Protocol):
     def blocks_used(self) -> int: ...
     @property
     def blocks_free(self) -> int: ...
+    @property
+    def prefix_hit_rate(self) -> float:
+        """Prompt tokens served from the prefix cache / prompt tokens admitted, since start."""
+        ...
+    def flush_events(self) -> tuple[KvEvent, ...]:
+        """KV events (prefix cache stored / removed) since the last flush, oldest first."""
+        ...
     @property
     def max_seq_tokens(self) -> int:
         """Positions one sequence could ever hold (with every block free): longer requests never fit."""
@@ -81,6 +91,13 @@ class BlockSpace:
     @property
     def max_seq_tokens(self) -> int:
         return self.config.num_blocks * self.config.block_size
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        return 0.0  # no prefix cache here: nothing is ever served from one
+
+    def flush_events(self) -> tuple[KvEvent, ...]:
+        return ()  # no prefix cache, so nothing to report
 
     def blocks_of(self, seq: int) -> int:
         """Blocks `seq` holds now (0 when not admitted)."""

@@ -1,0 +1,180 @@
+"""What the prefill and decode actors share: their frozen config, building a rank's engine, and
+the conversions to the wire types of `tandem` (stats, KV events, handoff descriptors).
+
+The controller builds a `WorkerConfig` per rank from the deployment spec (workers never see the
+pydantic spec). One engine per rank: with `ep` set, the rank joins its instance's EP group first
+(a collective: every rank of the instance must be started together).
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from tandem.blocks import block_hashes
+from tandem.request import GenerationRequest
+from tandem.tokenizer import Tokenizer, load_tokenizer
+from tandem.v1 import worker_pb2
+from workers.engine.engine import Engine, EngineStats, Role
+from workers.engine.kv import BlockSpace, BlockSpaceConfig
+from workers.engine.runner import LocalRunner, ModelRunner
+from workers.engine.scheduler import SchedulerConfig
+from workers.ep.dispatch import Dispatcher, PaddedAllToAll, VariableAllToAll
+from workers.ep.group import EpConfig, EpGroup
+from workers.ep.runner import EpRunner
+from workers.kv.events import KvCleared, KvEvent, KvRemoved, KvStored
+from workers.model.config import load_config
+from workers.model.init import init_random
+from workers.model.loader import load
+from workers.model.model import DeepseekV4
+from workers.model.presets import preset
+
+_ROLE_PB = {
+    Role.PREFILL: worker_pb2.ROLE_PREFILL,
+    Role.DECODE: worker_pb2.ROLE_DECODE,
+    Role.AGGREGATED: worker_pb2.ROLE_AGGREGATED,
+}
+
+
+class DispatchKind(enum.Enum):
+    VARIABLE = "variable"  # uneven all-to-all: fewest bytes
+    PADDED = "padded"  # fixed capacity per rank pair: fixed shapes (CUDA graphs)
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A checkpoint directory, or (no checkpoint) a named preset with deterministic random weights."""
+
+    checkpoint: str | None = None
+    preset: str = "tiny"
+    seed: int = 0
+    quant_sim: bool = False
+    bf16: bool = False
+
+    @property
+    def n_routed_experts(self) -> int:
+        if self.checkpoint is not None:
+            return load_config(Path(self.checkpoint)).n_routed_experts
+        return preset(self.preset).n_routed_experts
+
+    def build(self, local_experts: range | None) -> DeepseekV4:
+        """This rank's model: all routed experts, or only `local_experts`."""
+        dtype = torch.bfloat16 if self.bf16 else torch.float32
+        if self.checkpoint is not None:
+            return load(self.checkpoint, dtype=dtype, quant_sim=self.quant_sim, local_experts=local_experts,
+                        progress=False)
+        cfg, sim = preset(self.preset), self.quant_sim
+        full = init_random(DeepseekV4(cfg, quant_sim=sim, with_mtp=False), seed=self.seed).to(dtype)
+        if local_experts is None:
+            return full.eval()
+        shard = DeepseekV4(cfg, quant_sim=sim, with_mtp=False, local_experts=local_experts).to(dtype)
+        keep = shard.state_dict()
+        shard.load_state_dict({k: v for k, v in full.state_dict().items() if k in keep}, strict=True)
+        return shard.eval()
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """One rank of one worker instance."""
+
+    instance: str
+    role: Role
+    rank: int = 0
+    model: ModelSource = field(default_factory=ModelSource)
+    sched: SchedulerConfig = field(default_factory=SchedulerConfig)
+    kv: BlockSpaceConfig = field(default_factory=lambda: BlockSpaceConfig(num_blocks=256))
+    ep: EpConfig | None = None
+    dispatch: DispatchKind = DispatchKind.VARIABLE
+    dispatch_capacity: int = 256
+    handoff_lease_s: float = 30.0
+    nvlink_domain: str = "local"
+    torch_threads: int = 1
+
+    def __post_init__(self) -> None:
+        if self.ep is not None and self.ep.rank != self.rank:
+            raise ValueError(f"WorkerConfig.rank {self.rank} != ep.rank {self.ep.rank}")
+        if self.handoff_lease_s <= 0:
+            raise ValueError(f"WorkerConfig.handoff_lease_s must be positive, got {self.handoff_lease_s}")
+
+    @property
+    def name(self) -> str:
+        """"instance/rN", as GenerateChunk names workers."""
+        return f"{self.instance}/r{self.rank}"
+
+
+def actor_name(instance: str, rank: int) -> str:
+    """The Ray actor name of a rank, so peers can find it (e.g. a decode pulling a handoff)."""
+    return f"tandem/{instance}/r{rank}"
+
+
+@dataclass(frozen=True)
+class BuiltRank:
+    engine: Engine
+    group: EpGroup | None
+    runner: ModelRunner
+    tokenizer: Tokenizer
+    dispatcher: Dispatcher | None  # None without expert parallelism
+
+
+def build_rank(cfg: WorkerConfig) -> BuiltRank:
+    """Join the EP group (if any), build the model shard, the KV space and the engine."""
+    torch.set_num_threads(cfg.torch_threads)
+    group = EpGroup(cfg.ep) if cfg.ep is not None else None
+    experts = group.local_experts(cfg.model.n_routed_experts) if group is not None else None
+    model = cfg.model.build(experts)
+    runner: ModelRunner
+    disp: Dispatcher | None = None
+    if group is None:
+        runner = LocalRunner(model)
+    else:
+        disp = (VariableAllToAll(group) if cfg.dispatch is DispatchKind.VARIABLE
+                else PaddedAllToAll(group, cfg.dispatch_capacity))
+        runner = EpRunner(model, group, disp)
+    tokenizer = load_tokenizer(cfg.model.checkpoint)
+    kv = BlockSpace(cfg.kv, model.cfg.window)
+    engine = Engine(cfg.role, model.cfg, cfg.sched, kv, runner, tokenizer)
+    return BuiltRank(engine, group, runner, tokenizer, disp)
+
+
+def stats_proto(cfg: WorkerConfig, st: EngineStats, prefill_tok_s: float, decode_tok_s: float,
+                draining: bool) -> worker_pb2.WorkerStats:
+    """tandem.v1.WorkerStats of one rank."""
+    return worker_pb2.WorkerStats(
+        worker=worker_pb2.WorkerId(instance=cfg.instance, dp_rank=cfg.rank), role=_ROLE_PB[cfg.role],
+        queued_requests=st.queued, queued_prefill_tokens=st.queued_prefill_tokens,
+        running_requests=st.running, kv_blocks_used=st.blocks_used, kv_blocks_free=st.blocks_free,
+        prefix_hit_rate=st.prefix_hit_rate, prefill_tok_s=prefill_tok_s, decode_tok_s=decode_tok_s,
+        draining=draining, nvlink_domain=cfg.nvlink_domain,
+    )
+
+
+def handoff_descriptor(cfg: WorkerConfig, request: GenerationRequest, first_token: int, epoch: int
+                       ) -> worker_pb2.HandoffDescriptor:
+    """The descriptor a decode uses to find and pull a held prompt state. In-process handoffs
+    (Ray object store) leave `agent_name` and `pools` empty; the NIXL path fills them."""
+    hashes = request.block_hashes or tuple(block_hashes(request.prompt_ids, salt=request.cache_salt))
+    return worker_pb2.HandoffDescriptor(
+        request_id=request.request_id, prefill=worker_pb2.WorkerId(instance=cfg.instance, dp_rank=cfg.rank),
+        epoch=epoch, prompt_tokens=len(request.prompt_ids), first_token=first_token,
+        block_hashes=list(hashes), lease_deadline_ms=int((time.time() + cfg.handoff_lease_s) * 1000),
+    )
+
+
+def events_proto(config: WorkerConfig, events: tuple[KvEvent, ...]) -> worker_pb2.KvEventBatch:
+    """KV events (workers.kv.events) as tandem.v1.KvEventBatch."""
+    out = worker_pb2.KvEventBatch(worker=worker_pb2.WorkerId(instance=config.instance, dp_rank=config.rank))
+    for ev in events:
+        msg = out.events.add(seq=ev.seq)
+        if isinstance(ev.body, KvStored):
+            msg.stored.block_hashes.extend(ev.body.block_hashes)
+            if ev.body.parent_hash is not None:
+                msg.stored.parent_hash = ev.body.parent_hash
+        elif isinstance(ev.body, KvRemoved):
+            msg.removed.block_hashes.extend(ev.body.block_hashes)
+        elif isinstance(ev.body, KvCleared):
+            msg.cleared.SetInParent()
+    return out

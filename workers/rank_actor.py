@@ -1,0 +1,68 @@
+"""What every rank actor offers besides its role's own calls: start, cancel, stats, KV events,
+the per-step stream and periodic reports. `PrefillWorker` and `DecodeWorker` extend it."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from tandem.stream import StepBatch
+from tandem.v1 import worker_pb2
+from workers.actor_common import BuiltRank, WorkerConfig, events_proto, stats_proto
+from workers.worker_loop import EngineLoop
+
+
+class RankActor:
+    """Shared actor surface of one rank; subclasses set `config` and `_built`, may override
+    `_housekeeping`."""
+
+    config: WorkerConfig
+    _built: BuiltRank
+    _loop: EngineLoop | None = None
+
+    def _housekeeping(self) -> None:
+        """Runs under the engine lock once per loop iteration; nothing by default."""
+
+    def _started(self) -> EngineLoop:
+        if self._loop is None:
+            self._loop = EngineLoop(self._built.engine, self._built.group, self.config.name,
+                                    housekeeping=self._housekeeping)
+            self._loop.start()
+        return self._loop
+
+    async def ready(self) -> str:
+        """Start the loop; returns "instance/rN"."""
+        self._started()
+        return self.config.name
+
+    async def cancel(self, request_id: str) -> bool:
+        """End a request now (queued, running or held); its blocks are free when this returns."""
+        return await self._started().call(self._built.engine.cancel, request_id)
+
+    async def stats(self) -> worker_pb2.WorkerStats:
+        """Queue, running, KV blocks used / free, prefix hit rate, token rates."""
+        loop = self._started()
+        st = await loop.call(self._built.engine.stats)
+        return stats_proto(self.config, st, *loop.rates(), draining=False)
+
+    async def kv_events(self) -> worker_pb2.KvEventBatch:
+        """The KV events since the last call."""
+        events = await self._started().call(self._built.engine.kv.flush_events)
+        return events_proto(self.config, events)
+
+    async def stream(self) -> AsyncIterator[StepBatch]:
+        """Every StepBatch of this rank from now on: one message per engine step."""
+        async for batch in self._started().subscribe():
+            yield batch
+
+    async def reports(self, interval_s: float = 0.5
+                      ) -> AsyncIterator[tuple[worker_pb2.WorkerStats, worker_pb2.KvEventBatch]]:
+        """Stats and the KV events since the last report, every `interval_s` (for the router)."""
+        while True:
+            yield await self.stats(), await self.kv_events()
+            await asyncio.sleep(interval_s)
+
+    async def bytes_dispatched(self) -> int:
+        """Expert-parallel bytes this rank sent to other ranks (0 without EP)."""
+        d = self._built.dispatcher
+        return 0 if d is None else d.bytes_sent
