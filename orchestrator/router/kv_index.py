@@ -2,12 +2,13 @@
 
 Block hashes are chained (`tandem.blocks`): hash k names the whole prefix of blocks 0..k, so a
 prefix tree is not needed. The index is one dict, block hash -> bitmask of worker slots (a
-Python int, bit s = the worker in slot s), plus each worker's set of hashes. `match` looks up
-the query's hashes, ANDs the masks cumulatively (a worker drops out at its first missing block)
-and reads each worker's depth off the points where the running mask shrinks; every per-block
-step of `match`, `stored` and `removed` runs inside C loops (map / accumulate / set ops), which
-is what makes this faster than a radix tree walked in Python, and than Dynamo's Rust one called
-from Python (bench/router_index.py).
+Python int, bit s = the worker in slot s), plus a block count per worker. `match` looks up the
+query's hashes, ANDs the masks cumulatively (a worker drops out at its first missing block) and
+reads each worker's depth off the few points where the running mask shrinks. Every per-block step
+of `match`, `stored` and `removed` runs inside C loops (map / accumulate / compress /
+dict.update); Python code runs per event, per breakpoint, never per block. A worker's own
+holdings are found by one scan of the index (C speed), which only snapshots, re-syncs and worker
+removal need. bench/router_index.py measures it against Dynamo's Rust radix tree.
 
 Sequencing: each worker numbers its events 0, 1, 2, ... from its start. `apply` checks the
 number; a gap means events were lost, so that worker's entries are dropped (the router cannot
