@@ -14,9 +14,10 @@ from workers.model import presets as model_presets
 from workers.model.config import ModelConfig
 
 
-def kv_shape(cfg: ModelConfig, key_format: KeyFormat = KeyFormat.FP4) -> KvShape:
-    """The cache geometry inputs of a model config."""
-    ratios = tuple(cfg.ratio(k) for k in cfg.layer_kinds) + (0,) * cfg.num_mtp_layers
+def kv_shape(cfg: ModelConfig, key_format: KeyFormat = KeyFormat.FP4, with_mtp: bool = True) -> KvShape:
+    """The cache geometry inputs of a model config (without the MTP layers for a model built
+    with_mtp=False: a boundary is only cached once every layer of the geometry reached it)."""
+    ratios = tuple(cfg.ratio(k) for k in cfg.layer_kinds) + (0,) * (cfg.num_mtp_layers if with_mtp else 0)
     entry = EntryLayout(nope_dim=cfg.nope_head_dim, rope_dim=cfg.rope_head_dim)
     return KvShape(
         ratios, entry=entry, index_dim=cfg.index_head_dim, key_format=key_format, window=cfg.window

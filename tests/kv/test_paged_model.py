@@ -1,0 +1,94 @@
+"""The tiny model running on the paged cache: same logits as on the model's contiguous cache, and a
+prefix hit gives the no-hit output with exactly 256*k fewer computed tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from workers.kv.geometry import KvGeometry
+from workers.kv.manager import KvCacheManager, KvCapacity
+from workers.kv.paged_cache import PagedModelCache
+from workers.kv.presets import kv_shape
+from workers.model import DeepseekV4, ModelCache, preset
+from workers.model.init import init_random
+
+pytestmark = pytest.mark.kv
+
+
+@pytest.fixture(scope="module")
+def model() -> DeepseekV4:
+    # quant_sim on: the real KV numerics, which the 584-byte layout holds exactly; fp32 as served.
+    return init_random(DeepseekV4(preset("tiny"), quant_sim=True, with_mtp=False), seed=3)
+
+
+def paged(model: DeepseekV4) -> PagedModelCache:
+    geom = KvGeometry.of(kv_shape(model.cfg, with_mtp=False))
+    mgr = KvCacheManager(geom, KvCapacity(block_pages=40, window_pages=24, state_pages=4), "w0")
+    return PagedModelCache(mgr, model.cfg.num_layers, model.dtype)
+
+
+def run(model: DeepseekV4, cache: ModelCache, seq: int, ids: torch.Tensor, chunks: list[int]) -> torch.Tensor:
+    """Prefill ids in `chunks` starting at the cache's length; the logits of every computed row."""
+    out, pos = [], cache.length(seq)
+    for n in chunks:
+        out.append(model.prefill(seq, ids[pos : pos + n], cache))
+        pos += n
+    return torch.cat(out)
+
+
+def block_chunks(start: int, end: int) -> list[int]:
+    """Chunks from start to end that end on every 256-token block end (where boundaries cache)."""
+    cuts = [*range((start // 256 + 1) * 256, end, 256), end]
+    return [b - a for a, b in zip([start, *cuts[:-1]], cuts, strict=True)]
+
+
+def test_paged_cache_is_a_model_cache(model: DeepseekV4) -> None:
+    assert isinstance(paged(model), ModelCache)
+
+
+def test_same_logits_as_the_contiguous_cache(model: DeepseekV4) -> None:
+    """Chunked prefill across the 128 / 256 boundaries, then decode steps, bit for bit."""
+    ids = torch.randint(0, model.cfg.vocab_size, (300,), generator=torch.Generator().manual_seed(1))
+    chunks = [100, 28, 127, 1, 1, 3]
+    ref_cache, cache = model.new_cache(), paged(model)
+    cache.admit(5, ids.tolist(), 300)
+    ref = run(model, ref_cache, 5, ids, chunks)
+    got = run(model, cache, 5, ids, chunks)
+    assert torch.equal(got, ref)
+    for t in range(260, 264):
+        assert torch.equal(model.decode([5], ids[t : t + 1], cache), model.decode([5], ids[t : t + 1], ref_cache))
+    assert cache.length(5) == ref_cache.length(5) == 264
+    cache.free(5)
+
+
+@pytest.mark.slow  # about 20 s of tiny-model forwards on two idle cores, far more on busy ones
+def test_prefix_hit_equals_no_hit_with_256k_fewer_tokens(model: DeepseekV4) -> None:
+    """Prompts sharing 1, 2 and 3 blocks with a cached one, then diverging: the hit run computes
+    256*k fewer tokens and its logits equal those of a run that computes everything (same chunk
+    boundaries from 256*k on, so the same arithmetic), bit for bit, and so does a decode step."""
+    g = torch.Generator().manual_seed(2)
+    base = torch.randint(0, model.cfg.vocab_size, (3 * 256 + 10,), generator=g)
+    cache = paged(model)
+    cache.admit(0, base.tolist(), len(base))
+    run(model, cache, 0, base, block_chunks(0, len(base)))
+    cache.free(0)
+    for k in (1, 2, 3):
+        tail = torch.randint(0, model.cfg.vocab_size, (20,), generator=g)
+        prompt = torch.cat([base[: 256 * k], tail])
+        # No hit: a different salt names different blocks; the whole prompt is computed.
+        miss = cache.admit(10 + k, prompt.tolist(), len(prompt) + 1, salt=f"no-hit-{k}")
+        assert miss.hit_blocks == 0
+        chunks = block_chunks(0, len(prompt))
+        full = run(model, cache, 10 + k, prompt, chunks)
+        hit = cache.admit(20 + k, prompt.tolist(), len(prompt) + 1)
+        assert (hit.hit_blocks, hit.hit_tokens, cache.length(20 + k)) == (k, 256 * k, 256 * k)
+        rest = block_chunks(256 * k, len(prompt))
+        got = run(model, cache, 20 + k, prompt, rest)
+        assert sum(chunks) - sum(rest) == 256 * k
+        assert torch.equal(got, full[256 * k :])
+        # And the sequences stay equal afterwards: one decode step each.
+        tok = got[-1].argmax().reshape(1)
+        assert torch.equal(model.decode([20 + k], tok, cache), model.decode([10 + k], tok, cache))
+        cache.free(10 + k)
+        cache.free(20 + k)
