@@ -149,8 +149,9 @@ def index_scores_paged(
 
 @triton.jit
 def _ordered(x):
-    """uint32 images of float32 x, ordered as the floats are."""
-    bits = x.to(tl.uint32, bitcast=True)
+    """uint32 images of float32 x, ordered as the floats are (-0.0 and 0.0 are one value, as
+    torch's sort has them)."""
+    bits = tl.where(x == 0.0, 0.0, x).to(tl.uint32, bitcast=True)
     neg = (bits >> 31) == 1
     return tl.where(neg, ~bits, bits | 0x80000000)
 

@@ -14,7 +14,9 @@ pytestmark = pytest.mark.kernels
 def _values(shape: tuple[int, ...], device: torch.device, seed: int) -> torch.Tensor:
     """Random values spanning many binades per row, with an all-zero row and exact ties mixed in."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(shape, generator=g) * torch.exp2(torch.randint(-12, 12, shape[:-1], generator=g)).unsqueeze(-1)
+    x = torch.randn(shape, generator=g) * torch.exp2(
+        torch.randint(-12, 12, shape[:-1], generator=g)
+    ).unsqueeze(-1)
     x = x.reshape(-1, shape[-1])
     x[0] = 0.0
     if x.shape[0] > 1:  # halfway points of the e4m3 / e2m1 grids, to exercise round-to-even
@@ -58,7 +60,9 @@ def test_fp4_quantize_is_bit_exact(shape: tuple[int, ...], group: int, device: t
     packed, e = tri.fp4_e2m1_quantize(x, group)
     p_ref, e_ref = ref.fp4_e2m1_quantize(x.cpu(), group)
     assert torch.equal(packed.cpu(), p_ref) and torch.equal(e.cpu(), e_ref)
-    assert torch.equal(tri.fp4_e2m1_dequantize(packed, e, group).cpu(), ref.fp4_e2m1_dequantize(p_ref, e_ref, group))
+    assert torch.equal(
+        tri.fp4_e2m1_dequantize(packed, e, group).cpu(), ref.fp4_e2m1_dequantize(p_ref, e_ref, group)
+    )
 
 
 def test_fp4_ties_round_to_even_codes(device: torch.device) -> None:
