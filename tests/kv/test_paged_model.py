@@ -92,3 +92,32 @@ def test_prefix_hit_equals_no_hit_with_256k_fewer_tokens(model: DeepseekV4) -> N
         assert torch.equal(model.decode([20 + k], tok, cache), model.decode([10 + k], tok, cache))
         cache.free(10 + k)
         cache.free(20 + k)
+
+
+def test_mtp_layer_after_each_step_and_a_hit_after_it() -> None:
+    """The MTP layer writes its window after the step advanced the length; the paged cache keeps the
+    previous window for it, gives the contiguous cache's logits, and caches the block boundary only
+    once the MTP layer reached it too."""
+    mtp_model = init_random(DeepseekV4(preset("tiny"), quant_sim=True, with_mtp=True), seed=4)
+    cfg = mtp_model.cfg
+    geom = KvGeometry.of(kv_shape(cfg))
+    cache = PagedModelCache(KvCacheManager(geom, KvCapacity(8, 12, 3), "w1"), cfg.num_layers, mtp_model.dtype)
+    ref_cache = mtp_model.new_cache()
+    ids = torch.randint(0, cfg.vocab_size, (264,), generator=torch.Generator().manual_seed(6))
+    cache.admit(1, ids.tolist(), 264)
+
+    def steps(c: ModelCache, seq: int, spans: list[tuple[int, int]]) -> list[torch.Tensor]:
+        out = []
+        for a, b in spans:
+            res = mtp_model.step([(seq, ids[a:b])], c)
+            out += [res.logits, mtp_model.mtp_logits(res, ids[a + 1 : b + 1], c)]
+        return out
+
+    spans = [(0, 256), (256, 260), (260, 261), (261, 262)]
+    got, ref = steps(cache, 1, spans), steps(ref_cache, 1, spans)
+    assert all(torch.equal(x, y) for x, y in zip(got, ref, strict=True))
+    # Block 0's boundary was settled by the step at 256 once the MTP layer had written it.
+    cache.admit(2, ids[:260].tolist(), 264)
+    assert cache.length(2) == 256
+    again = steps(cache, 2, [(256, 260)])
+    assert torch.equal(again[0], got[2]) and torch.equal(again[1], got[3])
