@@ -77,3 +77,14 @@ def test_bad_ratio_names_layer() -> None:
     with pytest.raises(ValueError, match=r"compress_ratios\[2\] = 8"):
         KvShape((0, 4, 8))
     assert PoolKind.BLOCK in {p.pool for p in (KvGeometry.of(KvShape((4,))).block,)}
+
+
+def test_layout_hash_names_the_layout() -> None:
+    flash = KvGeometry.of(Preset.V4_FLASH.shape()).layout_hash()
+    assert flash == KvGeometry.of(Preset.V4_FLASH.shape()).layout_hash() and 0 <= flash < 2**64
+    others = {
+        KvGeometry.of(Preset.V4_FLASH.shape(KeyFormat.FP8)).layout_hash(),
+        KvGeometry.of(Preset.V4_PRO.shape()).layout_hash(),
+        KvGeometry.of(Preset.TINY.shape()).layout_hash(),
+    }
+    assert flash not in others and len(others) == 3

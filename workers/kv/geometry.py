@@ -20,6 +20,7 @@ CSA holds exactly `ratio` rows and HCA none: that is the boundary state a window
 from __future__ import annotations
 
 import enum
+import hashlib
 from dataclasses import dataclass
 
 from workers.kv.entry import EntryLayout, KeyFormat, KeyLayout
@@ -188,3 +189,19 @@ class KvGeometry:
 
     def page(self, pool: PoolKind) -> PageLayout:
         return {PoolKind.BLOCK: self.block, PoolKind.WINDOW: self.window, PoolKind.STATE: self.state}[pool]
+
+    def layout_hash(self) -> int:
+        """An unsigned 64-bit name of this exact byte layout (shape, pages, segment offsets): two
+        workers may move pages between them only when theirs are equal (the handoff's layout_hash)."""
+        pages = tuple(
+            (
+                p.pool.value,
+                p.tokens,
+                tuple((s.layer, s.part.value, s.offset, s.items, s.item_bytes) for s in p.segments),
+            )
+            for p in (self.block, self.window, self.state)
+        )
+        desc = repr((self.shape, pages)).encode()
+        return int.from_bytes(
+            hashlib.blake2b(b"tandem.kv.layout.v1" + desc, digest_size=8).digest(), "little"
+        )
