@@ -64,6 +64,7 @@ class DeepseekV4(nn.Module):
         self.hc_head = HyperHead(cfg.hc_mult, d, cfg.hc_eps, cfg.norm_eps)
         n_mtp = cfg.num_mtp_layers if with_mtp else 0
         self.mtp = nn.ModuleList([MTPBlock(cfg, quant_sim, experts) for _ in range(n_mtp)])
+        self.requires_grad_(False)  # inference only: no autograd state on any weight
 
     @property
     def dtype(self) -> torch.dtype:
