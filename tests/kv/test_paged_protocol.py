@@ -30,7 +30,7 @@ def state_start(kind: LayerKind, n_done: int) -> int:
     return max(n_done - 1, 0) * 4 if kind is LayerKind.CSA else n_done * 128
 
 
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(
     st.lists(st.one_of(st.integers(1, 3), st.integers(100, 300)), min_size=1, max_size=8),
     st.integers(0, 2**31 - 1),

@@ -128,7 +128,9 @@ class PagedModelCache:
         for layer, kind in enumerate(self.kinds):
             for ek in self._compressors(kind):
                 st = meta.states.get((layer, ek))
-                ready = ready and st is not None and st.start + st.rows == n
+                # At a block end the model's state is exactly what a boundary page holds.
+                want = kind.value if kind is LayerKind.CSA else 0
+                ready = ready and st is not None and st.start + st.rows == n and st.rows == want
         if ready:  # copy the compressor states at n into the window page that ends at n
             win_page = self.m.window_pages(seq)[n // self.W - 1]
             state_page = self.m.state_page(seq)
