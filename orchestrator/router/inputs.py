@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from tandem.blocks import BLOCK_SIZE
 
@@ -26,15 +27,31 @@ class Role(enum.Enum):
     DECODE = "decode"
 
 
-@dataclass(frozen=True, order=True)
-class WorkerId:
-    """One routable unit: a dp rank of a worker instance. Ordered (instance, dp_rank) for tie-breaks."""
-
+class _WorkerIdFields(NamedTuple):
     instance: str
-    dp_rank: int = 0
+    dp_rank: int
 
-    def __post_init__(self) -> None:
-        _require(self.dp_rank >= 0, "WorkerId.dp_rank", self.dp_rank, "must be >= 0")
+
+class WorkerId(_WorkerIdFields):
+    """One routable unit: a dp rank of a worker instance. Ordered (instance, dp_rank) for tie-breaks.
+
+    A (named) tuple rather than a frozen dataclass: it is hashed and compared on every lookup of
+    the routing hot path, and a tuple does both in C. Immutable all the same, and checked here.
+    """
+
+    __slots__ = ()
+
+    def __new__(cls, instance: str, dp_rank: int = 0) -> WorkerId:
+        _require(
+            isinstance(instance, str) and bool(instance),
+            "WorkerId.instance",
+            instance,
+            "must be a non-empty str",
+        )
+        _require(
+            isinstance(dp_rank, int) and dp_rank >= 0, "WorkerId.dp_rank", dp_rank, "must be an int >= 0"
+        )
+        return super().__new__(cls, instance, dp_rank)
 
     def __str__(self) -> str:
         return f"{self.instance}/{self.dp_rank}"

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from orchestrator.router.decision import Reason, Refusal, RefusalReason, RouteDecision, RouteOutcome
 from orchestrator.router.estimate import (
@@ -39,7 +40,7 @@ from orchestrator.router.estimate import (
     uncached_tokens,
 )
 from orchestrator.router.inputs import FleetParams, Role, WorkerId, WorkerState
-from orchestrator.router.view import RoutingView, WorkerPair
+from orchestrator.router.view import RoutingView
 
 
 @dataclass(frozen=True)
@@ -66,22 +67,15 @@ class KvParams:
                 raise ValueError(f"KvParams.{name} = {value!r}: must be >= 0")
 
 
-@dataclass(frozen=True)
-class _Candidate:
+class _Tie(NamedTuple):
+    """A candidate within tolerance of the cheapest (a plain tuple: built by the dozen per request)."""
+
     cost: float
-    pair: WorkerPair
+    prefill: WorkerState | None
+    decode: WorkerState
     ttft_s: float
     handoff_s: float
-    load: float
-    prefill_cached: int
-    decode_cached: int
-    uncached: int
-    transfer: int
-    alloc: int
-
-    def order_key(self) -> tuple[bool, tuple[str, int], tuple[str, int]]:
-        p, d = self.pair.prefill, self.pair.decode
-        return (p is not None, (p.instance, p.dp_rank) if p else ("", -1), (d.instance, d.dp_rank))
+    pressure: float
 
 
 def _busiest_other_ranks(view: RoutingView) -> dict[WorkerId, int]:
@@ -134,51 +128,39 @@ class KvPolicy:
             by_domain[p.nvlink_domain].append((p, prefill_seconds(p, unc)))
         return [(min(t for _, t in group), group) for group in by_domain.values()]
 
-    def _ties(
-        self, view: RoutingView, decodes: list[WorkerState], prefills: list[WorkerState]
-    ) -> list[_Candidate]:
+    def _ties(self, view: RoutingView, decodes: list[WorkerState], prefills: list[WorkerState]) -> list[_Tie]:
         """Every candidate whose cost is within tie_tolerance_s of the cheapest; [] if none exists."""
         n, bs = view.request.prompt_tokens, self.fleet.block_size
-        weight, tol = self.params.decode_load_weight_s, self.params.tie_tolerance_s
+        weight, tol, local_ok = (
+            self.params.decode_load_weight_s,
+            self.params.tie_tolerance_s,
+            self.fleet.disagg.local,
+        )
         domains = self._domains(view, prefills)
         busiest = _busiest_other_ranks(view)
-        local: list[_Candidate] = []
-        rows = []  # (cost with the domain's best prefill, decode, members, handoff, pressure, held, moved)
+        local: list[_Tie] = []
+        rows = []  # (cost with the domain's best prefill, decode, members, handoff, pressure)
         for d in decodes:
             held = view.matched_blocks(d.worker)
-            moved = transfer_blocks(n, held, bs)
             pressure = self._pressure(view, d, busiest.get(d.worker))
             unc_d = uncached_tokens(n, held, bs)
-            if self.fleet.disagg.local(unc_d, n):
+            if local_ok(unc_d, n):
                 t = prefill_seconds(d, unc_d)
-                load = d.queued_prefill_tokens / d.prefill_rate_tps + pressure
-                pair = WorkerPair(None, d.worker)
-                local.append(
-                    _Candidate(t + weight * pressure, pair, t, 0.0, load, held, held, unc_d, 0, moved)
-                )
+                local.append(_Tie(t + weight * pressure, None, d, t, 0.0, pressure))
                 continue
+            moved = transfer_blocks(n, held, bs)
             for best_t, members in domains:
                 h = handoff_seconds(self.fleet, members[0][0], d, moved)
-                rows.append((best_t + h + weight * pressure, d, members, h, pressure, held, moved))
+                rows.append((best_t + h + weight * pressure, d, members, h, pressure))
         costs = [c.cost for c in local] + [r[0] for r in rows]
         if not costs:
             return []
         limit = min(costs) + tol
         ties = [c for c in local if c.cost <= limit]
-        for cost, d, members, h, pressure, held, moved in rows:
-            if cost > limit:
-                continue
-            for p, t in members:
-                if t + h + weight * pressure <= limit:
-                    load = p.queued_prefill_tokens / p.prefill_rate_tps + pressure
-                    cached = view.matched_blocks(p.worker)
-                    unc = uncached_tokens(n, cached, bs)
-                    pair = WorkerPair(p.worker, d.worker)
-                    ties.append(
-                        _Candidate(
-                            t + h + weight * pressure, pair, t, h, load, cached, held, unc, moved, moved
-                        )
-                    )
+        for cost, d, members, h, pressure in rows:
+            if cost <= limit:
+                extra = h + weight * pressure
+                ties += [_Tie(t + extra, p, d, t, h, pressure) for p, t in members if t + extra <= limit]
         return ties
 
     def _refusal(self, view: RoutingView, decodes: tuple[WorkerState, ...], open_decodes: list) -> Refusal:
@@ -214,30 +196,39 @@ class KvPolicy:
             return self._refusal(view, decodes, open_decodes)
         aff = view.affinity
 
-        def shared(c: _Candidate) -> int:
-            if aff is None:
-                return 0
-            return int(c.pair.decode == aff.decode) + int(c.pair.prefill == aff.prefill)
+        def key(c: _Tie) -> tuple:
+            p, d = c.prefill, c.decode.worker
+            shared = 0 if aff is None else int(d == aff.decode) + int((p and p.worker) == aff.prefill)
+            pre = p if p is not None else c.decode
+            load = pre.queued_prefill_tokens / pre.prefill_rate_tps + c.pressure
+            pid = (p.worker.instance, p.worker.dp_rank) if p is not None else ("", -1)
+            return (-shared, load, p is not None, pid, (d.instance, d.dp_rank))
 
-        pick = min(ties, key=lambda c: (-shared(c), c.load, c.order_key()))
-        if pick.pair.prefill is None:
-            reason = Reason.LOCAL_PREFILL
-        elif shared(pick) > min(shared(c) for c in ties):
-            reason = Reason.SESSION_AFFINITY
-        elif pick.prefill_cached > 0 or pick.decode_cached > 0:
-            reason = Reason.PREFIX_HIT
+        keys = [key(c) for c in ties]
+        best = min(range(len(ties)), key=keys.__getitem__)
+        pick, n, bs = ties[best], view.request.prompt_tokens, self.fleet.block_size
+        held = view.matched_blocks(pick.decode.worker)
+        alloc = transfer_blocks(n, held, bs)
+        if pick.prefill is None:
+            reason, cached, moved = Reason.LOCAL_PREFILL, held, 0
         else:
-            reason = Reason.LEAST_LOAD
+            cached, moved = view.matched_blocks(pick.prefill.worker), alloc
+            if keys[best][0] < max(k[0] for k in keys):  # fewer negated shared = more shared
+                reason = Reason.SESSION_AFFINITY
+            elif cached > 0 or held > 0:
+                reason = Reason.PREFIX_HIT
+            else:
+                reason = Reason.LEAST_LOAD
         return RouteDecision(
             request_id=view.request.request_id,
-            prefill=pick.pair.prefill,
-            decode=pick.pair.decode,
+            prefill=None if pick.prefill is None else pick.prefill.worker,
+            decode=pick.decode.worker,
             reason=reason,
             expected_ttft_s=pick.ttft_s,
             expected_handoff_s=pick.handoff_s,
-            prefill_cached_blocks=pick.prefill_cached,
-            decode_cached_blocks=pick.decode_cached,
-            uncached_tokens=pick.uncached,
-            transfer_blocks=pick.transfer,
-            decode_alloc_blocks=pick.alloc,
+            prefill_cached_blocks=cached,
+            decode_cached_blocks=held,
+            uncached_tokens=uncached_tokens(n, cached, bs),
+            transfer_blocks=moved,
+            decode_alloc_blocks=alloc,
         )
