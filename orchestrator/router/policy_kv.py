@@ -197,12 +197,13 @@ class KvPolicy:
         aff = view.affinity
 
         def key(c: _Tie) -> tuple:
-            p, d = c.prefill, c.decode.worker
-            shared = 0 if aff is None else int(d == aff.decode) + int((p and p.worker) == aff.prefill)
-            pre = p if p is not None else c.decode
+            """(-workers shared with the session's last pair, load, ids): min() picks the winner."""
+            pw = None if c.prefill is None else c.prefill.worker
+            d = c.decode.worker
+            shared = 0 if aff is None else int(d == aff.decode) + int(pw == aff.prefill)
+            pre = c.decode if c.prefill is None else c.prefill
             load = pre.queued_prefill_tokens / pre.prefill_rate_tps + c.pressure
-            pid = (p.worker.instance, p.worker.dp_rank) if p is not None else ("", -1)
-            return (-shared, load, p is not None, pid, (d.instance, d.dp_rank))
+            return (-shared, load, pw is not None, pw or ("", -1), d)
 
         keys = [key(c) for c in ties]
         best = min(range(len(ties)), key=keys.__getitem__)
