@@ -56,9 +56,14 @@ class PullResult:
 
 
 def pull_plan(
-    desc: HandoffDescriptor, local: HandoffPages, cached_blocks: int, page_bytes: dict[PoolKind, int]
+    desc: HandoffDescriptor,
+    local: HandoffPages,
+    cached_blocks: int,
+    page_bytes: dict[PoolKind, int],
+    cached_windows: tuple[int, ...] = (),
 ) -> ReadPlan:
-    """The pages a pull moves: block pages from `cached_blocks` on, all window and state pages."""
+    """The pages a pull moves: block pages from `cached_blocks` on, the window pages whose positions
+    are not in `cached_windows`, the state page."""
     if local.shape() != desc.pages.shape():
         raise ValueError(
             f"pull {desc.request_id!r}: local pages {local.shape()} (block, window, state) do not match "
@@ -68,9 +73,16 @@ def pull_plan(
         raise ValueError(
             f"pull {desc.request_id!r}: cached_blocks {cached_blocks} outside [0, {len(desc.pages.block)}]"
         )
+    skip = frozenset(cached_windows)
+    if not skip <= set(range(len(local.window))):
+        raise ValueError(f"pull {desc.request_id!r}: cached_windows {cached_windows} outside the window list")
     parts = [
         PoolPull(PoolKind.BLOCK, desc.pages.block[cached_blocks:], local.block[cached_blocks:]),
-        PoolPull(PoolKind.WINDOW, desc.pages.window, local.window),
+        PoolPull(
+            PoolKind.WINDOW,
+            tuple(p for i, p in enumerate(desc.pages.window) if i not in skip),
+            tuple(p for i, p in enumerate(local.window) if i not in skip),
+        ),
         PoolPull(PoolKind.STATE, desc.pages.state, local.state),
     ]
     return plan_read(parts, page_bytes)
@@ -108,11 +120,18 @@ class Puller:
         return exc
 
     def pull(
-        self, desc: HandoffDescriptor, local: HandoffPages, cached_blocks: int, timeout_s: float
+        self,
+        desc: HandoffDescriptor,
+        local: HandoffPages,
+        cached_blocks: int,
+        timeout_s: float,
+        cached_windows: tuple[int, ...] = (),
     ) -> PullResult:
+        """Pull `desc` into `local` (same shape), skipping the first `cached_blocks` block pages and
+        the window positions in `cached_windows` (workers/transfer/pages.py says which)."""
         self.inbox.agent.peer(desc.agent)  # KeyError naming it unless paired (layout checked)
         start = self._clock()  # descriptor building counts towards the handoff's overhead
-        plan = pull_plan(desc, local, cached_blocks, self.page_bytes)
+        plan = pull_plan(desc, local, cached_blocks, self.page_bytes, cached_windows)
         deadline = start + timeout_s
         self.inbox.send(desc.agent, Claim(desc.request_id, desc.epoch))
         try:
