@@ -9,6 +9,8 @@ The prompt is 40 full blocks (10,240 tokens) unless a test says otherwise.
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from orchestrator.router.decision import Reason, Refusal, RefusalReason, RouteDecision
 from orchestrator.router.inputs import (
@@ -178,3 +180,124 @@ def test_admission_refuses_at_once_when_every_worker_is_full() -> None:
     got = choose([D("d")])
     assert got.reason is RefusalReason.NO_WORKERS and "no prefill worker" in got.detail
     assert choose([P("p")]).reason is RefusalReason.NO_WORKERS
+
+
+# -- the optimised search against a brute-force spelling of the module formula --
+
+
+def brute_force(workers: list[WorkerState], matches: dict, request: RouteRequest, aff: WorkerPair | None):
+    """Every candidate costed from scratch, straight from the policy's docstring."""
+    n, b = request.prompt_tokens, -(-request.prompt_tokens // 256)
+    disagg = FLEET.disagg
+
+    def held(w: WorkerState) -> int:
+        return matches.get(w.worker, 0)
+
+    def unc(w: WorkerState) -> int:
+        return max(n - 256 * held(w), 1)
+
+    def ttft(w: WorkerState) -> float:
+        return (w.queued_prefill_tokens + unc(w)) / w.prefill_rate_tps
+
+    def pressure(d: WorkerState) -> float:
+        others = [
+            w.running_requests
+            for w in workers
+            if w.role is Role.DECODE and w.worker.instance == d.worker.instance and w.worker != d.worker
+        ]
+        dp = max(d.running_requests + 1 - max(others), 0) / d.max_running_requests if others else 0.0
+        return (
+            (d.kv_blocks_used + b - held(d)) / d.kv_blocks_total
+            + (d.running_requests + 1) / d.max_running_requests
+            + 0.5 * dp
+        )
+
+    cands = []
+    for d in (w for w in workers if w.role is Role.DECODE and w.admits):
+        if unc(d) < disagg.max_local_prefill_tokens and unc(d) < disagg.max_local_uncached_fraction * n:
+            cands.append((ttft(d) + 0.5 * pressure(d), None, d, d.queued_prefill_tokens / d.prefill_rate_tps))
+            continue
+        for p in (w for w in workers if w.role is Role.PREFILL and w.admits):
+            link = (
+                FLEET.topology.intra_domain
+                if p.nvlink_domain == d.nvlink_domain
+                else FLEET.topology.cross_domain
+            )
+            moved = b - held(d)
+            h = link.latency_s + moved * MB / link.bandwidth_bytes_per_s if moved else 0.0
+            cands.append(
+                (ttft(p) + h + 0.5 * pressure(d), p, d, p.queued_prefill_tokens / p.prefill_rate_tps)
+            )
+    if not cands:
+        return None
+    best = min(c[0] for c in cands)
+    ties = [c for c in cands if c[0] <= best + 1e-3]
+
+    def shared(c: tuple) -> int:
+        pw = None if c[1] is None else c[1].worker
+        return 0 if aff is None else int(c[2].worker == aff.decode) + int(pw == aff.prefill)
+
+    def key(c: tuple) -> tuple:
+        pw = None if c[1] is None else c[1].worker
+        return (-shared(c), c[3] + pressure(c[2]), pw is not None, pw or ("", -1), c[2].worker)
+
+    return min(ties, key=key)
+
+
+settings_kw = {"derandomize": True, "max_examples": 150, "deadline": None}
+
+
+@st.composite
+def situations(draw: st.DrawFn) -> tuple:
+    workers = []
+    for i in range(draw(st.integers(1, 4))):
+        workers.append(
+            P(
+                f"p{i}",
+                draw(st.sampled_from(["r0", "r1"])),
+                draw(st.sampled_from([5e3, 1e4, 2e4])),
+                queued_prefill_tokens=draw(st.sampled_from([0, 0, 2048, 9000])),
+                queue_length=draw(st.sampled_from([0, 0, 0, 4])),
+            )
+        )
+    for i in range(draw(st.integers(1, 2))):
+        for r in range(draw(st.integers(1, 3))):
+            workers.append(
+                D(
+                    f"d{i}",
+                    draw(st.sampled_from(["r0", "r1"])),
+                    rank=r,
+                    running_requests=draw(st.integers(0, 6)),
+                    kv_blocks_used=draw(st.sampled_from([0, 500])),
+                    queue_length=draw(st.sampled_from([0, 0, 0, 4])),
+                )
+            )
+    tokens = draw(st.sampled_from([700, 4000, N, 3 * N]))
+    matches = {w.worker: draw(st.integers(0, tokens // 256)) for w in workers if draw(st.booleans())}
+    aff = None
+    if draw(st.booleans()):
+        aff = WorkerPair(
+            draw(st.sampled_from([None] + [w.worker for w in workers if w.role is Role.PREFILL])),
+            draw(st.sampled_from([w.worker for w in workers if w.role is Role.DECODE])),
+        )
+    return workers, matches, req(tokens=tokens), aff
+
+
+@settings(**settings_kw)
+@given(situations())
+def test_choice_equals_brute_force_over_every_candidate(case: tuple) -> None:
+    workers, matches, request, aff = case
+    got = choose(workers, matches, request=request, affinity=aff)
+    want = brute_force(workers, matches, request, aff)
+    if want is None:
+        assert isinstance(got, Refusal)
+        return
+    assert isinstance(got, RouteDecision)
+    assert (got.prefill, got.decode) == (None if want[1] is None else want[1].worker, want[2].worker)
+    assert got.expected_ttft_s + got.expected_handoff_s == pytest.approx(
+        want[0]
+        - 0.5
+        * KvPolicy(FLEET).pressure(
+            RoutingView(request, tuple(sorted(workers, key=lambda w: w.worker)), matches, FLEET), want[2]
+        )
+    )
