@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prefix-blocks", type=int, default=100)
     ap.add_argument("--queries", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds per side")
+    ap.add_argument("--rounds", type=int, default=5, help="alternating rounds per side")
     ap.add_argument("--json", metavar="PATH", help="write the results here as JSON")
     args = ap.parse_args(argv)
 
