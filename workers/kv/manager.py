@@ -108,10 +108,12 @@ class KvCacheManager:
         return self.allocators[pool].num_free + self._evictable(pool) - reserved
 
     def _plan(self, hashes: list[int], prompt_len: int, max_len: int) -> tuple[int, dict[PoolKind, int]]:
-        if not 0 < prompt_len <= max_len:
-            raise ValueError(f"admit: need 0 < prompt_len ({prompt_len}) <= max_len ({max_len})")
+        if not 0 <= prompt_len <= max_len or max_len <= 0:
+            raise ValueError(
+                f"admit: need 0 <= prompt_len ({prompt_len}) <= max_len ({max_len}), max_len > 0"
+            )
         # At least one prompt token must be computed (its logits sample the next token).
-        k = self.prefix.lookup(hashes[: (prompt_len - 1) // self.block_size])
+        k = self.prefix.lookup(hashes[: max(prompt_len - 1, 0) // self.block_size])
         pages = {p: self._budget(p, max_len) for p in PoolKind}
         if k:
             # Hit pages already held by others cost nothing; evictable ones stop being evictable.
@@ -153,6 +155,23 @@ class KvCacheManager:
         s.state = self._take(PoolKind.STATE)
         s.length, s.registered = k * self.block_size, k
         return Admission(seq, k, k * self.block_size)
+
+    def extend(self, seq: int, max_len: int) -> None:
+        """Raise an admitted sequence's max length (a scheduler that grows sequences step by step);
+        AdmissionRefused, changing nothing, when the extra block pages are not available."""
+        s = self._get(seq)
+        if max_len <= s.max_len:
+            return
+        need = self._budget(PoolKind.BLOCK, max_len) - self._budget(PoolKind.BLOCK, s.max_len)
+        if need > self.available(PoolKind.BLOCK):
+            raise AdmissionRefused(
+                f"sequence {seq}: growing to {max_len} tokens needs {need} more block pages, "
+                f"{self.available(PoolKind.BLOCK)} available"
+            )
+        s.max_len = max_len
+
+    def max_len(self, seq: int) -> int:
+        return self._get(seq).max_len
 
     # --- pages of a sequence -------------------------------------------------------------------
     def _take(self, pool: PoolKind) -> int:

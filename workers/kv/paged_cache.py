@@ -147,31 +147,38 @@ class PagedModelCache:
     def length(self, seq: int) -> int:
         return self.m.length(seq)
 
-    def window(self, layer: int, seq: int) -> torch.Tensor:
-        c = self._get(seq).cursor[layer]
-        lo = max(c - self.W, 0)
-        if c == 0:
-            raise KeyError(f"no window for layer {layer}, sequence {seq}: nothing written yet")
+    def _read_rows(self, seq: int, layer: int, lo: int, hi: int) -> torch.Tensor:
+        """Packed window rows of positions [lo, hi) (held pages): uint8 [hi - lo, entry bytes]."""
         pages = self.m.window_pages(seq)
-        idx = list(range(lo // self.W, (c - 1) // self.W + 1))
+        idx = list(range(lo // self.W, (hi - 1) // self.W + 1))
         view = self.m.pools[PoolKind.WINDOW].view(layer, Part.WINDOW)
         rows = view[torch.tensor([pages[i] for i in idx])].reshape(-1, self._entry.nbytes)
         first = idx[0] * self.W
-        return self._entry.unpack(rows[lo - first : c - first]).to(self.dtype)
+        return rows[lo - first : hi - first]
+
+    def _write_rows(self, seq: int, layer: int, lo: int, packed: torch.Tensor) -> None:
+        """Write packed rows at positions lo.. (allocating their pages)."""
+        hi = lo + packed.shape[0]
+        self.m.ensure_window(seq, lo, hi)
+        pages, view = self.m.window_pages(seq), self.m.pools[PoolKind.WINDOW].view(layer, Part.WINDOW)
+        pos = lo
+        while pos < hi:
+            i, off = divmod(pos, self.W)
+            n = min(self.W - off, hi - pos)
+            view[pages[i], off : off + n] = packed[pos - lo : pos - lo + n]
+            pos += n
+
+    def window(self, layer: int, seq: int) -> torch.Tensor:
+        c = self._get(seq).cursor[layer]
+        if c == 0:
+            raise KeyError(f"no window for layer {layer}, sequence {seq}: nothing written yet")
+        return self._entry.unpack(self._read_rows(seq, layer, max(c - self.W, 0), c)).to(self.dtype)
 
     def append_window(self, layer: int, seq: int, kv: torch.Tensor) -> None:
         meta = self._writing(layer, seq)
         c, t = meta.cursor[layer], kv.shape[0]
         lo = max(c, c + t - self.W)  # only the last W positions are ever read again
-        self.m.ensure_window(seq, lo, c + t)
-        packed = self._entry.pack(kv[lo - c :])
-        pages, view = self.m.window_pages(seq), self.m.pools[PoolKind.WINDOW].view(layer, Part.WINDOW)
-        pos = lo
-        while pos < c + t:
-            i, off = divmod(pos, self.W)
-            n = min(self.W - off, c + t - pos)
-            view[pages[i], off : off + n] = packed[pos - lo : pos - lo + n]
-            pos += n
+        self._write_rows(seq, layer, lo, self._entry.pack(kv[lo - c :]))
         meta.cursor[layer] = c + t
 
     def _layout(self, kind: EntryKind) -> EntryLayout | KeyLayout:
@@ -234,7 +241,18 @@ class PagedModelCache:
         meta.states[(layer, kind)] = _StateMeta(state.start, rows)
 
     def advance(self, seq: int, n: int) -> None:
+        """The step covered n tokens. A main layer that appended fewer window rows than that got
+        only the step's last rows (the protocol keeps only the last `window`; a handoff import
+        writes just those): they move to the step's last positions."""
         if n < 0:
             raise ValueError(f"advance: n = {n} must be >= 0")
-        self._get(seq)
-        self.m.advance(seq, self.m.length(seq) + n, boundary_state_written=False, settle=False)
+        meta = self._get(seq)
+        l0 = self.m.length(seq)
+        for layer in range(self.num_main_layers):
+            c = meta.cursor[layer]
+            if l0 < c < l0 + n:
+                kept = max(l0, c - self.W)
+                rows = self._read_rows(seq, layer, kept, c).clone()
+                self._write_rows(seq, layer, l0 + n - rows.shape[0], rows)
+                meta.cursor[layer] = l0 + n
+        self.m.advance(seq, l0 + n, boundary_state_written=False, settle=False)
