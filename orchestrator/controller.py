@@ -1,0 +1,232 @@
+"""The controller: a detached, named Ray actor that runs one deployment.
+
+It places each worker instance in its own placement group (one NVLink domain), creates one actor
+per rank, starts the router process and registers ready ranks with it, checks the ranks' health
+every `health_interval_s` and replaces an instance whose rank died, scales pools up and down
+(scale-down drains: the instance leaves the router first, then goes when its running requests have
+finished or the drain timeout has passed), and answers status. Everything it creates is named
+under its deployment, so `down` removes exactly what it started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from dataclasses import dataclass, field
+
+import ray
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from orchestrator.placement import group_requests, place
+from orchestrator.router.host import RouterAddresses, RouterHost
+from orchestrator.spec import CpuTopology, DeploymentSpec, parse_spec
+from orchestrator.worker_plan import InstancePlan, instance_plan, model_config, router_settings
+from workers.actor_common import actor_name
+from workers.decode import DecodeActor
+from workers.engine.engine import Role
+from workers.prefill import PrefillActor
+
+log = logging.getLogger(__name__)
+CONTROLLER_NAME = "tandem-controller"
+NAMESPACE = "tandem"
+ROUTER_NAME = "tandem-router"
+
+
+@dataclass
+class Instance:
+    """A running worker instance: its plan, placement group and rank actors."""
+
+    plan: InstancePlan
+    pg: object
+    ranks: list = field(default_factory=list)
+    state: str = "starting"  # starting | ready | draining | dead
+
+    @property
+    def role_name(self) -> str:
+        return "prefill" if self.plan.role is Role.PREFILL else "decode"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Controller:
+    """Async actor body (see the module docstring)."""
+
+    def __init__(self, spec_data: dict, *, placement_timeout_s: float = 120.0,
+                 health_interval_s: float = 1.0) -> None:
+        self.spec: DeploymentSpec = parse_spec(spec_data, "controller")
+        self.model_cfg = model_config(self.spec)
+        self.placement_timeout_s = placement_timeout_s
+        self.health_interval_s = health_interval_s
+        self.instances: dict[str, Instance] = {}
+        self.router = None
+        self.addresses: RouterAddresses | None = None
+        self.settings = router_settings(self.spec, self.model_cfg)
+        self._next = {Role.PREFILL: 0, Role.DECODE: 0}
+        self._health: asyncio.Task | None = None
+        self._lock = asyncio.Lock()
+
+    # --- lifecycle -----------------------------------------------------------------------------
+    async def start(self) -> dict:
+        """Start the router and every instance of the spec; returns the status."""
+        async with self._lock:
+            if self.router is None:
+                me = ray.get_runtime_context().current_actor
+                self.router = ray.remote(RouterHost).options(
+                    name=ROUTER_NAME, namespace=NAMESPACE, num_cpus=0, lifetime="detached",
+                    max_concurrency=1000).remote(self.settings, me)
+                self.addresses = await self.router.start.remote()
+            want = {Role.PREFILL: self.spec.prefill.instances, Role.DECODE: self.spec.decode.instances}
+            await asyncio.gather(*(self._add(role) for role, n in want.items()
+                                   for _ in range(n - self._count(role))))
+            if self._health is None:
+                self._health = asyncio.ensure_future(self._health_loop())
+        return await self.status()
+
+    def _count(self, role: Role) -> int:
+        return sum(1 for i in self.instances.values() if i.plan.role is role and i.state != "draining")
+
+    async def _add(self, role: Role) -> Instance:
+        prefix = "prefill" if role is Role.PREFILL else "decode"
+        instance_id = f"{prefix}-{self._next[role]}"
+        self._next[role] += 1
+        pool = self.spec.prefill if role is Role.PREFILL else self.spec.decode
+        reqs = group_requests(instance_id, pool, self.spec.topology, ray.cluster_resources())
+        pg = await asyncio.to_thread(place, reqs, self.placement_timeout_s, name_prefix=self.spec.name)
+        local = isinstance(self.spec.topology, CpuTopology)
+        plan = instance_plan(self.spec, role, instance_id, nvlink_domain="local" if local else instance_id,
+                             master_port=_free_port())
+        inst = Instance(plan, pg)
+        self.instances[instance_id] = inst
+        cls = PrefillActor if role is Role.PREFILL else DecodeActor
+        for cfg in plan.configs:
+            opts = dict(name=actor_name(cfg.instance, cfg.rank), namespace=NAMESPACE, lifetime="detached",
+                        max_concurrency=1000, max_restarts=0,
+                        scheduling_strategy=PlacementGroupSchedulingStrategy(pg, cfg.rank))
+            if local:
+                opts["num_cpus"] = 0.01
+            else:
+                opts |= {"num_cpus": 1, "num_gpus": pool.gpus_per_rank}
+            inst.ranks.append(cls.options(**opts).remote(cfg))
+        await asyncio.gather(*(r.ready.remote() for r in inst.ranks))
+        for cfg, handle in zip(plan.configs, inst.ranks, strict=True):
+            await self.router.add_worker.remote(cfg.instance, cfg.rank, inst.role_name, handle)
+        inst.state = "ready"
+        log.info("instance %s ready (%d ranks)", instance_id, len(inst.ranks))
+        return inst
+
+    async def _remove(self, inst: Instance, drain_timeout_s: float) -> None:
+        """Drain: leave the router, wait for running requests to end (or the timeout), then go."""
+        inst.state = "draining"
+        for cfg in inst.plan.configs:
+            await self.router.remove_worker.remote(cfg.instance, cfg.rank)
+        deadline = time.monotonic() + drain_timeout_s
+        while time.monotonic() < deadline:
+            try:
+                stats = await asyncio.gather(*(r.stats.remote() for r in inst.ranks))
+            except ray.exceptions.RayError:
+                break
+            if all(s.running_requests == 0 and s.queued_requests == 0 for s in stats):
+                break
+            await asyncio.sleep(0.1)
+        self._kill(inst)
+
+    def _kill(self, inst: Instance) -> None:
+        from ray.util.placement_group import remove_placement_group
+
+        for r in inst.ranks:
+            ray.kill(r, no_restart=True)
+        remove_placement_group(inst.pg)
+        self.instances.pop(inst.plan.instance, None)
+
+    # --- operator calls ------------------------------------------------------------------------
+    async def scale(self, prefill: int | None, decode: int | None, drain_timeout_s: float = 60.0) -> dict:
+        """Grow or shrink the pools to the given instance counts (either alone)."""
+        if decode is not None and decode < 1:
+            raise ValueError(f"scale: decode must be >= 1, got {decode}")
+        async with self._lock:
+            for role, want in ((Role.PREFILL, prefill), (Role.DECODE, decode)):
+                if want is None:
+                    continue
+                have = [i for i in self.instances.values() if i.plan.role is role and i.state != "draining"]
+                if want > len(have):
+                    await asyncio.gather(*(self._add(role) for _ in range(want - len(have))))
+                for inst in sorted(have, key=lambda i: i.plan.instance)[want:][::-1]:
+                    await self._remove(inst, drain_timeout_s)
+        return await self.status()
+
+    async def drain(self, worker: str, timeout_s: float = 60.0) -> dict:
+        """Drain one instance ("decode-1" or "decode-1/r0") and remove it."""
+        instance_id = worker.split("/")[0]
+        inst = self.instances.get(instance_id)
+        if inst is None:
+            raise KeyError(f"drain: no instance {instance_id!r}; have {sorted(self.instances)}")
+        async with self._lock:
+            await self._remove(inst, timeout_s)
+        return await self.status()
+
+    async def down(self) -> None:
+        """Remove every instance and the router; the controller itself goes last."""
+        if self._health is not None:
+            self._health.cancel()
+        if self.router is not None:
+            try:
+                await self.router.stop.remote()
+            finally:
+                ray.kill(self.router, no_restart=True)
+                self.router = None
+        for inst in list(self.instances.values()):
+            self._kill(inst)
+
+    async def status(self) -> dict:
+        """The deployment's state as `tandem status --json` prints it."""
+        out = []
+        order = sorted(self.instances.values(), key=lambda i: (i.role_name != "prefill", i.plan.instance))
+        for inst in order:
+            row = {"id": inst.plan.instance, "role": inst.role_name, "ranks": len(inst.ranks),
+                   "state": inst.state}
+            if inst.state == "ready":
+                try:
+                    stats = await asyncio.wait_for(asyncio.gather(*(r.stats.remote() for r in inst.ranks)), 5)
+                    row |= {"running": sum(s.running_requests for s in stats),
+                            "queued": sum(s.queued_requests for s in stats),
+                            "kv_blocks_used": sum(s.kv_blocks_used for s in stats),
+                            "kv_blocks_total": sum(s.kv_blocks_used + s.kv_blocks_free for s in stats)}
+                except (ray.exceptions.RayError, TimeoutError):
+                    row["state"] = "dead"
+            out.append(row)
+        roles = {r["role"] for r in out if r["state"] == "ready"}
+        need = {"decode"} | ({"prefill"} if self.spec.prefill.instances else set())
+        ready = bool(out) and all(r["state"] == "ready" for r in out) and need <= roles
+        addr = self.addresses
+        return {"name": self.spec.name, "ready": ready, "router_address": addr.grpc if addr else "",
+                "http_address": addr.http if addr else "", "instances": out}
+
+    async def tokens(self) -> dict:
+        """The client and admin tokens (for `tandem serve`'s state file)."""
+        return {"token": self.settings.token, "admin_token": self.settings.admin_token}
+
+    # --- health --------------------------------------------------------------------------------
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.health_interval_s)
+            for inst in [i for i in self.instances.values() if i.state == "ready"]:
+                try:
+                    await asyncio.wait_for(asyncio.gather(*(r.stats.remote() for r in inst.ranks)),
+                                           max(5.0, 5 * self.health_interval_s))
+                except (ray.exceptions.RayError, TimeoutError) as exc:
+                    log.error("instance %s failed its health check (%s): replacing it",
+                              inst.plan.instance, exc)
+                    async with self._lock:
+                        for cfg in inst.plan.configs:
+                            await self.router.remove_worker.remote(cfg.instance, cfg.rank)
+                        self._kill(inst)
+                        await self._add(inst.plan.role)
+
+
+ControllerActor = ray.remote(Controller)

@@ -1,0 +1,156 @@
+"""The router process: a Ray actor serving gRPC Generate and the HTTP API from one event loop.
+
+The controller starts it with `RouterSettings` (frozen, torch-free: everything the router needs
+that comes from the spec or the model), then registers each worker rank as it becomes ready.
+`start` binds both servers (port 0 picks a free one) and returns their addresses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry
+
+from orchestrator.router.admission import Limits
+from orchestrator.router.frontend import Frontend
+from orchestrator.router.inputs import FleetParams, Role, WorkerId
+from orchestrator.router.kv_index import KvIndex
+from orchestrator.router.metrics import RouterMetrics
+from orchestrator.router.policy import PolicyName
+from orchestrator.router.ray_gateway import RankLimits, RayGateway
+from orchestrator.router.router import Router
+from orchestrator.router.server import ServerTls, start_server
+from tandem.tokenizer import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TlsPaths:
+    """PEM files of the servers' identity; with client_ca both servers require client certificates."""
+
+    cert: str
+    key: str
+    client_ca: str | None = None
+
+    def for_grpc(self) -> ServerTls:
+        def read(p: str) -> bytes:
+            with open(p, "rb") as f:
+                return f.read()
+
+        return ServerTls(read(self.cert), read(self.key), read(self.client_ca) if self.client_ca else None)
+
+    def for_uvicorn(self) -> dict:
+        import ssl
+
+        out: dict = {"ssl_certfile": self.cert, "ssl_keyfile": self.key}
+        if self.client_ca:
+            out |= {"ssl_ca_certs": self.client_ca, "ssl_cert_reqs": ssl.CERT_REQUIRED}
+        return out
+
+
+@dataclass(frozen=True)
+class RouterSettings:
+    """Everything the router process needs (built by the controller from the spec and the model)."""
+
+    host: str
+    grpc_port: int
+    http_port: int
+    policy: PolicyName
+    fleet: FleetParams
+    limits: Limits
+    rank_limits: RankLimits
+    model_name: str
+    checkpoint: str | None  # tokenizer source; None = the byte tokenizer
+    token: str | None = None
+    admin_token: str | None = None
+    tls: TlsPaths | None = None
+    report_interval_s: float = 0.25
+
+
+@dataclass(frozen=True)
+class RouterAddresses:
+    grpc: str  # host:port
+    http: str  # http://host:port
+
+
+class RouterHost:
+    """Async Ray actor body. One per deployment (replicas later, fed by the same events)."""
+
+    def __init__(self, settings: RouterSettings, admin_actor: object | None = None) -> None:
+        self.settings = settings
+        self.admin_actor = admin_actor
+        self.registry = CollectorRegistry()
+        self.index = KvIndex()
+        self._started: RouterAddresses | None = None
+        self._grpc = None
+        self._http = None
+        self.gateway: RayGateway | None = None
+
+    async def start(self) -> RouterAddresses:
+        """Bind and serve; idempotent."""
+        if self._started is not None:
+            return self._started
+        s = self.settings
+        self.gateway = RayGateway(self.index, s.rank_limits, report_interval_s=s.report_interval_s)
+        frontend = Frontend(tokenizer=load_tokenizer(s.checkpoint), limits=s.limits,
+                            router=Router.named(s.policy, s.fleet), index=self.index,
+                            gateway=self.gateway, metrics=RouterMetrics(self.registry))
+        self._grpc, grpc_port = await start_server(frontend, host=s.host, port=s.grpc_port, token=s.token,
+                                                   tls=s.tls.for_grpc() if s.tls else None)
+        http_port = await self._start_http(frontend)
+        scheme = "https" if s.tls else "http"
+        self._started = RouterAddresses(f"{s.host}:{grpc_port}", f"{scheme}://{s.host}:{http_port}")
+        return self._started
+
+    async def _start_http(self, frontend: Frontend) -> int:
+        import uvicorn
+
+        from orchestrator.api.admin_client import ControllerAdmin
+        from orchestrator.api.app import create_app
+        from orchestrator.api.auth import Auth
+
+        s = self.settings
+        admin = ControllerAdmin(self.admin_actor) if self.admin_actor is not None else None
+        app = create_app(frontend, model_name=s.model_name, auth=Auth(s.token, s.admin_token),
+                         registry=self.registry, admin=admin)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((s.host, s.http_port))
+        port = sock.getsockname()[1]
+        kwargs = s.tls.for_uvicorn() if s.tls is not None else {}
+        config = uvicorn.Config(app, log_level="warning", lifespan="off", **kwargs)
+        self._http = uvicorn.Server(config)
+        asyncio.ensure_future(self._http.serve(sockets=[sock]))
+        for _ in range(200):
+            if self._http.started:
+                break
+            await asyncio.sleep(0.01)
+        return port
+
+    async def add_worker(self, instance: str, rank: int, role: str, handle: object) -> None:
+        """Route to a ready rank from now on (role: "prefill" or "decode")."""
+        assert self.gateway is not None, "start() first"
+        self.gateway.add(WorkerId(instance, rank), Role(role), handle)
+
+    async def remove_worker(self, instance: str, rank: int) -> None:
+        """Stop routing to a rank (drain or death)."""
+        if self.gateway is not None:
+            self.gateway.remove(WorkerId(instance, rank), "removed by the controller")
+
+    async def workers(self) -> list[str]:
+        return [str(w) for w in self.gateway.workers()] if self.gateway else []
+
+    async def metrics_text(self) -> str:
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry).decode()
+
+    async def stop(self) -> None:
+        if self._http is not None:
+            self._http.should_exit = True
+        if self._grpc is not None:
+            await self._grpc.stop(1.0)

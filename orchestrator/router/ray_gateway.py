@@ -1,0 +1,171 @@
+"""The router's gateway to worker actors on Ray: calls, one token stream per rank, load reports.
+
+Per registered rank the gateway keeps two Ray streams open:
+- `stream()`: every StepBatch the rank emits (one message per engine step); the gateway fans the
+  deltas out to the requests waiting on them. Decode ranks only: prefill ranks answer `prefill`.
+- `reports(interval)`: the rank's WorkerStats and its KV events since the last report; stats become
+  the `WorkerState` the policies see, events feed the `KvIndex`.
+A rank whose streams fail is dropped (its index entries too) and its waiting requests end with
+Finish.ABORTED, so a client never hangs on a dead worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+
+from orchestrator.router.inputs import Role, WorkerId, WorkerState
+from orchestrator.router.kv_index import ApplyResult, KvEvent, KvEventKind, KvIndex
+from tandem.request import GenerationRequest
+from tandem.stream import Finish, PrefillResult, RequestSummary, StepBatch, TokenDelta
+from tandem.v1 import worker_pb2
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RankLimits:
+    """What the router assumes about a rank until and beyond its reports."""
+
+    max_running: int
+    queue_limit: int
+    initial_prefill_rate_tps: float  # before the rank has measured its own
+
+
+def _worker_state(wid: WorkerId, role: Role, stats: worker_pb2.WorkerStats, limits: RankLimits,
+                  now: float) -> WorkerState:
+    rate = stats.prefill_tok_s if stats.prefill_tok_s > 0 else limits.initial_prefill_rate_tps
+    return WorkerState(
+        worker=wid, role=role, nvlink_domain=stats.nvlink_domain or "local", prefill_rate_tps=rate,
+        queued_prefill_tokens=stats.queued_prefill_tokens,
+        kv_blocks_used=stats.kv_blocks_used,
+        kv_blocks_total=max(stats.kv_blocks_used + stats.kv_blocks_free, 1),
+        running_requests=stats.running_requests, max_running_requests=limits.max_running,
+        queue_length=stats.queued_requests, queue_limit=limits.queue_limit, reported_at_s=now,
+    )
+
+
+def _kv_event(ev: worker_pb2.KvEvent) -> KvEvent:
+    kind = ev.WhichOneof("kind")
+    if kind == "stored":
+        parent = ev.stored.parent_hash if ev.stored.HasField("parent_hash") else None
+        return KvEvent(ev.seq, KvEventKind.STORED, tuple(ev.stored.block_hashes), parent)
+    if kind == "removed":
+        return KvEvent(ev.seq, KvEventKind.REMOVED, tuple(ev.removed.block_hashes))
+    if kind == "cleared":
+        return KvEvent(ev.seq, KvEventKind.CLEARED)
+    raise ValueError(f"KV event seq {ev.seq} has no kind")
+
+
+class _Rank:
+    def __init__(self, wid: WorkerId, role: Role, handle: object) -> None:
+        self.wid, self.role, self.handle = wid, role, handle
+        self.state: WorkerState | None = None
+        self.waiting: dict[str, asyncio.Queue[TokenDelta]] = {}
+        self.tasks: list[asyncio.Task] = []
+
+
+class RayGateway:
+    """Implements orchestrator.router.frontend.Gateway over PrefillWorker / DecodeWorker actors."""
+
+    def __init__(self, index: KvIndex, limits: RankLimits, *, report_interval_s: float = 0.25,
+                 clock: Callable[[], float] | None = None) -> None:
+        self.index = index
+        self.limits = limits
+        self.report_interval_s = report_interval_s
+        self._ranks: dict[WorkerId, _Rank] = {}
+        self._clock = clock or time.monotonic
+
+    # --- membership ----------------------------------------------------------------------------
+    def add(self, wid: WorkerId, role: Role, handle: object) -> None:
+        """Start serving through a ready rank actor."""
+        if wid in self._ranks:
+            raise ValueError(f"worker {wid} is already registered")
+        rank = _Rank(wid, role, handle)
+        self._ranks[wid] = rank
+        if role is Role.DECODE:
+            rank.tasks.append(asyncio.ensure_future(self._pump_tokens(rank)))
+        rank.tasks.append(asyncio.ensure_future(self._pump_reports(rank)))
+
+    def remove(self, wid: WorkerId, why: str = "removed") -> None:
+        """Stop routing to a rank; its waiting requests end ABORTED."""
+        rank = self._ranks.pop(wid, None)
+        if rank is None:
+            return
+        for t in rank.tasks:
+            t.cancel()
+        self.index.remove_worker(wid)
+        for rid, q in rank.waiting.items():
+            q.put_nowait(TokenDelta(rid, (), "", Finish.ABORTED, RequestSummary(0, 0, error=f"{wid} {why}")))
+
+    def workers(self) -> list[WorkerId]:
+        return list(self._ranks)
+
+    # --- Gateway -------------------------------------------------------------------------------
+    def reports(self) -> Sequence[WorkerState]:
+        return [r.state for r in self._ranks.values() if r.state is not None]
+
+    async def prefill(self, worker: WorkerId, decode: WorkerId, request: GenerationRequest) -> PrefillResult:
+        return await self._rank(worker).handle.prefill.remote(request)
+
+    async def decode(self, worker: WorkerId, request: GenerationRequest,
+                     prefilled: PrefillResult | None) -> AsyncIterator[TokenDelta]:
+        rank = self._rank(worker)
+        q: asyncio.Queue[TokenDelta] = asyncio.Queue()
+        rank.waiting[request.request_id] = q  # before submit: no delta can be missed
+        try:
+            await rank.handle.submit.remote(request, prefilled)
+            while True:
+                delta = await q.get()
+                yield delta
+                if delta.finish is not None:
+                    return
+        finally:
+            rank.waiting.pop(request.request_id, None)
+
+    async def cancel(self, worker: WorkerId, request_id: str) -> None:
+        rank = self._ranks.get(worker)
+        if rank is not None:
+            try:
+                await rank.handle.cancel.remote(request_id)
+            except Exception as exc:  # noqa: BLE001 - a dead worker has nothing left to cancel
+                log.warning("cancel %s on %s failed: %s", request_id, worker, exc)
+
+    # --- pumps ---------------------------------------------------------------------------------
+    def _rank(self, wid: WorkerId) -> _Rank:
+        rank = self._ranks.get(wid)
+        if rank is None:
+            raise LookupError(f"worker {wid} is not registered with the router")
+        return rank
+
+    async def _pump_tokens(self, rank: _Rank) -> None:
+        try:
+            async for ref in rank.handle.stream.remote():
+                batch: StepBatch = await ref
+                for delta in batch.deltas:
+                    q = rank.waiting.get(delta.request_id)
+                    if q is not None:
+                        q.put_nowait(delta)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure of the stream means the rank is gone
+            log.error("token stream of %s failed: %s", rank.wid, exc)
+            self.remove(rank.wid, f"token stream failed: {exc}")
+
+    async def _pump_reports(self, rank: _Rank) -> None:
+        try:
+            async for ref in rank.handle.reports.remote(self.report_interval_s):
+                stats, events = await ref
+                rank.state = _worker_state(rank.wid, rank.role, stats, self.limits, self._clock())
+                for ev in events.events:
+                    if self.index.apply(rank.wid, _kv_event(ev)) is ApplyResult.GAP:
+                        log.warning("KV events of %s have a gap at seq %d: its entries are dropped",
+                                    rank.wid, ev.seq)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            log.error("reports of %s failed: %s", rank.wid, exc)
+            self.remove(rank.wid, f"reports failed: {exc}")

@@ -1,0 +1,137 @@
+"""From the pydantic DeploymentSpec to what the parts run with: frozen WorkerConfigs per rank, and
+the router's settings. Workers never see the spec; this is the one translation.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from orchestrator.router.admission import Limits
+from orchestrator.router.host import RouterSettings, TlsPaths
+from orchestrator.router.inputs import DisaggMode, DisaggThresholds, FleetParams, Link, Topology
+from orchestrator.router.policy import PolicyName
+from orchestrator.router.ray_gateway import RankLimits
+from orchestrator.spec import (
+    B300HgxTopology,
+    ComputeDtype,
+    CpuTopology,
+    DeploymentSpec,
+    Gb200Nvl72Topology,
+    PoolSpec,
+)
+from workers.actor_common import ModelSource, WorkerConfig
+from workers.engine.engine import Role
+from workers.engine.kv import BlockSpaceConfig
+from workers.engine.scheduler import SchedulerConfig
+from workers.ep.group import Backend, EpConfig
+from workers.kv.geometry import KvGeometry
+from workers.kv.presets import kv_shape
+from workers.model.config import ModelConfig, load_config
+from workers.model.presets import preset
+
+DEFAULT_KV_BLOCKS = 256
+# Measured NIXL UCX DRAM pulls between two processes here (docs/transfer.md); NVLink and RDMA as
+# published (peers.md): 900 GB/s NVLink 5 per GPU at ~80%, 800 Gb/s NIC at ~85%.
+_LINKS = {
+    "cpu": (Link(8e9, 2e-4), Link(8e9, 2e-4)),
+    "gb200-nvl72": (Link(720e9, 2e-5), Link(42.5e9, 3e-5)),
+    "b300-hgx": (Link(720e9, 2e-5), Link(85e9, 3e-5)),
+}
+# Before a rank has measured its prefill rate, the router assumes this many tokens per second.
+_INITIAL_PREFILL_TPS = {"cpu": 2_000.0, "gb200-nvl72": 20_000.0, "b300-hgx": 20_000.0}
+
+
+def model_config(spec: DeploymentSpec) -> ModelConfig:
+    """The model's configuration (from the checkpoint's config.json or the preset)."""
+    if spec.model.checkpoint is not None:
+        path = Path(spec.model.checkpoint)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"model.checkpoint: {path} has no config.json")
+        return load_config(path)
+    assert spec.model.preset is not None
+    return preset(spec.model.preset.value)
+
+
+def model_source(spec: DeploymentSpec) -> ModelSource:
+    name = spec.model.preset.value if spec.model.preset is not None else "tiny"
+    return ModelSource(checkpoint=spec.model.checkpoint, preset=name, quant_sim=spec.model.quant_sim,
+                       bf16=spec.model.dtype is ComputeDtype.BFLOAT16)
+
+
+@dataclass(frozen=True)
+class InstancePlan:
+    """One worker instance: its id, role and the configs of its ranks (rank i = configs[i])."""
+
+    instance: str
+    role: Role
+    configs: tuple[WorkerConfig, ...]
+
+
+def instance_plan(spec: DeploymentSpec, role: Role, instance: str, *, nvlink_domain: str = "local",
+                  master_addr: str = "127.0.0.1", master_port: int = 0) -> InstancePlan:
+    """The rank configs of one instance of `role` (PREFILL or DECODE)."""
+    pool: PoolSpec = spec.prefill if role is Role.PREFILL else spec.decode
+    n = pool.ep_ranks
+    backend = Backend.GLOO if isinstance(spec.topology, CpuTopology) else Backend.NCCL
+    configs = tuple(
+        WorkerConfig(
+            instance=instance, role=role, rank=r, model=model_source(spec),
+            sched=SchedulerConfig(max_num_seqs=pool.max_batch, max_batched_tokens=pool.max_batched_tokens,
+                                  prefill_chunk=min(512, pool.max_batched_tokens)),
+            kv=BlockSpaceConfig(num_blocks=pool.kv_blocks or DEFAULT_KV_BLOCKS),
+            ep=EpConfig(r, n, master_addr, master_port, backend) if n > 1 else None,
+            handoff_lease_s=spec.transfer.lease_s, nvlink_domain=nvlink_domain,
+        )
+        for r in range(n)
+    )
+    return InstancePlan(instance, role, configs)
+
+
+def _read_token(path: str | None, field: str) -> str:
+    if path is None:
+        return secrets.token_urlsafe(24)
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{field}: token file {p} does not exist")
+    token = p.read_text().strip()
+    if not token:
+        raise ValueError(f"{field}: token file {p} is empty")
+    return token
+
+
+def router_settings(spec: DeploymentSpec, cfg: ModelConfig) -> RouterSettings:
+    """The router's settings: policy, fleet (KV bytes per block from the real page layout), limits."""
+    topo = spec.topology
+    intra, cross = _LINKS[topo.kind]
+    block_bytes = KvGeometry.of(kv_shape(cfg, with_mtp=False)).block.nbytes
+    d = spec.router.disaggregation
+    fleet = FleetParams(
+        kv_bytes_per_block=block_bytes, topology=Topology(intra, cross),
+        disagg=DisaggThresholds(DisaggMode(d.mode.value), d.max_local_prefill_tokens,
+                                d.max_local_uncached_fraction),
+    )
+    max_context = min(spec.model.max_context, cfg.max_position)
+    limits = Limits(max_context=max_context, max_tokens=max_context - 1,
+                    default_max_tokens=min(spec.router.default_max_tokens, max_context - 1))
+    rank_limits = RankLimits(max_running=spec.decode.max_batch,
+                             queue_limit=spec.router.max_queued_requests_per_worker,
+                             initial_prefill_rate_tps=_INITIAL_PREFILL_TPS[topo.kind])
+    sec = spec.security
+    tls = TlsPaths(sec.tls.cert_file, sec.tls.key_file, sec.tls.client_ca_file) if sec.tls else None
+    for f in (tls.cert, tls.key, tls.client_ca) if tls else ():
+        if f is not None and not Path(f).is_file():
+            raise FileNotFoundError(f"security.tls: file {f} does not exist")
+    return RouterSettings(
+        host=spec.router.host, grpc_port=spec.router.port, http_port=spec.router.http_port,
+        policy=PolicyName(spec.router.policy.value), fleet=fleet, limits=limits, rank_limits=rank_limits,
+        model_name=spec.name, checkpoint=spec.model.checkpoint,
+        token=_read_token(sec.token_file, "security.token_file"),
+        admin_token=_read_token(sec.admin_token_file, "security.admin_token_file"), tls=tls,
+    )
+
+
+def topology_domains(topo: CpuTopology | B300HgxTopology | Gb200Nvl72Topology) -> str:
+    """A human name of the topology's NVLink domain kind (for status output)."""
+    return {"cpu": "local", "b300-hgx": "node", "gb200-nvl72": "rack"}[topo.kind]
