@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from workers.kv.geometry import KvGeometry
+from workers.kv.geometry import KvGeometry, PoolKind
 from workers.kv.manager import KvCacheManager, KvCapacity
 from workers.kv.paged_cache import PagedModelCache
 from workers.kv.presets import kv_shape
@@ -57,7 +57,9 @@ def test_same_logits_as_the_contiguous_cache(model: DeepseekV4) -> None:
     got = run(model, cache, 5, ids, chunks)
     assert torch.equal(got, ref)
     for t in range(260, 264):
-        assert torch.equal(model.decode([5], ids[t : t + 1], cache), model.decode([5], ids[t : t + 1], ref_cache))
+        assert torch.equal(
+            model.decode([5], ids[t : t + 1], cache), model.decode([5], ids[t : t + 1], ref_cache)
+        )
     assert cache.length(5) == ref_cache.length(5) == 264
     cache.free(5)
 
@@ -116,3 +118,28 @@ def test_mtp_layer_after_each_step_and_a_hit_after_it() -> None:
     assert cache.length(2) == 256
     again = steps(cache, 2, [(256, 260)])
     assert torch.equal(again[0], got[2]) and torch.equal(again[1], got[3])
+
+
+def test_adopting_copied_pages_continues_the_sequence(model: DeepseekV4) -> None:
+    """What a decode does after pulling a handoff: copy the prefill's block pages, last window pages
+    and state page into its own (here by tensor copy, not NIXL), adopt the length, decode on."""
+    ids = torch.randint(0, model.cfg.vocab_size, (301,), generator=torch.Generator().manual_seed(8))
+    src, dst = paged(model), paged(model)
+    src.admit(1, ids.tolist(), 310)
+    run(model, src, 1, ids, [300])
+    dst.admit(2, [], 310)
+    dst.m.ensure(2, 300)
+    pools_src, pools_dst = src.m.pools, dst.m.pools
+    for a, b in zip(src.m.block_pages(1), dst.m.block_pages(2), strict=True):
+        pools_dst[PoolKind.BLOCK].buffer[b] = pools_src[PoolKind.BLOCK].buffer[a]
+    wins = dst.m.window_pages(2)
+    for i, a in src.m.window_pages(1).items():
+        if i >= (300 - 128) // 128:
+            pools_dst[PoolKind.WINDOW].buffer[wins[i]] = pools_src[PoolKind.WINDOW].buffer[a]
+    pools_dst[PoolKind.STATE].buffer[dst.m.state_page(2)] = pools_src[PoolKind.STATE].buffer[
+        src.m.state_page(1)
+    ]
+    dst.adopt(2, 300)
+    assert dst.length(2) == 300
+    assert torch.equal(model.decode([2], ids[300:301], dst), model.decode([1], ids[300:301], src))
+    assert torch.equal(dst.window(0, 2), src.window(0, 1))

@@ -95,6 +95,26 @@ class PagedModelCache:
                     self.m.pools[PoolKind.STATE].view(layer, _STATE_PART[ek])[state_page, :rows] = src
                 meta.states[(layer, ek)] = _StateMeta(b - rows, rows)
 
+    def adopt(self, seq: int, length: int) -> None:
+        """`seq` (admitted) had its pages for `length` tokens filled from elsewhere (a KV handoff:
+        block pages, the window pages of its last W tokens, the state page): from now on it holds
+        `length` tokens, as if every layer had written them. The state rows follow the model's rule
+        (workers/model/compressor.py): CSA keeps from the block before its last finished entry,
+        HCA from its last finished entry."""
+        meta = self._get(seq)
+        if length < self.m.length(seq):
+            raise ValueError(f"adopt: sequence {seq} already holds {self.m.length(seq)} > {length} tokens")
+        self.m.ensure(seq, length)
+        meta.cursor = [length] * len(self.kinds)
+        for layer, kind in enumerate(self.kinds):
+            for ek in self._compressors(kind):
+                m = kind.value
+                done = length // m
+                start = max(done - 1, 0) * m if kind is LayerKind.CSA else done * m
+                meta.entries[(layer, ek)] = done
+                meta.states[(layer, ek)] = _StateMeta(start, length - start)
+        self.m.advance(seq, length, boundary_state_written=False, settle=False)
+
     def free(self, seq: int) -> None:
         """The sequence ended: settle it (its last boundary can still be cached) and drop it."""
         meta = self._get(seq)
