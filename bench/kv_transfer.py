@@ -8,6 +8,8 @@ this process sees it complete; `memcpy_gbps` is the same number of bytes over th
 same-process `dst.copy_(src)` between pre-touched contiguous buffers, measured in the same run.
 Pulls and copies alternate; both sides use the best of --repeats (the ratio of medians is
 printed too).
+Pages: pools and copy buffers are collapsed onto 2 MiB pages, as TransferAgent does by default
+(--no-hugepages: 4 KiB pages for both).
 Fragmentation: both pools hand out pages from a free list that was given back in runs of 1..8 pages
 in random order, so a request's pages are scattered on each side independently.
 The fixed overhead is measured on a 1-block (256-token) request: per pull, the time spent outside
@@ -38,6 +40,7 @@ from workers.kv.pool import PagePool
 from workers.kv.presets import Preset
 from workers.transfer.agent import AgentConfig, AgentInfo, TransferAgent
 from workers.transfer.handoff import HandoffPages, HandoffTable
+from workers.transfer.hugepages import HugepageReport, advise_hugepages
 from workers.transfer.layout import LayoutSignature
 from workers.transfer.messages import Inbox
 from workers.transfer.metrics import TransferMetrics
@@ -54,6 +57,7 @@ CHILD_LIFETIME_S = 900.0
 class Sizing:
     shape: KvShape
     max_tokens: int
+    hugepages: bool
 
     @property
     def geometry(self) -> KvGeometry:
@@ -131,8 +135,9 @@ def prefill_main(conn: mp.connection.Connection, sizing: Sizing) -> None:
     os.environ.setdefault("UCX_NET_DEVICES", "lo")
     pools = make_pools(sizing, pattern=11)
     allocs = {k: fragmented(k, sizing.pages(k), seed=1 + i) for i, k in enumerate(PoolKind)}
-    agent = TransferAgent(AgentConfig("bench-prefill"), pools, LayoutSignature.of(sizing.geometry))
-    conn.send(agent.info())
+    config = AgentConfig("bench-prefill", hugepages=sizing.hugepages)
+    agent = TransferAgent(config, pools, LayoutSignature.of(sizing.geometry))
+    conn.send((agent.info(), agent.hugepages))
     agent.pair(conn.recv())
     table = HandoffTable("bench-prefill", 30.0, 30.0, lambda rid, p: give_back(allocs, p), time.monotonic)
     server = HandoffServer(Inbox(agent), table)
@@ -152,11 +157,13 @@ def prefill_main(conn: mp.connection.Connection, sizing: Sizing) -> None:
 
 # --- measurements --------------------------------------------------------------------------------
 class CopyBaseline:
-    """Same-process copy_ of `nbytes` between two pre-touched contiguous buffers."""
+    """Same-process copy_ of `nbytes` between two pre-touched contiguous buffers, on huge pages
+    when the pools are (the same treatment as the pulled memory)."""
 
-    def __init__(self, nbytes: int) -> None:
+    def __init__(self, nbytes: int, hugepages: bool) -> None:
         self.src = torch.empty(nbytes, dtype=torch.uint8).fill_(3)
         self.dst = torch.empty(nbytes, dtype=torch.uint8).fill_(4)
+        self.reports = tuple(advise_hugepages(b) for b in (self.src, self.dst)) if hugepages else ()
 
     def seconds(self) -> float:
         t = time.perf_counter()
@@ -176,7 +183,7 @@ class Bench:
         self.agent = TransferAgent(
             AgentConfig("bench-decode"), self.pools, LayoutSignature.of(sizing.geometry)
         )
-        info = self._recv(120)
+        info, self.prefill_hugepages = self._recv(300)
         assert isinstance(info, AgentInfo)
         self.agent.pair(info)
         self.conn.send(self.agent.info())
@@ -214,18 +221,27 @@ class Bench:
         self.agent.close()
 
 
+def huge_fraction(reports: tuple[HugepageReport, ...]) -> float:
+    """Share of the bytes that sit on huge pages (0 when nothing was advised)."""
+    total = sum(r.nbytes for r in reports)
+    return sum(r.collapsed for r in reports) / total if total else 0.0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", metavar="PATH", help="write fixed_overhead_ms and rows as JSON")
     parser.add_argument("--tokens", type=int, nargs="+", default=[8192, 32768, 131072])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--layers", type=int, default=0, help="keep only the first N layers (0: all)")
+    parser.add_argument(
+        "--no-hugepages", action="store_true", help="leave pools and copy buffers on 4 KiB pages"
+    )
     args = parser.parse_args(argv)
     shape = Preset.V4_FLASH.shape()
     if args.layers:
         shape = dataclasses.replace(shape, compress_ratios=shape.compress_ratios[: args.layers])
     layers = len(shape.compress_ratios)
-    sizing = Sizing(shape, max(args.tokens))
+    sizing = Sizing(shape, max(args.tokens), hugepages=not args.no_hugepages)
     bench = Bench(sizing)
     rows = []
     try:
@@ -237,11 +253,12 @@ def main(argv: list[str] | None = None) -> int:
         one_total_ms = 1e3 * statistics.median(r.total_seconds for r in one)
         for tokens in args.tokens:
             # NIXL pulls and copies alternate, so both see the same (shared, noisy) machine.
-            baseline = CopyBaseline(bench.pull(tokens).nbytes)
+            baseline = CopyBaseline(bench.pull(tokens).nbytes, sizing.hugepages)
             results, copies = [], []
             for _ in range(args.repeats):
                 results.append(bench.pull(tokens))
                 copies.append(baseline.seconds())
+            baseline_reports = baseline.reports
             del baseline
             nbytes = results[0].nbytes
             best_read, best_copy = min(r.read_seconds for r in results), min(copies)
@@ -254,27 +271,34 @@ def main(argv: list[str] | None = None) -> int:
                     "memcpy_gbps": nbytes / best_copy / 1e9,
                     "efficiency": best_copy / best_read,
                     "_descriptors": results[0].descriptors,
+                    "_copy_huge": huge_fraction(baseline_reports),
                     "_median_efficiency": statistics.median(copies)
                     / statistics.median(r.read_seconds for r in results),
                 }
             )
     finally:
+        bench_hugepages = (bench.agent.hugepages, bench.prefill_hugepages)
         bench.close()
 
+    pages = "2 MiB" if sizing.hugepages else "4 KiB"
     print(
-        f"KV transfer, {CONFIG} page layout ({layers} layers{'' if not args.layers else ', scaled down'}), "
-        f"fragmented pools, NIXL {NixlTransport.__module__} UCX over loopback, torch threads "
-        f"{torch.get_num_threads()}, best of {args.repeats}"
+        f"KV transfer, {CONFIG} page layout ({layers} layers{', scaled down' if args.layers else ''}), "
+        f"fragmented pools, NIXL UCX over loopback, torch threads {torch.get_num_threads()}, "
+        f"best of {args.repeats}"
+    )
+    print(
+        f"pools on {pages} pages: decode {huge_fraction(bench_hugepages[0]):.0%}, "
+        f"prefill {huge_fraction(bench_hugepages[1]):.0%} of their bytes collapsed"
     )
     print(
         f"{'config':<9} {'tokens':>7} {'MiB':>8} {'descs':>6} {'nixl GB/s':>10} "
-        f"{'memcpy GB/s':>12} {'efficiency':>10} {'(medians)':>9}"
+        f"{'memcpy GB/s':>12} {'efficiency':>10} {'(medians)':>9} {'copy huge':>9}"
     )
     for r in rows:
         print(
             f"{r['config']:<9} {r['tokens']:>7} {r['bytes'] / 2**20:>8.1f} {r['_descriptors']:>6} "
             f"{r['nixl_gbps']:>10.2f} {r['memcpy_gbps']:>12.2f} {r['efficiency']:>10.2f} "
-            f"{r['_median_efficiency']:>9.2f}"
+            f"{r['_median_efficiency']:>9.2f} {r['_copy_huge']:>9.0%}"
         )
     print(
         f"1-block handoff ({one[0].nbytes / 2**20:.1f} MiB): fixed overhead {overhead_ms:.3f} ms "

@@ -1,4 +1,5 @@
-"""Layout signatures, pairing refusal before any byte moves, descriptor coalescing, wire messages."""
+"""Layout signatures, pairing refusal before any byte moves, descriptor coalescing, wire messages,
+huge-page backing of pool buffers."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transfer_peer import PoolSpec
@@ -24,6 +26,7 @@ from workers.transfer.descriptors import (
     plan_read,
 )
 from workers.transfer.handoff import ClaimAnswer, ClaimOutcome
+from workers.transfer.hugepages import HUGE, advise_hugepages
 from workers.transfer.layout import LayoutMismatch, LayoutSignature, check_pairing
 from workers.transfer.messages import BadMessage, Claim, Release, decode, encode
 
@@ -175,3 +178,40 @@ def test_messages_round_trip(msg):
 def test_malformed_messages_are_refused_naming_the_sender(raw):
     with pytest.raises(BadMessage, match="'decode-3'"):
         decode(raw, "decode-3")
+
+
+# --- huge pages -------------------------------------------------------------------------------------
+def _thp_allowed() -> bool:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled", encoding="utf-8") as fh:
+            return "[never]" not in fh.read()
+    except OSError:
+        return False
+
+
+def _huge_kib(lo: int, hi: int) -> int:
+    """AnonHugePages (KiB) of this process's mappings that overlap [lo, hi)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps", encoding="utf-8") as fh:
+        for line in fh:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                a, b = (int(x, 16) for x in head.split("-"))
+                inside = a < hi and b > lo
+            elif inside and head == "AnonHugePages:":
+                total += int(line.split()[1])
+    return total
+
+
+@pytest.mark.skipif(not _thp_allowed(), reason="transparent huge pages are disabled on this host")
+def test_advise_hugepages_puts_the_aligned_interior_on_huge_pages():
+    buf = torch.ones(9 << 20, dtype=torch.uint8)
+    lo = buf.data_ptr()
+    interior = ((lo + buf.numel()) // HUGE - -(-lo // HUGE)) * HUGE
+    report = advise_hugepages(buf)
+    assert report.ok, report.error
+    assert (report.nbytes, report.collapsed) == (buf.numel(), interior)
+    assert _huge_kib(lo, lo + buf.numel()) * 1024 >= interior
+    assert bool((buf == 1).all())  # collapsing keeps the bytes
+    with pytest.raises(ValueError, match="contiguous CPU tensor"):
+        advise_hugepages(buf.view(3, -1)[:, ::2])

@@ -23,6 +23,7 @@ from nixl._api import nixl_agent, nixl_agent_config
 from workers.kv.geometry import PoolKind
 from workers.kv.pool import PagePool
 from workers.transfer.descriptors import Region
+from workers.transfer.hugepages import advise_hugepages
 from workers.transfer.layout import LayoutSignature, check_pairing
 
 _DRAM = "DRAM"
@@ -42,6 +43,9 @@ class AgentConfig:
     name: str
     backend: NixlBackend = NixlBackend.UCX
     progress_thread: bool = False  # see the module docstring
+    # Collapse the CPU pool buffers onto huge pages before registering them (hugepages.py): several
+    # times faster DRAM pulls, at a one-time cost of about 8 s per GiB on the 2-core dev machine.
+    hugepages: bool = True
 
 
 @dataclass(frozen=True)
@@ -99,6 +103,7 @@ class TransferAgent:
         self.layout = layout
         self.regions = tuple(regions)
         self._buffers = [p.buffer for p in pools.values()]  # keep the registered memory alive
+        self.hugepages = tuple(advise_hugepages(b) for b in self._buffers) if config.hugepages else ()
         self._nixl = nixl_agent(
             config.name,
             nixl_agent_config(enable_prog_thread=config.progress_thread, backends=[config.backend.value]),
