@@ -13,6 +13,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from orchestrator.cli_ops import register as register_ops
 from orchestrator.planner.commands import register as register_planner
 from orchestrator.spec import SpecError, load_spec
 
@@ -24,6 +25,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 _err = Console(stderr=True)
+register_ops(app)  # serve, status, scale, drain, down, token
 register_planner(app)  # simulate, estimate, plan
 
 

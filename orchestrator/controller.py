@@ -170,8 +170,12 @@ class Controller:
             await self._remove(inst, timeout_s)
         return await self.status()
 
-    async def down(self) -> None:
-        """Remove every instance and the router; the controller itself goes last."""
+    async def down(self, wait: bool = True) -> None:
+        """Remove every instance and the router. With wait=False it returns at once and tears down
+        a moment later, so a caller served by the router (the HTTP admin route) gets its answer."""
+        if not wait:
+            asyncio.get_running_loop().call_later(0.3, lambda: asyncio.ensure_future(self._down_and_exit()))
+            return
         if self._health is not None:
             self._health.cancel()
         if self.router is not None:
@@ -182,6 +186,10 @@ class Controller:
                 self.router = None
         for inst in list(self.instances.values()):
             self._kill(inst)
+
+    async def _down_and_exit(self) -> None:
+        await self.down()
+        ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
 
     async def status(self) -> dict:
         """The deployment's state as `tandem status --json` prints it."""

@@ -21,4 +21,4 @@ class ControllerAdmin:
         return DeploymentStatus.model_validate(await self.controller.drain.remote(worker, timeout_s))
 
     async def down(self) -> None:
-        await self.controller.down.remote()
+        await self.controller.down.remote(wait=False)
