@@ -23,11 +23,11 @@ from __future__ import annotations
 import enum
 import heapq
 from bisect import bisect_right
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from itertools import accumulate, compress, repeat, takewhile
-from operator import and_, neg, not_, or_, xor
+from operator import and_, neg, not_
 
 
 class KvEventKind(enum.Enum):
@@ -91,13 +91,14 @@ class KvIndex:
         # mask -> the workers its bits name; the same few masks recur (a hot prefix is held by
         # the same workers), so `match` turns a mask into names without a per-bit Python loop.
         self._names: dict[int, tuple[Hashable, ...]] = {}
+        self._canon: dict[int, int] = {}  # mask value -> its one shared object (`_canonical`)
 
     # -- the event API (benchmarks and outside checks call exactly these) --
 
     def stored(self, worker: Hashable, block_hashes: Iterable[int], parent_hash: int | None = None) -> None:
         """worker now holds block_hashes. Idempotent. parent_hash is not needed (chained hashes)."""
         slot = self._slot_of(worker)
-        bit = 1 << slot
+        bit = self._canonical(1 << slot)
         owners = self._owners
         hashes = block_hashes if isinstance(block_hashes, list | tuple) else list(block_hashes)
         before = len(owners)
@@ -111,14 +112,14 @@ class KvIndex:
         if not any(masks[cut:]) and len(set(hashes[:cut])) == cut:
             # The usual shape: a prefix others hold, then blocks new to the index.
             cur = masks[:cut]
-            self._count[slot] += sum(map(not_, map(and_, cur, repeat(bit))))
-            owners.update(zip(hashes[:cut], map(or_, cur, repeat(bit)), strict=True))
+            self._count[slot] += self._gain(Counter(cur), bit)
+            owners.update(zip(hashes[:cut], map(self._with(cur, bit).__getitem__, cur), strict=True))
             owners.update(zip(hashes[cut:], repeat(bit)))
             self._count[slot] += len(owners) - before
             return
         held = dict(zip(compress(hashes, masks), filter(None, masks), strict=True))  # indexed: hash -> mask
-        gained = sum(map(not_, map(and_, held.values(), repeat(bit))))  # ... that lacked this bit
-        owners.update(zip(held, map(or_, held.values(), repeat(bit)), strict=True))
+        gained = self._gain(Counter(held.values()), bit)
+        owners.update(zip(held, map(self._with(held.values(), bit).__getitem__, held.values()), strict=True))
         owners.update(zip(compress(hashes, map(not_, masks)), repeat(bit)))
         self._count[slot] += gained + len(owners) - before
 
@@ -280,6 +281,26 @@ class KvIndex:
             self._slot[worker] = slot
         return slot
 
+    def _canonical(self, mask: int) -> int:
+        """The one shared int object for this mask value. Blocks held by the same workers then
+        share a mask object, so a query touches a few hot objects, not one stray object per block.
+        The table is emptied when it passes 65536 masks (entries keep the objects they have)."""
+        found = self._canon.get(mask)
+        if found is None:
+            if len(self._canon) >= 65_536:
+                self._canon.clear()
+            found = self._canon.setdefault(mask, mask)
+        return found
+
+    def _with(self, masks: Iterable[int], bit: int) -> dict[int, int]:
+        """mask -> canonical (mask | bit), for each distinct mask."""
+        return {m: self._canonical(m | bit) for m in set(masks)}
+
+    @staticmethod
+    def _gain(counts: Counter[int], bit: int) -> int:
+        """How many of the counted blocks lack bit (are new to that worker)."""
+        return sum(c for m, c in counts.items() if not m & bit)
+
     def _name(self, mask: int) -> tuple[Hashable, ...]:
         """The workers of mask's bits, cached (bounded: cleared when it grows past 4096 masks)."""
         names, by_slot, rest = [], self._by_slot, mask
@@ -308,7 +329,8 @@ class KvIndex:
     def _release(self, gone: dict[int, int], bit: int) -> None:
         """Clear bit on gone (hash -> its current mask, which has bit); delete hashes left unheld."""
         owners = self._owners
-        left = list(map(xor, gone.values(), repeat(bit)))
+        table = {m: self._canonical(m ^ bit) for m in set(gone.values())}
+        left = list(map(table.__getitem__, gone.values()))
         if any(left):
             owners.update(zip(compress(gone, left), filter(None, left), strict=True))
             deque(map(owners.__delitem__, compress(gone, map(not_, left))), 0)
