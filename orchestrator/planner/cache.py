@@ -8,13 +8,14 @@ exactly the events a real worker sends; blocks count as present only once comput
 
 Speed: a request touches tens of blocks per step, so every per-block step runs in C loops
 (map / filterfalse / compress over dicts). `present` maps a block to its holders (0 = cached);
-the LRU is lazy: a block held again stays in it and is skipped at eviction, and a released block
+the LRU is a plain dict in recency order (dict operations run in C, OrderedDict's update does
+not) and lazy: a block held again stays in it and is skipped at eviction, and a released block
 moves to its end.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Sequence
 from itertools import compress, filterfalse, repeat, takewhile
 from operator import not_, sub
@@ -35,7 +36,7 @@ class PrefixCache:
         self.capacity = capacity_blocks
         self.index = index
         self.present: dict[int, int] = {}  # block -> live requests holding it (0: cached only)
-        self.lru: OrderedDict[int, None] = OrderedDict()  # cached blocks, oldest first (lazy)
+        self.lru: dict[int, None] = {}  # cached blocks, oldest first (lazy)
         self.cached = 0  # blocks with no holder
         self.reserved = 0
 
@@ -104,7 +105,8 @@ class PrefixCache:
             return
         present, lru, gone = self.present, self.lru, []
         while len(gone) < n and lru:
-            h = lru.popitem(last=False)[0]
+            h = next(iter(lru))
+            del lru[h]
             if present.get(h) == 0:
                 del present[h]
                 gone.append(h)

@@ -21,7 +21,6 @@ from orchestrator.planner.goodput import Slo, goodput
 from orchestrator.planner.hardware import GpuKind, shared_constants
 from orchestrator.planner.models import ModelName, Precision
 from orchestrator.planner.plan import plan
-from orchestrator.planner.sim import Simulator
 from orchestrator.planner.trace import TraceRequest, load_mooncake
 from orchestrator.router.policy import PolicyName
 from orchestrator.spec import SpecError, load_spec
@@ -88,7 +87,7 @@ def simulate(
                   f"policy {name.value}")
         f = fleet.with_policy(name)
         base = goodput(f, requests, slo, progress=_progress)
-        res = Simulator(f, requests).run()  # the replay at the trace's own rate
+        res = base.own  # the replay at the trace's own rate
         rows.append({"policy": name.value, "hit_rate": res.hit_rate, "ttft_p50": res.ttft_pct(50),
                      "ttft_p90": res.ttft_pct(90), "ttft_p99": res.ttft_pct(99), "tpot_p50": res.tpot_pct(50),
                      "tpot_p90": res.tpot_pct(90), "tpot_p99": res.tpot_pct(99), "goodput_rps": base.rate_rps,

@@ -37,6 +37,7 @@ class Slo:
 class Goodput:
     rate_rps: float  # 0.0 when even the slowest tried rate misses the target
     result: SimResult | None  # the run at rate_rps (None when rate_rps is 0)
+    own: SimResult  # the run at the load's own rate (the first one tried)
     runs: int
 
 
@@ -86,7 +87,7 @@ def goodput(fleet: FleetConfig, requests: Sequence[TraceRequest], slo: Slo, bise
                 break
             lo = hi
         else:
-            return Goodput(lo, cache[lo], len(cache))
+            return Goodput(lo, cache[lo], cache[base], len(cache))
     else:
         for _ in range(12):
             lo /= 2
@@ -94,11 +95,11 @@ def goodput(fleet: FleetConfig, requests: Sequence[TraceRequest], slo: Slo, bise
                 break
             hi = lo
         else:
-            return Goodput(0.0, None, len(cache))
+            return Goodput(0.0, None, cache[base], len(cache))
     for _ in range(bisections):
         mid = (lo * hi) ** 0.5
         if ok(mid):
             lo = mid
         else:
             hi = mid
-    return Goodput(lo, cache[lo], len(cache))
+    return Goodput(lo, cache[lo], cache[base], len(cache))

@@ -54,10 +54,11 @@ class PrefillEngine:
     reserved, cached prefix found) when its first chunk is scheduled."""
 
     __slots__ = ("busy", "busy_time", "cache", "cost", "max_batch", "max_tokens", "queue", "queued_tokens",
-                 "reserve_of", "running")
+                 "reserve_of", "running", "slot")
 
-    def __init__(self, cost: CostModel, cache: PrefixCache, max_batch: int, max_tokens: int,
+    def __init__(self, slot: int, cost: CostModel, cache: PrefixCache, max_batch: int, max_tokens: int,
                  reserve_of: Callable[[Job], int]) -> None:
+        self.slot = slot  # the router worker whose state this engine's numbers feed
         self.cost = cost
         self.cache = cache
         self.max_batch = max_batch
@@ -130,12 +131,13 @@ class DecodeInstance:
     prefills (conditional disaggregation) pause decoding while they run (prefill first)."""
 
     __slots__ = ("active_time", "area", "batch", "cache", "cost", "ctx_base", "domain", "heap", "incoming",
-                 "local", "max_batch", "paused", "promised", "step_time", "steps", "t_last", "version",
-                 "waiting", "worker")
+                 "local", "max_batch", "paused", "promised", "step_time", "steps", "slot", "t_last",
+                 "version", "waiting", "worker")
 
     def __init__(self, worker: WorkerId, domain: str, cost: CostModel, cache: PrefixCache, max_batch: int,
                  local: PrefillEngine) -> None:
         self.worker = worker
+        self.slot = local.slot
         self.domain = domain
         self.cost = cost
         self.cache = cache

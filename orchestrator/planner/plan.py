@@ -85,7 +85,8 @@ def candidates(base: FleetConfig, gpus: int, splits: int = 5, max_sizes: int = 3
 
 def plan(base: FleetConfig, requests: Sequence[TraceRequest], gpus: int, slo: Slo, splits: int = 5,
          max_sizes: int = 3, bisections: int = 6, progress: Callable[[str], None] | None = None) -> Plan:
-    """Simulate every candidate; rows sorted by goodput per GPU (best first, ties: fewer GPUs)."""
+    """Simulate every candidate; rows sorted by goodput per GPU, best first. Ties go to fewer GPUs,
+    then to the lower TPOT p99 and TTFT p99 at the goodput rate."""
     rows = []
     for fleet in candidates(base, gpus, splits, max_sizes):
         if progress is not None:
@@ -99,5 +100,7 @@ def plan(base: FleetConfig, requests: Sequence[TraceRequest], gpus: int, slo: Sl
             goodput_rps=g.rate_rps, goodput_rps_per_gpu=g.rate_rps / fleet.gpus,
             ttft_p99=None if res is None else res.ttft_pct(99),
             tpot_p99=None if res is None else res.tpot_pct(99)))
-    rows.sort(key=lambda r: (-r.goodput_rps_per_gpu, r.gpus, r.prefill_instances))
+    inf = float("inf")
+    rows.sort(key=lambda r: (-r.goodput_rps_per_gpu, r.gpus, inf if r.tpot_p99 is None else r.tpot_p99,
+                             inf if r.ttft_p99 is None else r.ttft_p99, r.prefill_instances))
     return Plan(tuple(rows))

@@ -85,15 +85,15 @@ class Simulator:
         for i, dom in enumerate(pdom):
             w = WorkerId(f"prefill{i}")
             cache = PrefixCache(w, self._capacity(fleet.prefill), self.index)
-            eng = PrefillEngine(pcost, cache, fleet.prefill.max_batch, fleet.prefill.max_batched_tokens,
+            eng = PrefillEngine(i, pcost, cache, fleet.prefill.max_batch, fleet.prefill.max_batched_tokens,
                                 self._prefill_reserve)
             self.prefills.append(_Prefill(w, dom, eng))
         self.decodes = []
         for i, dom in enumerate(ddom):
             w = WorkerId(f"decode{i}")
             cache = PrefixCache(w, self._capacity(fleet.decode), self.index)
-            local = PrefillEngine(dcost, cache, fleet.decode.max_batch, fleet.decode.max_batched_tokens,
-                                  self._decode_reserve)
+            local = PrefillEngine(len(pdom) + i, dcost, cache, fleet.decode.max_batch,
+                                  fleet.decode.max_batched_tokens, self._decode_reserve)
             self.decodes.append(DecodeInstance(w, dom, dcost, cache, fleet.decode.max_batch, local))
         self._prefill_by_id = {p.worker: p for p in self.prefills}
         self._domain_of_engine = {id(p.engine): p.domain for p in self.prefills}
@@ -103,6 +103,8 @@ class Simulator:
         self.rejected = 0
         # per worker slot: (the numbers it was built from, the state)
         self._state_cache: list[tuple[tuple[int, ...], WorkerState] | None] = [None] * len(self._slot)
+        self._state_list: list[WorkerState] = [None] * len(self._slot)  # type: ignore[list-item]  # built below
+        self._dirty = set(range(len(self._slot)))  # workers whose state must be looked at again
         self._handlers = (self._arrive, self._prefill_done, self._local_done, self._transfer_done,
                           self._decode_finish)
 
@@ -168,39 +170,43 @@ class Simulator:
         self.in_system += delta
 
     def _states(self) -> list[WorkerState]:
-        """Every worker's exact state now. A state whose numbers did not change since it was last
-        built is reused (its stamp is older, but no booking touched the worker since: bookings
-        drop the chosen workers' cached states)."""
+        """Every worker's exact state now. Handlers mark the workers they change dirty; only those
+        are looked at again, and a state whose numbers did not change is kept (its stamp is older,
+        but no booking touched the worker since: a booking drops the chosen workers' states)."""
         stamp = math.nextafter(self.now, math.inf)
-        limit, cache, out = self.fleet.queue_limit, self._state_cache, []
-        for i, p in enumerate(self.prefills):
-            e = p.engine
-            sig = (max(e.queued_tokens, 0), e.cache.reserved, len(e.running), len(e.queue) - len(e.running))
-            hit = cache[i]
-            if hit is None or hit[0] != sig:
-                hit = (sig, WorkerState(
-                    worker=p.worker, role=Role.PREFILL, nvlink_domain=p.domain,
-                    prefill_rate_tps=self.prefill_rate,
-                    queued_prefill_tokens=sig[0], kv_blocks_used=sig[1], kv_blocks_total=e.cache.capacity,
-                    running_requests=sig[2], max_running_requests=e.max_batch, queue_length=sig[3],
-                    queue_limit=limit, reported_at_s=stamp))
-                cache[i] = hit
-            out.append(hit[1])
-        for i, d in enumerate(self.decodes, start=len(self.prefills)):
-            n, blocks = d.promised
-            sig = (max(d.local.queued_tokens, 0), d.cache.reserved + blocks, d.batch + d.incoming + n,
-                   len(d.waiting) + len(d.local.queue))
-            hit = cache[i]
-            if hit is None or hit[0] != sig:
-                hit = (sig, WorkerState(
-                    worker=d.worker, role=Role.DECODE, nvlink_domain=d.domain,
-                    prefill_rate_tps=self.decode_rate,
-                    queued_prefill_tokens=sig[0], kv_blocks_used=sig[1], kv_blocks_total=d.cache.capacity,
-                    running_requests=sig[2], max_running_requests=d.max_batch, queue_length=sig[3],
-                    queue_limit=limit, reported_at_s=stamp))
-                cache[i] = hit
-            out.append(hit[1])
-        return out
+        limit, cache, states = self.fleet.queue_limit, self._state_cache, self._state_list
+        n_pre = len(self.prefills)
+        for slot in self._dirty:
+            if slot < n_pre:
+                p = self.prefills[slot]
+                e = p.engine
+                sig = (max(e.queued_tokens, 0), e.cache.reserved, len(e.running),
+                       len(e.queue) - len(e.running))
+                hit = cache[slot]
+                if hit is None or hit[0] != sig:
+                    hit = (sig, WorkerState(
+                        worker=p.worker, role=Role.PREFILL, nvlink_domain=p.domain,
+                        prefill_rate_tps=self.prefill_rate,
+                        queued_prefill_tokens=sig[0], kv_blocks_used=sig[1], kv_blocks_total=e.cache.capacity,
+                        running_requests=sig[2], max_running_requests=e.max_batch, queue_length=sig[3],
+                        queue_limit=limit, reported_at_s=stamp))
+            else:
+                d = self.decodes[slot - n_pre]
+                n, blocks = d.promised
+                sig = (max(d.local.queued_tokens, 0), d.cache.reserved + blocks, d.batch + d.incoming + n,
+                       len(d.waiting) + len(d.local.queue))
+                hit = cache[slot]
+                if hit is None or hit[0] != sig:
+                    hit = (sig, WorkerState(
+                        worker=d.worker, role=Role.DECODE, nvlink_domain=d.domain,
+                        prefill_rate_tps=self.decode_rate,
+                        queued_prefill_tokens=sig[0], kv_blocks_used=sig[1], kv_blocks_total=d.cache.capacity,
+                        running_requests=sig[2], max_running_requests=d.max_batch, queue_length=sig[3],
+                        queue_limit=limit, reported_at_s=stamp))
+            cache[slot] = hit
+            states[slot] = hit[1]
+        self._dirty.clear()
+        return states
 
     # ---- handlers --------------------------------------------------------------------------------
     def _arrive(self, req: TraceRequest) -> None:
@@ -213,9 +219,11 @@ class Simulator:
             self.rejected += 1
             return
         self._count(+1)
-        self._state_cache[self._slot[outcome.decode]] = None
-        if outcome.prefill is not None:
-            self._state_cache[self._slot[outcome.prefill]] = None
+        for chosen in (outcome.decode, outcome.prefill):
+            if chosen is not None:
+                slot = self._slot[chosen]
+                self._state_cache[slot] = None
+                self._dirty.add(slot)
         decode = self._decode_by_id[outcome.decode]
         job.decode = decode
         job.decode_reserve = self._decode_reserve(job)
@@ -233,6 +241,7 @@ class Simulator:
             self._kick_prefill(pf.engine)
 
     def _kick_prefill(self, engine: PrefillEngine) -> None:
+        self._dirty.add(engine.slot)
         if not engine.busy:
             dt = engine.start()
             if dt is not None:
@@ -246,6 +255,7 @@ class Simulator:
             decode = job.decode
             promised = decode.promised
             if job.req.output_tokens == 1:  # ended with its first token: nothing to hand off
+                self._dirty.add(decode.slot)
                 promised[0] -= 1
                 promised[1] -= job.decode_reserve
                 self._release_prefill(job)
@@ -257,6 +267,7 @@ class Simulator:
 
     def _admit(self, decode: DecodeInstance) -> None:
         """Admit waiting remote jobs while KV and batch slots allow; start their KV pulls."""
+        self._dirty.add(decode.slot)
         promised = decode.promised
         while decode.waiting and decode.batch + decode.incoming + len(decode.local.queue) < decode.max_batch:
             job = decode.waiting[0]
@@ -283,6 +294,7 @@ class Simulator:
     def _transfer_done(self, job: Job) -> None:
         self._release_prefill(job)
         decode = job.decode
+        self._dirty.add(decode.slot)
         decode.incoming -= 1
         decode.cache.complete(job.hashes[job.reused_blocks:])
         decode.join(job, self.now)
@@ -297,6 +309,7 @@ class Simulator:
         decode, version = payload
         if version != decode.version:
             return
+        self._dirty.add(decode.slot)
         for job in decode.pop_finished(self.now):
             decode.cache.unreserve(job.prefill_reserve if job.local else job.decode_reserve)
             decode.cache.release(job.hashes)
@@ -312,6 +325,7 @@ class Simulator:
         self._count(-1)
 
     def _kick_local(self, decode: DecodeInstance) -> None:
+        self._dirty.add(decode.slot)
         local = decode.local
         if local.busy or not local.queue:
             return
@@ -324,6 +338,7 @@ class Simulator:
         self._push(self.now + dt, Ev.LOCAL_DONE, decode)
 
     def _local_done(self, decode: DecodeInstance) -> None:
+        self._dirty.add(decode.slot)
         promised = decode.promised
         for job in decode.local.finish_iteration():
             job.t_first = self.now

@@ -141,3 +141,29 @@ def test_a_request_that_can_never_fit_is_an_error_not_a_stall() -> None:
     fleet = dataclasses.replace(base, decode=dataclasses.replace(base.decode, kv_blocks=20))
     with pytest.raises(ValueError, match=r"request 'only' \(20000 prompt \+ 5 output tokens\) needs \d+ KV blocks"):
         Simulator(fleet, _one(20_000, 5)).run()
+
+
+class _CheckedStates(Simulator):
+    """Compares the incrementally maintained worker states with ones read afresh at every decision."""
+
+    checked = 0
+
+    def _states(self):  # noqa: ANN202
+        got = list(super()._states())
+        for p, s in zip(self.prefills, got, strict=False):
+            e = p.engine
+            assert (s.queued_prefill_tokens, s.kv_blocks_used, s.running_requests, s.queue_length) == (
+                max(e.queued_tokens, 0), e.cache.reserved, len(e.running), len(e.queue) - len(e.running))
+        for d, s in zip(self.decodes, got[len(self.prefills):], strict=True):
+            assert (s.queued_prefill_tokens, s.kv_blocks_used, s.running_requests, s.queue_length) == (
+                max(d.local.queued_tokens, 0), d.cache.reserved + d.promised[1],
+                d.batch + d.incoming + d.promised[0], len(d.waiting) + len(d.local.queue))
+        _CheckedStates.checked += 1
+        return got
+
+
+def test_incremental_worker_states_equal_fresh_ones(trace_slice: list[TraceRequest]) -> None:
+    reqs = at_rate(trace_slice[:150], 30.0) + shared_prefix(2, 20, 1024, 64, 3, 40.0, seed=1)
+    reqs = [dataclasses.replace(r, request_id=f"m{i}") for i, r in enumerate(reqs)]
+    _CheckedStates(_fleet(), reqs).run()
+    assert _CheckedStates.checked == len(reqs)
