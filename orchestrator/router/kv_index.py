@@ -22,12 +22,11 @@ from __future__ import annotations
 
 import enum
 import heapq
-from bisect import bisect_right
 from collections import Counter, deque
 from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
-from itertools import accumulate, compress, repeat, takewhile
-from operator import and_, neg, not_
+from itertools import compress, repeat, takewhile
+from operator import and_, is_not, not_
 
 
 class KvEventKind(enum.Enum):
@@ -159,22 +158,32 @@ class KvIndex:
         """For each worker holding block 0 of the query: how many leading blocks of it the worker
         holds. Workers holding none are left out."""
         owners = self._owners
-        # masks[k] = slots holding blocks 0..k; non-increasing as ints (a subset is never larger).
-        masks = list(takewhile(bool, accumulate(map(owners.get, block_hashes, repeat(0)), and_)))
+        # Masks of the query's blocks up to the first block nobody holds. Blocks with the same
+        # holders share one mask object (`_canonical`), so the running AND can only change where
+        # the object changes: find those few points by identity, in C, and AND only there.
+        masks = list(takewhile(bool, map(owners.get, block_hashes, repeat(0))))
         if not masks:
             return {}
         out: dict[Hashable, int] = {}
-        names, n, i = self._names, len(masks), 0
-        while i < n:
-            cur = masks[i]
-            j = bisect_right(masks, -cur, lo=i, key=neg)  # first index whose mask is smaller
-            dropped = cur & ~masks[j] if j < n else cur
-            workers = names.get(dropped)
-            if workers is None:
-                workers = self._name(dropped)
-            out.update(dict.fromkeys(workers, j))
-            i = j
+        names, cum = self._names, masks[0]
+        for k in compress(range(1, len(masks)), map(is_not, masks[1:], masks)):
+            now = cum & masks[k]
+            if now != cum:
+                self._credit(out, names, cum & ~now, k)
+                cum = now
+                if not cum:
+                    return out
+        self._credit(out, names, cum, len(masks))
         return out
+
+    def _credit(
+        self, out: dict[Hashable, int], names: dict[int, tuple[Hashable, ...]], mask: int, depth: int
+    ) -> None:
+        """out[w] = depth for every worker w of mask."""
+        workers = names.get(mask)
+        if workers is None:
+            workers = self._name(mask)
+        out.update(dict.fromkeys(workers, depth))
 
     def workers(self) -> list[Hashable]:
         """The workers the index knows (including ones holding nothing or awaiting resync)."""
