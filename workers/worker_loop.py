@@ -18,7 +18,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import TypeVar
 
-from tandem.stream import StepBatch, TokenDelta
+from tandem.stream import Finish, RequestSummary, StepBatch, TokenDelta
 from workers.engine.engine import Engine, StepOutput
 from workers.ep.group import EpGroup
 from workers.ep.runner import lockstep_step
@@ -98,12 +98,23 @@ class EngineLoop:
                     await self._idle()
                     continue
                 self._publish(out)
-        except BaseException as exc:  # surfaced on the next call and to waiters
+        except Exception as exc:  # the rank cannot go on: end every request it holds, loudly
             self.error = exc
-            for fut in self._first.values():
-                if not fut.done():
-                    fut.set_exception(RuntimeError(f"{self.worker}: engine loop failed: {exc!r}"))
-            raise
+            self._abort_all(exc)
+
+    def _abort_all(self, exc: Exception) -> None:
+        """Every request of the engine ends ABORTED (naming the error); later calls raise."""
+        why = f"{self.worker}: engine loop failed: {exc!r}"
+        for fut in self._first.values():
+            if not fut.done():
+                fut.set_exception(RuntimeError(why))
+        self._first.clear()
+        summary = RequestSummary(0, 0, error=why)
+        deltas = tuple(TokenDelta(rid, (), "", Finish.ABORTED, summary) for rid in self.engine.request_ids())
+        if deltas:
+            batch = StepBatch(self.worker, -1, deltas)
+            for q in self._subscribers:
+                q.put_nowait(batch)
 
     async def _idle(self) -> None:
         if self.group is not None:  # keep voting: another rank may have work

@@ -157,6 +157,10 @@ class Engine:
             raise KeyError(f"no handoff held for request_id {request_id!r}")
         return state
 
+    def request_ids(self) -> tuple[str, ...]:
+        """Every request this engine holds: queued, running, or held as a handoff."""
+        return tuple(self._states) + tuple(self._handoffs)
+
     # --- the loop body -------------------------------------------------------------------------
     @property
     def has_work(self) -> bool:
