@@ -12,7 +12,7 @@ pytestmark = pytest.mark.model
 
 T = 300
 # Around the 4-token CSA blocks, the 128-token window / HCA block, and 256 (two HCA blocks).
-BOUNDARIES = [1, 3, 4, 5, 8, 127, 128, 129, 255, 256, 257]
+BOUNDARIES = [3, 4, 5, 127, 128, 255, 256, 257]
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -54,7 +54,7 @@ def test_decode_runs_across_boundaries_match_full_forward(setup):
     assert torch.equal(got.argmax(-1), full[:262].argmax(-1))
 
 
-@pytest.mark.parametrize("chunks", [[130, 170], [1, 3, 60, 64, 100, 72], [255, 1, 44], [4] * 16 + [236]])
+@pytest.mark.parametrize("chunks", [[1, 3, 60, 64, 100, 72], [255, 1, 44], [4] * 16 + [236]])
 def test_chunked_prefill_matches_one_shot(setup, chunks):
     model, ids, full = setup
     assert sum(chunks) == T
