@@ -23,6 +23,12 @@ from kernels.formats_triton import fp8_e4m3_decode, ue8m0_to_scale
 MIN_DOT = 16  # tl.dot needs every dim >= 16
 
 
+def _dense_block_m(q: torch.Tensor) -> int:
+    """(query, head) rows per program of the dense kernel: 64 on a GPU (registers); 256 in the
+    interpreter, whose cost is mostly per program."""
+    return 64 if q.is_cuda else 256
+
+
 def _head_block(h: int) -> int:
     return max(MIN_DOT, triton.next_power_of_2(h))
 
@@ -54,27 +60,29 @@ def _online_step(q, k, valid, m_i, l_i, acc, scale, BF16: tl.constexpr):
 
 @triton.jit
 def _dense_kernel(
-    q_ptr, sq_t, sq_h, k_ptr, sk_s, m_ptr, sm_t, sink_ptr, o_ptr, so_t, so_h,
-    H, S, D, scale,
-    BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BF16: tl.constexpr,
+    q_ptr, k_ptr, sk_s, m_ptr, sm_t, sink_ptr, o_ptr, ROWS, H, S, D, scale,
+    BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BF16: tl.constexpr,
 ):  # fmt: skip
-    t = tl.program_id(0)
-    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    # Rows are (query, head) pairs of the contiguous q [T, H, D]: all heads of a query and several
+    # queries share one pass over the keys (MQA), which fills the dot's M dimension.
+    r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
-    hm, dm = h < H, d < D
-    q = tl.load(q_ptr + t * sq_t + h[:, None] * sq_h + d[None, :], mask=hm[:, None] & dm[None, :], other=0.0)
+    rm, dm = r < ROWS, d < D
+    t, h = r // H, r % H
+    q = tl.load(q_ptr + r[:, None] * D + d[None, :], mask=rm[:, None] & dm[None, :], other=0.0)
     q = q.to(tl.float32)
-    m_i = tl.load(sink_ptr + h, mask=hm, other=0.0).to(tl.float32)
-    l_i = tl.full([BLOCK_H], 1.0, tl.float32)
-    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+    m_i = tl.load(sink_ptr + h, mask=rm, other=0.0).to(tl.float32)
+    l_i = tl.full([BLOCK_M], 1.0, tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for s0 in range(0, S, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
         sm = s < S
         k = tl.load(k_ptr + s[:, None] * sk_s + d[None, :], mask=sm[:, None] & dm[None, :], other=0.0)
-        vis = tl.load(m_ptr + t * sm_t + s, mask=sm, other=0) != 0
-        m_i, l_i, acc = _online_step(q, k.to(tl.float32), vis[None, :], m_i, l_i, acc, scale, BF16)
+        vm = rm[:, None] & sm[None, :]
+        vis = tl.load(m_ptr + t[:, None] * sm_t + s[None, :], mask=vm, other=0) != 0
+        m_i, l_i, acc = _online_step(q, k.to(tl.float32), vis, m_i, l_i, acc, scale, BF16)
     o = acc / l_i[:, None]
-    tl.store(o_ptr + t * so_t + h[:, None] * so_h + d[None, :], o, mask=hm[:, None] & dm[None, :])
+    tl.store(o_ptr + r[:, None] * D + d[None, :], o, mask=rm[:, None] & dm[None, :])
 
 
 def attend_with_sink(
@@ -96,12 +104,13 @@ def attend_with_sink(
     k = keys.contiguous()
     m = mask.contiguous().view(torch.uint8)
     out = new_output((t, h, d), torch.float32, q.device)
-    bh = _head_block(h)
-    if t:
-        _dense_kernel[(t, triton.cdiv(h, bh))](
-            q, q.stride(0), q.stride(1), k, k.stride(0), m, m.stride(0), sink.float().contiguous(),
-            out, out.stride(0), out.stride(1), h, keys.shape[0], d, float(scale),
-            BLOCK_H=bh, BLOCK_S=32, BLOCK_D=triton.next_power_of_2(d), BF16=_bf16_dots(q),
+    rows = t * h
+    if rows:
+        block_m = _dense_block_m(q)
+        _dense_kernel[(triton.cdiv(rows, block_m),)](
+            q, k, k.stride(0), m, m.stride(0), sink.float().contiguous(), out, rows, h, keys.shape[0], d,
+            float(scale), BLOCK_M=block_m, BLOCK_S=64, BLOCK_D=triton.next_power_of_2(d),
+            BF16=_bf16_dots(q),
         )  # fmt: skip
     return out.to(q.dtype)
 

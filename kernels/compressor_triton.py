@@ -13,6 +13,8 @@ import triton.language as tl
 from kernels.buffers import new_output
 from kernels.compressor_ref import PoolSpec, check_rows
 
+TILE_ELEMENTS = 8192
+
 
 @triton.jit
 def _pool_kernel(
@@ -92,13 +94,15 @@ def compress_pool_batched(
     out = new_output((bsz, max_new, head_dim), torch.float32, kv.device)
     if max_new:
         kvc, sc = kv.float().contiguous(), score.float().contiguous()
-        block_d = min(64, triton.next_power_of_2(head_dim))
+        block_s = triton.next_power_of_2((2 if overlap else 1) * ratio)
+        # About 8K slot values per program: all 512 dims of a CSA entry, 64 of an HCA entry.
+        block_d = min(triton.next_power_of_2(head_dim), max(16, TILE_ELEMENTS // block_s))
         grid = (bsz, max_new, triton.cdiv(head_dim, block_d))
         _pool_kernel[grid](
             kvc, sc, out, kvc.stride(0), kvc.stride(1), out.stride(0), out.stride(1),
             first_block.to(torch.int32).contiguous(), n_done.to(torch.int32).contiguous(),
             n_total.to(torch.int32).contiguous(), head_dim,
-            RATIO=ratio, OVERLAP=overlap, BLOCK_S=triton.next_power_of_2((2 if overlap else 1) * ratio),
+            RATIO=ratio, OVERLAP=overlap, BLOCK_S=block_s,
             BLOCK_D=block_d,
         )  # fmt: skip
     return out

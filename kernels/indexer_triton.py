@@ -1,9 +1,10 @@
 """Triton lightning indexer: scores (float keys or paged FP4 / FP8 key bytes) and top-k selection.
 
 Scores: one program per (query, block of keys); the heads' dot products are one tl.dot, ReLU'd
-and weighted. Top-k: one program per row finds the k-th largest score exactly by a 32-step
-bitwise search over order-preserving integer images of the float32 scores, then writes the ids
-of the larger scores and of the first ties in ascending order (same choice as the reference).
+and weighted. Top-k: one program per row. Short rows rank every entry against every other in one tile; long
+rows find the k-th largest score exactly by a 32-step bitwise search over order-preserving
+integer images of the float32 scores. Both write the ids of the selected entries in ascending
+order, ties going to the lower id (the reference's choice).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from kernels.formats_triton import fp4_e2m1_decode, fp8_e4m3_decode, ue8m0_to_sc
 from kernels.indexer_ref import FP4_GROUP, KeyFormat
 
 MIN_DOT = 16
+TOPK_SMALL = 128  # rows up to this many visible entries take the one-tile ranking path
 
 
 @triton.jit
@@ -55,9 +57,11 @@ def index_scores(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor) -> torch.
     out = new_output((t, n), torch.float32, q.device)
     if t and n:
         qc, wc, kc = q.contiguous(), w.contiguous(), keys.contiguous()
-        _scores_kernel[(t, triton.cdiv(n, 32))](
+        block_n = 32 if q.is_cuda else 128  # the interpreter's cost is mostly per program
+        _scores_kernel[(t, triton.cdiv(n, block_n))](
             qc, qc.stride(0), qc.stride(1), wc, wc.stride(0), kc, kc.stride(0), out, out.stride(0), h, n, d,
-            BLOCK_H=max(MIN_DOT, triton.next_power_of_2(h)), BLOCK_N=32, BLOCK_D=triton.next_power_of_2(d),
+            BLOCK_H=max(MIN_DOT, triton.next_power_of_2(h)), BLOCK_N=block_n,
+            BLOCK_D=triton.next_power_of_2(d),
         )  # fmt: skip
     return out
 
@@ -157,12 +161,21 @@ def _ordered(x):
 
 
 @triton.jit
-def _topk_kernel(s_ptr, ss_t, lim_ptr, o_ptr, so_t, N, K, BLOCK_N: tl.constexpr):
-    t = tl.program_id(0)
-    lim = tl.minimum(tl.load(lim_ptr + t), N)
-    kk = tl.minimum(K, lim)
-    row = s_ptr + t * ss_t
-    # The kk-th largest image: set bits from the top while at least kk images stay >= it.
+def _topk_small(row, out, lim, kk, BLOCK_N: tl.constexpr):
+    """Rows that fit one tile: rank every entry against every other (ties: lower id first)."""
+    n = tl.arange(0, BLOCK_N)
+    inside = n < lim
+    u = _ordered(tl.load(row + n, mask=inside, other=0.0))
+    ahead = (u[:, None] > u[None, :]) | ((u[:, None] == u[None, :]) & (n[:, None] < n[None, :]))
+    rank = tl.sum((ahead & inside[:, None]).to(tl.int32), axis=0)
+    take = (inside & (rank < kk)).to(tl.int32)
+    tl.store(out + tl.cumsum(take, 0) - take, n, mask=take == 1)
+
+
+@triton.jit
+def _topk_large(row, out, lim, kk, BLOCK_N: tl.constexpr):
+    """Long rows: find the kk-th largest image exactly (set bits from the top while at least kk
+    images stay >= it), then write the larger ones and the first ties in one ascending pass."""
     thr = tl.zeros((), tl.uint32)
     for bit in tl.static_range(31, -1, -1):
         cand = thr | (tl.full((), 1, tl.uint32) << bit)
@@ -187,10 +200,20 @@ def _topk_kernel(s_ptr, ss_t, lim_ptr, o_ptr, so_t, N, K, BLOCK_N: tl.constexpr)
         tie = (inside & (u == thr)).to(tl.int32)
         tie_rank = ties_seen + tl.cumsum(tie, 0) - tie
         take = ((inside & (u > thr)) | ((tie == 1) & (tie_rank < ties_wanted))).to(tl.int32)
-        slot = written + tl.cumsum(take, 0) - take
-        tl.store(o_ptr + t * so_t + slot, n, mask=take == 1)
+        tl.store(out + written + tl.cumsum(take, 0) - take, n, mask=take == 1)
         written += tl.sum(take)
         ties_seen += tl.sum(tie)
+
+
+@triton.jit
+def _topk_kernel(s_ptr, ss_t, lim_ptr, o_ptr, so_t, N, K, BLOCK_N: tl.constexpr, SMALL: tl.constexpr):
+    t = tl.program_id(0)
+    lim = tl.minimum(tl.load(lim_ptr + t), N)
+    kk = tl.minimum(K, lim)
+    if lim <= SMALL:
+        _topk_small(s_ptr + t * ss_t, o_ptr + t * so_t, lim, kk, SMALL)
+    else:
+        _topk_large(s_ptr + t * ss_t, o_ptr + t * so_t, lim, kk, BLOCK_N)
     for p0 in range(kk, K, BLOCK_N):
         p = p0 + tl.arange(0, BLOCK_N)
         tl.store(o_ptr + t * so_t + p, tl.full([BLOCK_N], -1, tl.int32), mask=p < K)
@@ -208,8 +231,9 @@ def topk_indices(scores: torch.Tensor, limits: torch.Tensor, k: int) -> torch.Te
     if t and k:
         sc = scores.float().contiguous()
         _topk_kernel[(t,)](
-            sc, sc.stride(0), limits.to(torch.int32).contiguous(), out, out.stride(0), n, k, BLOCK_N=128
-        )
+            sc, sc.stride(0), limits.to(torch.int32).contiguous(), out, out.stride(0), n, k,
+            BLOCK_N=128, SMALL=TOPK_SMALL,
+        )  # fmt: skip
     return out
 
 

@@ -1,7 +1,7 @@
 """Triton MoE: grouped expert GEMMs over tokens sorted by expert, clamped SwiGLU fused into the first.
 
 Plan: (token, slot) pairs are sorted by expert (stable); a host-built tile list assigns each
-BLOCK_M rows of one expert to a program, so one launch covers every expert. GEMM 1 computes the
+_block_m rows of one expert to a program, so one launch covers every expert. GEMM 1 computes the
 W1 and W3 products of a tile together and applies clamp, SiLU, product and routing weight in
 registers (h never exists unfused); GEMM 2 applies W2. A per-token index_add in expert order
 combines the outputs, the order the reference sums them in. Same contract as
@@ -19,8 +19,6 @@ import triton.language as tl
 from kernels.buffers import new_output
 from kernels.moe_ref import check_experts
 from kernels.quant_triton import fp8_e4m3_dequantize, fp8_e4m3_quantize
-
-BLOCK_M = 16
 
 
 def _act_quant(x: torch.Tensor, act_group: int | None) -> torch.Tensor:
@@ -62,11 +60,16 @@ def _grouped_gemm_kernel(
     tl.store(o_ptr + r[:, None] * so_m + n[None, :], acc, mask=rm[:, None] & nm[None, :])
 
 
+def _block_m(device: torch.device) -> int:
+    """Rows per tile: 32 on a GPU; 64 in the interpreter, whose cost is mostly per program."""
+    return 32 if device.type == "cuda" else 64
+
+
 def _tiles(counts: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(expert, first row, end row) of every BLOCK_M-row tile of the expert-sorted rows."""
+    """(expert, first row, end row) of every _block_m-row tile of the expert-sorted rows."""
     te, t0, t1, start = [], [], [], 0
     for e, c in enumerate(counts):
-        for r in range(start, start + c, BLOCK_M):
+        for r in range(start, start + c, _block_m(device)):
             te.append(e)
             t0.append(r)
             t1.append(start + c)
@@ -87,11 +90,11 @@ def _gemm(
     out = new_output((m, n), torch.float32, a.device)
     te, t0, t1 = tiles
     if te.numel():
-        block_n = min(64, max(16, triton.next_power_of_2(n)))
+        block_n = min(64 if a.is_cuda else 128, max(16, triton.next_power_of_2(n)))
         _grouped_gemm_kernel[(te.numel(), triton.cdiv(n, block_n))](
             a, a.stride(0), w, w.stride(0), w.stride(1), w if w3 is None else w3,
             a if rw is None else rw, out, out.stride(0), te, t0, t1, n, k, float(limit),
-            SWIGLU=w3 is not None, BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=32,
+            SWIGLU=w3 is not None, BLOCK_M=_block_m(a.device), BLOCK_N=block_n, BLOCK_K=64,
         )  # fmt: skip
     return out
 

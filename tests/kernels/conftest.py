@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -29,6 +30,16 @@ TRITON_MODULES = (
 def _import_kernels() -> None:
     before = os.environ.get("TRITON_INTERPRET")
     if not GPU:
+        # Triton decorates its own standard library (tl.sum, tl.cumsum, ...) at import too, so a
+        # Triton imported earlier without the interpreter must be imported again under it.
+        # Its compiled extension (triton._C) stays loaded: it cannot be initialised twice.
+        stale = [
+            m
+            for m in sys.modules
+            if (m.split(".")[0] == "triton" and not m.startswith("triton._C")) or m in TRITON_MODULES
+        ]
+        for m in stale:
+            del sys.modules[m]
         os.environ["TRITON_INTERPRET"] = "1"
     try:
         for name in TRITON_MODULES:

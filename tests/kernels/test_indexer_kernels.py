@@ -75,6 +75,16 @@ def test_topk_matches_reference(n: int, k: int, device: torch.device) -> None:
         assert set(got[i][got[i] >= 0].tolist()) == top
 
 
+def test_topk_ties_in_long_rows_take_the_lowest_ids(device: torch.device) -> None:
+    # 200 visible entries (the bitwise-search path): 30 share the top value, 5 are wanted.
+    scores = torch.linspace(-1.0, 0.5, 200)[None].repeat(2, 1)
+    scores[:, torch.arange(7, 200, 6)[:30]] = 1.0
+    limits = torch.tensor([200, 150])
+    got = tri.topk_indices(scores.to(device), limits.to(device), 5).cpu()
+    assert got[0].tolist() == torch.arange(7, 200, 6)[:5].tolist()
+    assert torch.equal(got, ref.topk_indices(scores, limits, 5))
+
+
 def test_topk_ties_take_the_lowest_ids(device: torch.device) -> None:
     scores = torch.tensor(
         [[1.0, 2.0, 2.0, 2.0, 0.0, 2.0, -1.0, 2.0], [-0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, 0.0]]

@@ -1,7 +1,11 @@
 """The tiny model end to end with the kernel registry forced to Triton matches the torch path.
 
 Runs only once the model calls its hot paths through kernels.ops (the wiring is the model's
-owners' change); until then it is skipped with that reason.
+owners' change); until then it is skipped with that reason. The model runs without FP8 / FP4
+simulation: with it, float32 summation-order differences (a few ulp) flip some values across
+an FP8 rounding boundary and a whole quantisation step then propagates, so only the
+unquantised function can be compared tightly. The quantisation kernels themselves are proven
+bit-exact in test_quant_kernels.py.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ def _run(model: DeepseekV4, prompt: torch.Tensor, steps: int) -> torch.Tensor:
 
 @pytest.mark.skipif(not _wired(), reason="workers/model does not call kernels.ops yet (see docs/kernels.md)")
 def test_tiny_model_with_triton_kernels_matches_torch(monkeypatch: pytest.MonkeyPatch) -> None:
-    model = init_random(DeepseekV4(tiny(), with_mtp=False), seed=3)
+    model = init_random(DeepseekV4(tiny(), with_mtp=False, quant_sim=False), seed=3)
     prompt = torch.randint(0, model.cfg.vocab_size, (300,), generator=torch.Generator().manual_seed(3))
     results = {}
     for impl in ("torch", "triton"):
@@ -49,4 +53,5 @@ def test_tiny_model_with_triton_kernels_matches_torch(monkeypatch: pytest.Monkey
         results[impl] = _run(model, prompt, steps=3)
     ops.reset_default_registry()
     ref, got = results["torch"], results["triton"]
-    torch.testing.assert_close(got, ref, rtol=2e-3, atol=2e-3 * float(ref.abs().max()))
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    assert torch.equal(got.argmax(-1), ref.argmax(-1))
