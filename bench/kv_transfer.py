@@ -13,7 +13,8 @@ Pages: pools and copy buffers are collapsed onto 2 MiB pages, as TransferAgent d
 Fragmentation: both pools hand out pages from a free list that was given back in runs of 1..8 pages
 in random order, so a request's pages are scattered on each side independently.
 The fixed overhead is measured on a 1-block (256-token) request: per pull, the time spent outside
-the READ (descriptor building, the claim round trip, sending the release), median of the repeats.
+the READ's post -> completion (descriptors and the NIXL request, the claim round trip, sending the
+release), median of the repeats.
 
     python bench/kv_transfer.py [--json PATH] [--tokens 8192 32768 131072] [--repeats 5] [--layers N]
 """

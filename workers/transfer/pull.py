@@ -51,7 +51,7 @@ class PullResult:
     blocks_pulled: int
     blocks_skipped: int
     claim_seconds: float  # claim sent -> answer seen
-    read_seconds: float  # READ posted -> completion seen
+    read_seconds: float  # READ posted -> completion seen (descriptor work is outside it)
     total_seconds: float  # descriptors built, claim sent ... release sent
 
 
@@ -156,10 +156,11 @@ class Puller:
                 desc, ClaimRefused(f"pull {desc.request_id!r} epoch {desc.epoch}: {answer.outcome.value}")
             )
         pin_deadline = start + answer.pin_s
-        read_start = self._clock()
         try:
-            read = self.transport.read(desc.agent, plan)
+            read = self.transport.prepare(desc.agent, plan)
             try:
+                read_start = self._clock()
+                read.post()
                 wait(read, min(pin_deadline, deadline), self._clock)
             finally:
                 read.close()

@@ -1,9 +1,10 @@
 """Posting READs over NIXL, and a wrapper that injects faults (off unless a test turns it on).
 
-`NixlTransport.read` turns a ReadPlan into one NIXL READ: with few runs it builds the coalesced
-(address, length) lists directly; with many it uses the per-page prepped lists the agent made at
-pairing (no per-call list building; NIXL merges adjacent entries itself). The threshold is a
-constructor argument so the benchmark can measure both.
+`NixlTransport.prepare` turns a ReadPlan into one NIXL READ request, which the caller posts (so
+the READ can be timed from its posting). With few runs it builds the coalesced (address, length)
+lists directly; with many it uses the per-page prepped lists the agent made at pairing (no
+per-call list building; NIXL merges adjacent entries itself). The threshold is a constructor
+argument, so tests and the benchmark can exercise both.
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ class DescriptorPath(enum.Enum):
 
 
 class PendingRead(Protocol):
+    def post(self) -> None:
+        """Start the READ (once); raises TransferFailed if it cannot be posted."""
+        ...
+
     def done(self) -> bool:
         """True once the bytes have landed; raises TransferFailed if the READ failed."""
         ...
@@ -42,8 +47,9 @@ class PendingRead(Protocol):
 
 
 class Transport(Protocol):
-    def read(self, peer: str, plan: ReadPlan) -> PendingRead:
-        """Post a READ of `plan` from `peer`'s pools into ours."""
+    def prepare(self, peer: str, plan: ReadPlan) -> PendingRead:
+        """Build the READ of `plan` from `peer`'s pools into ours (descriptors, NIXL request); the
+        caller posts it. Splitting the two lets the caller time the READ from its posting."""
         ...
 
 
@@ -59,6 +65,10 @@ class _NixlRead:
     def __init__(self, transport: NixlTransport, handle: object, peer: str, path: DescriptorPath) -> None:
         self._t, self._h, self.peer, self.path = transport, handle, peer, path
         self._closed = False
+
+    def post(self) -> None:
+        if self._t.agent.nixl.transfer(self._h) == "ERR":
+            raise TransferFailed(f"READ from {self.peer!r} ({self.path.value} descriptors) failed to post")
 
     def done(self) -> bool:
         state = self._t.agent.nixl.check_xfer_state(self._h)
@@ -88,7 +98,7 @@ class NixlTransport:
             else DescriptorPath.COALESCED
         )
 
-    def read(self, peer: str, plan: ReadPlan) -> PendingRead:
+    def prepare(self, peer: str, plan: ReadPlan) -> PendingRead:
         if not plan.runs:
             raise ValueError(f"read from {peer!r}: the plan moves no pages")
         nixl = self.agent.nixl
@@ -110,18 +120,14 @@ class NixlTransport:
             raise
         except Exception as exc:  # nixl raises its own binding errors: name the peer and the path
             raise TransferFailed(f"READ from {peer!r} ({path.value}) could not be prepared: {exc}") from exc
-        read = _NixlRead(self, handle, peer, path)
-        if nixl.transfer(handle) == "ERR":
-            read.close()
-            raise TransferFailed(f"READ from {peer!r} ({path.value} descriptors) failed to post")
-        return read
+        return _NixlRead(self, handle, peer, path)
 
 
 @dataclass
 class FaultHooks:
     """Faults to inject, all off by default. Mutable on purpose: a test arms them mid-run.
 
-    fail_next: the next N reads raise TransferFailed when posted (no byte moves).
+    fail_next: the next N READs raise TransferFailed when posted (no byte moves).
     delay_s: every read reports done only this many seconds after it really finished.
     """
 
@@ -129,10 +135,17 @@ class FaultHooks:
     delay_s: float = 0.0
 
 
-class _DelayedRead:
-    def __init__(self, inner: PendingRead, delay_s: float, clock: Callable[[], float]) -> None:
-        self._inner, self._delay, self._clock = inner, delay_s, clock
+class _FaultyRead:
+    def __init__(self, inner: PendingRead, hooks: FaultHooks, peer: str, clock: Callable[[], float]) -> None:
+        self._inner, self._hooks, self._peer, self._clock = inner, hooks, peer, clock
+        self._delay = hooks.delay_s
         self._landed: float | None = None
+
+    def post(self) -> None:
+        if self._hooks.fail_next > 0:
+            self._hooks.fail_next -= 1
+            raise TransferFailed(f"READ from {self._peer!r}: injected failure (FaultHooks.fail_next)")
+        self._inner.post()
 
     def done(self) -> bool:
         if self._landed is None:
@@ -153,9 +166,5 @@ class FaultyTransport:
     ) -> None:
         self.inner, self.hooks, self._clock = inner, hooks, clock
 
-    def read(self, peer: str, plan: ReadPlan) -> PendingRead:
-        if self.hooks.fail_next > 0:
-            self.hooks.fail_next -= 1
-            raise TransferFailed(f"READ from {peer!r}: injected failure (FaultHooks.fail_next)")
-        read = self.inner.read(peer, plan)
-        return _DelayedRead(read, self.hooks.delay_s, self._clock) if self.hooks.delay_s > 0 else read
+    def prepare(self, peer: str, plan: ReadPlan) -> PendingRead:
+        return _FaultyRead(self.inner.prepare(peer, plan), self.hooks, peer, self._clock)
