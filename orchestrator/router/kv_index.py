@@ -108,18 +108,17 @@ class KvIndex:
             return
         masks = list(map(owners.get, hashes, repeat(0)))
         cut = masks.index(0) if 0 in masks else len(masks)
-        if not any(masks[cut:]) and len(set(hashes[:cut])) == cut:
-            # The usual shape: a prefix others hold, then blocks new to the index.
-            cur = masks[:cut]
-            self._count[slot] += self._gain(Counter(cur), bit)
-            owners.update(zip(hashes[:cut], map(self._with(cur, bit).__getitem__, cur), strict=True))
-            owners.update(zip(hashes[cut:], repeat(bit)))
-            self._count[slot] += len(owners) - before
-            return
-        held = dict(zip(compress(hashes, masks), filter(None, masks), strict=True))  # indexed: hash -> mask
-        gained = self._gain(Counter(held.values()), bit)
-        owners.update(zip(held, map(self._with(held.values(), bit).__getitem__, held.values()), strict=True))
-        owners.update(zip(compress(hashes, map(not_, masks)), repeat(bit)))
+        if not any(masks[cut:]):  # the usual shape: a prefix others hold, then blocks new to the index
+            held = dict(zip(hashes[:cut], masks[:cut], strict=True))  # hash -> mask, deduplicated
+            fresh: Iterable[int] = hashes[cut:]
+        else:
+            held = dict(zip(compress(hashes, masks), filter(None, masks), strict=True))
+            fresh = compress(hashes, map(not_, masks))
+        counts = Counter(held.values())  # distinct holder sets: few
+        table = {m: self._canonical(m | bit) for m in counts}
+        gained = sum(c for m, c in counts.items() if not m & bit)  # blocks new to this worker
+        owners.update(zip(held, map(table.__getitem__, held.values()), strict=True))
+        owners.update(zip(fresh, repeat(bit)))
         self._count[slot] += gained + len(owners) - before
 
     def removed(self, worker: Hashable, block_hashes: Iterable[int]) -> None:
@@ -300,15 +299,6 @@ class KvIndex:
                 self._canon.clear()
             found = self._canon.setdefault(mask, mask)
         return found
-
-    def _with(self, masks: Iterable[int], bit: int) -> dict[int, int]:
-        """mask -> canonical (mask | bit), for each distinct mask."""
-        return {m: self._canonical(m | bit) for m in set(masks)}
-
-    @staticmethod
-    def _gain(counts: Counter[int], bit: int) -> int:
-        """How many of the counted blocks lack bit (are new to that worker)."""
-        return sum(c for m, c in counts.items() if not m & bit)
 
     def _name(self, mask: int) -> tuple[Hashable, ...]:
         """The workers of mask's bits, cached (bounded: cleared when it grows past 4096 masks)."""
