@@ -18,7 +18,8 @@ import typer
 from orchestrator.planner.estimate import EstimateQuery, estimate
 from orchestrator.planner.fleet import FleetConfig, fleet_from_spec
 from orchestrator.planner.goodput import Slo, goodput
-from orchestrator.planner.hardware import GpuKind, shared_constants
+from orchestrator.planner.hardware import CALIBRATED, GpuKind, shared_constants
+from orchestrator.planner.hardware import gpu as gpu_spec
 from orchestrator.planner.models import ModelName, Precision
 from orchestrator.planner.plan import plan
 from orchestrator.planner.trace import TraceRequest, load_mooncake
@@ -118,7 +119,12 @@ def estimate_cmd(
                                      isl=isl, osl=osl, concurrency=concurrency))
     except ValueError as exc:
         raise _fail(str(exc)) from None
-    out = dataclasses.asdict(est) | {"efficiencies": shared_constants()}
+    # Hopper's efficiencies copy Blackwell's: say so in the output rather than pass them off as fitted
+    calibrated = gpu_spec(gpu).generation in CALIBRATED
+    out = dataclasses.asdict(est) | {"calibrated": calibrated, "efficiencies": shared_constants()}
+    if not calibrated:
+        _progress(f"note: no published DeepSeek-V4 figure calibrates {gpu.value}; "
+                  "its efficiencies are Blackwell's")
     if as_json:
         typer.echo(json.dumps(out))
     else:

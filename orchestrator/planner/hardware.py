@@ -94,6 +94,9 @@ EFFICIENCIES = MappingProxyType({
     Generation.HOPPER: Efficiencies(compute=0.05, bandwidth=0.8),
     Generation.BLACKWELL: Efficiencies(compute=0.05, bandwidth=0.8),
 })
+# Generations with published DeepSeek-V4 figures behind their efficiencies.
+CALIBRATED = frozenset({Generation.BLACKWELL})
+
 # Per transformer layer per forward step: kernel launches, synchronisation, small-message
 # collectives not otherwise charged. Shared by every GPU kind and model.
 LAYER_LATENCY_FLOOR_S = 20e-6

@@ -55,6 +55,7 @@ def test_estimate_json_matches_the_estimator(app: typer.Typer) -> None:
     assert out["tpot_s"] == want.tpot_s and out["ttft_s"] == want.ttft_s
     for key in ("output_tok_s_per_user", "total_tok_s_per_gpu", "output_tok_s_per_gpu"):
         assert out[key] == getattr(want, key)
+    assert out["calibrated"] is True
     assert set(out["efficiencies"]) >= {"blackwell_compute_efficiency", "blackwell_bandwidth_efficiency",
                                         "layer_latency_floor_s"}
 
