@@ -126,7 +126,7 @@ class KvIndex:
         slot = self._slot.get(worker)
         if slot is None or not self._count[slot]:
             return
-        bit = 1 << slot
+        bit = self._canonical(1 << slot)
         owners = self._owners
         hashes = block_hashes if isinstance(block_hashes, list | tuple) else list(block_hashes)
         masks = list(map(owners.get, hashes, repeat(0)))
