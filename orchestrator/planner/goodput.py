@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from orchestrator.planner.fleet import FleetConfig
-from orchestrator.planner.results import SimResult
+from orchestrator.planner.results import SimResult, collect
 from orchestrator.planner.sim import Simulator
 from orchestrator.planner.trace import TraceRequest
 
@@ -63,22 +63,29 @@ def at_rate(requests: Sequence[TraceRequest], rate_rps: float) -> list[TraceRequ
 
 def goodput(fleet: FleetConfig, requests: Sequence[TraceRequest], slo: Slo, bisections: int = 8,
             progress: Callable[[str], None] | None = None) -> Goodput:
-    """The highest rate meeting the attainment target, within a factor 2 ** (1 / 2 ** bisections)."""
-    cache: dict[float, SimResult] = {}
+    """The highest rate meeting the attainment target, within a factor 2 ** (1 / 2 ** bisections).
 
-    def run(rate: float) -> SimResult:
-        if rate not in cache:
-            cache[rate] = Simulator(fleet, at_rate(requests, rate)).run()
-            if progress is not None:
-                res = cache[rate]
-                progress(f"  {fleet.policy.value}: {rate:.4g} req/s -> "
-                         f"{res.attainment(slo.ttft_s, slo.tpot_s):.1%} within SLO")
-        return cache[rate]
+    The load's own rate is replayed in full (it is reported); every other rate stops as soon as
+    more requests have missed than the target allows (`Simulator.meets`)."""
+    base = own_rate(requests)
+    results: dict[float, SimResult] = {}
+    verdicts: dict[float, bool] = {}
 
     def ok(rate: float) -> bool:
-        return run(rate).attainment(slo.ttft_s, slo.tpot_s) >= ATTAINMENT_TARGET
+        if rate not in verdicts:
+            sim = Simulator(fleet, at_rate(requests, rate))
+            if rate == base:
+                results[rate] = sim.run()
+                verdicts[rate] = results[rate].attainment(slo.ttft_s, slo.tpot_s) >= ATTAINMENT_TARGET
+            else:
+                verdicts[rate] = sim.meets(slo.ttft_s, slo.tpot_s, ATTAINMENT_TARGET)
+                if verdicts[rate]:
+                    results[rate] = collect(sim)
+            if progress is not None:
+                progress(f"  {fleet.policy.value}: {rate:.4g} req/s -> "
+                         f"{'meets' if verdicts[rate] else 'misses'} {ATTAINMENT_TARGET:.0%} within SLO")
+        return verdicts[rate]
 
-    base = own_rate(requests)
     lo, hi = base, base
     if ok(base):
         for _ in range(12):
@@ -87,7 +94,7 @@ def goodput(fleet: FleetConfig, requests: Sequence[TraceRequest], slo: Slo, bise
                 break
             lo = hi
         else:
-            return Goodput(lo, cache[lo], cache[base], len(cache))
+            return Goodput(lo, results[lo], results[base], len(verdicts))
     else:
         for _ in range(12):
             lo /= 2
@@ -95,11 +102,11 @@ def goodput(fleet: FleetConfig, requests: Sequence[TraceRequest], slo: Slo, bise
                 break
             hi = lo
         else:
-            return Goodput(0.0, None, cache[base], len(cache))
+            return Goodput(0.0, None, results[base], len(verdicts))
     for _ in range(bisections):
         mid = (lo * hi) ** 0.5
         if ok(mid):
             lo = mid
         else:
             hi = mid
-    return Goodput(lo, cache[lo], cache[base], len(cache))
+    return Goodput(lo, results[lo], results[base], len(verdicts))

@@ -26,7 +26,7 @@ class Job:
     """One request's progress through the simulated fleet."""
 
     __slots__ = ("cached_blocks", "cached_tokens", "decode", "decode_reserve", "decoded_from", "hashes",
-                 "local", "pos", "prefill", "prefill_reserve", "req", "reused_blocks", "seq",
+                 "local", "missed", "pos", "prefill", "prefill_reserve", "req", "reused_blocks", "seq",
                  "t_finish", "t_first", "t_join")
 
     def __init__(self, req: TraceRequest, seq: int) -> None:
@@ -36,6 +36,7 @@ class Job:
         self.prefill: PrefillEngine | None = None
         self.decode: DecodeInstance | None = None
         self.local = False
+        self.missed = False  # known to miss an SLO (set only when the simulator counts misses)
         self.pos = 0  # prompt tokens computed (or found cached) so far
         self.cached_tokens = 0
         self.cached_blocks = 0  # leading blocks found on the prefilling worker

@@ -101,6 +101,8 @@ class Simulator:
         self._slot = {w.worker: i for i, w in enumerate([*self.prefills, *self.decodes])}
         self.jobs: list[Job] = []
         self.rejected = 0
+        self.misses = 0  # requests known to miss an SLO (only counted by `meets`)
+        self._slo_ttft = self._slo_tpot = math.inf
         # per worker slot: (the numbers it was built from, the state)
         self._state_cache: list[tuple[tuple[int, ...], WorkerState] | None] = [None] * len(self._slot)
         self._state_list: list[WorkerState] = [None] * len(self._slot)  # type: ignore[list-item]  # built below
@@ -152,17 +154,32 @@ class Simulator:
     # ---- the loop --------------------------------------------------------------------------------
     def run(self) -> SimResult:
         """Replay every request to completion (or refusal); the collected metrics. Once."""
+        self._replay(None)
+        return collect(self)
+
+    def meets(self, ttft_slo_s: float, tpot_slo_s: float, attainment: float) -> bool:
+        """Whether at least `attainment` of the requests meet both SLOs (refused ones miss), as
+        `run().attainment(...) >= attainment` would say; stops as soon as too many have missed.
+        Once, instead of `run`."""
+        self._slo_ttft, self._slo_tpot = ttft_slo_s, tpot_slo_s
+        n = len(self.requests)
+        return self._replay(n - math.ceil(attainment * n - 1e-9))
+
+    def _replay(self, miss_budget: int | None) -> bool:
         if self.jobs:
-            raise RuntimeError("Simulator.run() was already called; build a new Simulator per run")
+            raise RuntimeError("a Simulator replays once; build a new one per run")
         self._check_fits()
         for req in self.requests:
             self._push(req.arrival_s, Ev.ARRIVE, req)
         events, handlers = self.events, self._handlers
+        budget = len(self.requests) if miss_budget is None else miss_budget
         while events:
             t, _, kind, payload = heapq.heappop(events)
             self.now = t
             handlers[kind](payload)
-        return collect(self)
+            if self.misses > budget:
+                return False
+        return True
 
     def _count(self, delta: int) -> None:
         self.area += self.in_system * (self.now - self._t_area)
@@ -217,6 +234,7 @@ class Simulator:
         outcome = self.router.route(rreq, self._states(), self.index.match(req.block_hashes), self.now)
         if isinstance(outcome, Refusal):
             self.rejected += 1
+            self.misses += 1
             return
         self._count(+1)
         for chosen in (outcome.decode, outcome.prefill):
@@ -250,6 +268,9 @@ class Simulator:
     def _prefill_done(self, engine: PrefillEngine) -> None:
         for job in engine.finish_iteration():
             job.t_first = self.now
+            if self.now - job.req.arrival_s > self._slo_ttft:
+                job.missed = True
+                self.misses += 1
             self.router.prefill_done(job.req.request_id)
             engine.cache.complete(job.hashes[job.cached_blocks:])
             decode = job.decode
@@ -321,6 +342,9 @@ class Simulator:
 
     def _end(self, job: Job) -> None:
         job.t_finish = self.now
+        out = job.req.output_tokens
+        if not job.missed and out > 1 and (self.now - job.t_first) / (out - 1) > self._slo_tpot:
+            self.misses += 1
         self.router.finish(job.req.request_id)
         self._count(-1)
 
@@ -342,6 +366,9 @@ class Simulator:
         promised = decode.promised
         for job in decode.local.finish_iteration():
             job.t_first = self.now
+            if self.now - job.req.arrival_s > self._slo_ttft:
+                job.missed = True
+                self.misses += 1
             self.router.prefill_done(job.req.request_id)
             decode.cache.complete(job.hashes[job.cached_blocks:])
             promised[0] -= 1

@@ -167,3 +167,15 @@ def test_incremental_worker_states_equal_fresh_ones(trace_slice: list[TraceReque
     reqs = [dataclasses.replace(r, request_id=f"m{i}") for i, r in enumerate(reqs)]
     _CheckedStates(_fleet(), reqs).run()
     assert _CheckedStates.checked == len(reqs)
+
+
+def test_early_stopping_verdict_equals_the_full_runs_attainment() -> None:
+    reqs = poisson(120, 10.0, Lengths(6000, 40, jitter=0.5), seed=4)
+    fleet = _fleet(prefills=1, decodes=1)
+    verdicts = set()
+    for rate in (2.0, 6.0, 12.0, 20.0, 40.0):
+        scaled = at_rate(reqs, rate)
+        full = Simulator(fleet, scaled).run().attainment(1.0, 0.02) >= 0.9
+        assert Simulator(fleet, scaled).meets(1.0, 0.02, 0.9) is full
+        verdicts.add(full)
+    assert verdicts == {True, False}  # the rates straddle the threshold
