@@ -6,6 +6,8 @@ W1 and W3 products of a tile together and applies clamp, SiLU, product and routi
 registers (h never exists unfused); GEMM 2 applies W2. A per-token index_add in expert order
 combines the outputs, the order the reference sums them in. Same contract as
 kernels.moe_ref.routed_experts; FP8 input simulation runs the Triton quantisation kernels.
+Dots are float32 ("ieee"), or bf16 tensor-core dots with float32 accumulation when activations
+and weights are bf16 on a GPU.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ def _grouped_gemm_kernel(
     a_ptr, sa_m, w_ptr, sw_e, sw_n, w3_ptr, rw_ptr, o_ptr, so_m,
     te_ptr, t0_ptr, t1_ptr, N, K, limit,
     SWIGLU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BF16: tl.constexpr,
 ):  # fmt: skip
     tile = tl.program_id(0)
     e = tl.load(te_ptr + tile).to(tl.int64)
@@ -48,10 +51,16 @@ def _grouped_gemm_kernel(
         a = tl.load(a_ptr + r[:, None] * sa_m + k[None, :], mask=rm[:, None] & km[None, :], other=0.0)
         woff = e * sw_e + n[None, :] * sw_n + k[:, None]
         w = tl.load(w_ptr + woff, mask=nm[None, :] & km[:, None], other=0.0)
-        acc += tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+        if BF16:
+            acc += tl.dot(a, w)
+        else:
+            acc += tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision="ieee")
         if SWIGLU:
             w3 = tl.load(w3_ptr + woff, mask=nm[None, :] & km[:, None], other=0.0)
-            acc3 += tl.dot(a.to(tl.float32), w3.to(tl.float32), input_precision="ieee")
+            if BF16:
+                acc3 += tl.dot(a, w3)
+            else:
+                acc3 += tl.dot(a.to(tl.float32), w3.to(tl.float32), input_precision="ieee")
     if SWIGLU:
         gate = tl.minimum(acc, limit)
         up = tl.minimum(tl.maximum(acc3, -limit), limit)
@@ -95,6 +104,7 @@ def _gemm(
             a, a.stride(0), w, w.stride(0), w.stride(1), w if w3 is None else w3,
             a if rw is None else rw, out, out.stride(0), te, t0, t1, n, k, float(limit),
             SWIGLU=w3 is not None, BLOCK_M=_block_m(a.device), BLOCK_N=block_n, BLOCK_K=64,
+            BF16=a.is_cuda and a.dtype == torch.bfloat16 and w.dtype == torch.bfloat16,
         )  # fmt: skip
     return out
 
