@@ -36,3 +36,9 @@ def ray_session():
     yield ray
     if started:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_sim() -> DeepseekV4:
+    """The tiny model with the FP8 / FP4 simulation on: what the paged pools store exactly."""
+    return init_random(DeepseekV4(tiny(), quant_sim=True, with_mtp=False), seed=0).eval()

@@ -11,6 +11,7 @@ adapter.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -41,6 +42,12 @@ class KvSpace(Protocol):
     @property
     def max_seq_tokens(self) -> int:
         """Positions one sequence could ever hold (with every block free): longer requests never fit."""
+        ...
+    def admit_prompt(self, seq: int, prompt_ids: Sequence[int], max_len: int, salt: str | bytes | None
+                     ) -> int:
+        """Admit a new (or preempted) sequence with its tokens so far; returns how many of them the
+        prefix cache already holds (the engine starts computing there; always < len(prompt_ids)).
+        Called after `can_hold(seq, max_len)` said yes."""
         ...
     def can_hold(self, seq: int, num_tokens: int) -> bool:
         """Whether `seq` (admitted or not) could hold `num_tokens` positions without evicting anyone."""
@@ -106,6 +113,12 @@ class BlockSpace:
     def _need(self, seq: int, num_tokens: int) -> int:
         want = -(-num_tokens // self.config.block_size)
         return max(0, want - self._held.get(seq, 0))
+
+    def admit_prompt(self, seq: int, prompt_ids: Sequence[int], max_len: int, salt: str | bytes | None
+                     ) -> int:
+        if seq in self._held:
+            raise ValueError(f"admit_prompt: sequence {seq} is already admitted")
+        return 0  # no prefix cache; blocks are taken by `hold` as the sequence grows
 
     def can_hold(self, seq: int, num_tokens: int) -> bool:
         return self._need(seq, num_tokens) <= self.blocks_free

@@ -8,8 +8,11 @@ Every step (`schedule`):
    to 0, and it goes back to the front of the queue to be recomputed from prompt + generated tokens);
    this repeats until the chunk fits or the request preempted itself.
 2. Waiting requests, in arrival order, are admitted while a sequence slot, budget and KV for their
-   first chunk remain. Admission is FIFO: a head that does not fit blocks the rest, so long prompts
-   are not starved by short ones. Nothing is admitted in a step that preempted (memory is short).
+   first chunk remain. With `prefix_caching` a new (or preempted) request instead needs room for
+   its whole max length (prompt + max_tokens) and is admitted through the prefix cache: it starts
+   computing after the tokens the cache holds. Admission is FIFO: a head that does not fit blocks
+   the rest, so long prompts are not starved by short ones. Nothing is admitted in a step that
+   preempted (memory is short).
 A chunk samples a token iff it reaches the end of the request's tokens. The same scheduler serves
 the prefill role (the engine hands a request off after its first token) and the decode role (whose
 requests usually arrive with their prompt's KV, so their first chunk is one token).
@@ -27,11 +30,13 @@ from workers.engine.state import Phase, RequestState
 @dataclass(frozen=True)
 class SchedulerConfig:
     """max_num_seqs: running requests at most; max_batched_tokens: tokens per step (the budget);
-    prefill_chunk: tokens of one request per step at most."""
+    prefill_chunk: tokens of one request per step at most; prefix_caching: admit new requests
+    through the KV space's prefix cache (`admit_prompt`), reserving their whole max length."""
 
     max_num_seqs: int = 64
     max_batched_tokens: int = 2048
     prefill_chunk: int = 512
+    prefix_caching: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_batched_tokens", "prefill_chunk"):
@@ -123,6 +128,12 @@ class Scheduler:
         admitted: list[RequestState] = []
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             state = self.waiting[0]
+            if state.computed == 0 and self.config.prefix_caching:  # new or preempted: look up the prefix
+                if not self.kv.can_hold(state.seq, state.max_len):
+                    break
+                hit = self.kv.admit_prompt(state.seq, state.tokens, state.max_len, state.request.cache_salt)
+                state.computed = hit
+                state.cached_tokens = max(state.cached_tokens, min(hit, state.num_prompt))
             n = min(state.remaining, self.config.prefill_chunk, budget)
             if not self.kv.can_hold(state.seq, state.computed + n):
                 break
