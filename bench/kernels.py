@@ -102,8 +102,18 @@ def measure_ceilings() -> tuple[float, float]:
 
 
 def _pool(pages: int, slots: int, nbytes: int, g: torch.Generator) -> torch.Tensor:
-    # Valid FP8 codes (< 0x7E keeps clear of NaN) so the arithmetic is the real arithmetic.
+    """Random bytes that decode to finite values: FP8 codes below 0x7E (NaN is 0x7F)."""
     raw = torch.randint(0, 0x7E, (pages, slots, nbytes), generator=g, dtype=torch.uint8)
+    return raw.cuda()
+
+
+def _entries(pages: int, slots: int, g: torch.Generator) -> torch.Tensor:
+    """A pool of valid 584-byte entries: FP8 nope codes, bf16 rope dims, scales near 1, zero pad."""
+    raw = _pool(pages, slots, ENTRY_BYTES, g).cpu()
+    rope = torch.randn(pages, slots, 64, generator=g).to(torch.bfloat16)
+    raw[..., 448:576] = rope.view(torch.uint8)
+    raw[..., 576:583] = torch.randint(120, 130, (pages, slots, 7), generator=g, dtype=torch.uint8)
+    raw[..., 583] = 0
     return raw.cuda()
 
 
@@ -112,8 +122,8 @@ def attention_case(s: Shape, b: int, g: torch.Generator) -> Case:
 
     n_ent = CONTEXT // 4
     per_seq = n_ent // 64
-    wpool = _pool(b, WINDOW, ENTRY_BYTES, g)
-    epool = _pool(b * per_seq, 64, ENTRY_BYTES, g)
+    wpool = _entries(b, WINDOW, g)
+    epool = _entries(b * per_seq, 64, g)
     wtable = torch.zeros(b, CONTEXT // WINDOW, dtype=torch.int32)
     wtable[:, -1] = torch.arange(b, dtype=torch.int32)
     etable = torch.arange(b * per_seq, dtype=torch.int32).view(b, per_seq)
