@@ -2,13 +2,15 @@
 
 Block hashes are chained (`tandem.blocks`): hash k names the whole prefix of blocks 0..k, so a
 prefix tree is not needed. The index is one dict, block hash -> bitmask of worker slots (a
-Python int, bit s = the worker in slot s), plus a block count per worker. `match` looks up the
-query's hashes, ANDs the masks cumulatively (a worker drops out at its first missing block) and
-reads each worker's depth off the few points where the running mask shrinks. Every per-block step
-of `match`, `stored` and `removed` runs inside C loops (map / accumulate / compress /
-dict.update); Python code runs per event, per breakpoint, never per block. A worker's own
-holdings are found by one scan of the index (C speed), which only snapshots, re-syncs and worker
-removal need. bench/router_index.py measures it against Dynamo's Rust radix tree.
+Python int, bit s = the worker in slot s), plus a block count per worker. Masks are interned:
+blocks with the same holders share one int object. `match` looks up the query's blocks up to the
+first one nobody holds, finds by identity the few points where the mask object changes, and ANDs
+only there: a worker's depth is where its bit first drops out of the running AND. Every
+per-block step of `match`, `stored` and `removed` runs inside C loops (map / compress /
+takewhile / dict.update); Python code runs per event and per change point, never per block. A
+worker's own holdings are found by one scan of the index (C speed), which only snapshots,
+re-syncs and worker removal need. bench/router_index.py measures it against Dynamo's Rust radix
+tree.
 
 Sequencing: each worker numbers its events 0, 1, 2, ... from its start. `apply` checks the
 number; a gap means events were lost, so that worker's entries are dropped (the router cannot
