@@ -16,7 +16,7 @@ The fixed overhead is measured on a 1-block (256-token) request: per pull, the t
 the READ's post -> completion (descriptors and the NIXL request, the claim round trip, sending the
 release), median of the repeats.
 
-    python bench/kv_transfer.py [--json PATH] [--tokens 8192 32768 131072] [--repeats 5] [--layers N]
+    python bench/kv_transfer.py [--json PATH] [--tokens 8192 32768 131072] [--repeats 7] [--layers N]
 """
 
 from __future__ import annotations
@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", metavar="PATH", help="write fixed_overhead_ms and rows as JSON")
     parser.add_argument("--tokens", type=int, nargs="+", default=[8192, 32768, 131072])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--layers", type=int, default=0, help="keep only the first N layers (0: all)")
     parser.add_argument(
         "--no-hugepages", action="store_true", help="leave pools and copy buffers on 4 KiB pages"

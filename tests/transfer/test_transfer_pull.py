@@ -6,6 +6,8 @@ pull that moved the wrong pages, or nothing, fails.
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from prometheus_client import CollectorRegistry
@@ -187,4 +189,33 @@ def test_a_read_that_outlasts_its_pin_is_abandoned(prefill, decodes):
     with pytest.raises(TransferFailed, match="deadline"):
         puller.pull(desc, DST, cached_blocks=0, timeout_s=10 * SPEC.pin_s)
     assert d.metrics.value("kv_transfer_bytes_total") == bytes_before
+    prefill.wait_freed(desc.request_id)
+
+
+def test_a_claim_answered_too_late_is_dropped_and_the_pin_runs_out(prefill, decodes):
+    d = decodes["coalesced"]
+    desc = _open(prefill, "no-answer")
+    ticks = [0.0]
+
+    def clock() -> float:  # every look at the clock is ten seconds later: the answer is too late
+        ticks[0] += 10.0
+        return ticks[0]
+
+    inbox = Inbox(d.agent)
+    puller = Puller(inbox, NixlTransport(d.agent), d.metrics, clock)
+    with pytest.raises(TransferFailed, match="no answer to the claim"):
+        puller.pull(desc, DST, cached_blocks=0, timeout_s=5.0)
+    # the prefill did pin it; the late answer reaches this inbox and is dropped, not queued
+    deadline = time.monotonic() + 10
+    while not any(a.request_id == desc.request_id for a in prefill.status()[2]):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert inbox.abandoned() == 1
+    while inbox.abandoned():  # the late answer arrives...
+        assert time.monotonic() < deadline
+        inbox.poll()
+        time.sleep(0.002)
+    assert inbox.pending_answers() == 0  # ...and is dropped, not queued
+    assert desc.request_id in prefill.status()[0]  # pinned, not freed early
+    assert prefill.call(Advance(SPEC.pin_s))
     prefill.wait_freed(desc.request_id)

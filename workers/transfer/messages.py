@@ -76,6 +76,7 @@ class Inbox:
     def __init__(self, agent: TransferAgent) -> None:
         self.agent = agent
         self._queues: dict[MessageKind, deque[tuple[str, Message]]] = {k: deque() for k in MessageKind}
+        self._abandoned: set[tuple[str, str]] = set()
 
     def poll(self) -> None:
         for sender, raw in self.agent.receive():
@@ -85,6 +86,9 @@ class Inbox:
                 if isinstance(msg, Claim)
                 else (MessageKind.RELEASE if isinstance(msg, Release) else MessageKind.ANSWER)
             )
+            if isinstance(msg, ClaimAnswer) and (sender, msg.request_id) in self._abandoned:
+                self._abandoned.discard((sender, msg.request_id))  # its waiter gave up: drop it
+                continue
             self._queues[kind].append((sender, msg))
 
     def take(self, kind: MessageKind) -> list[tuple[str, Message]]:
@@ -103,6 +107,26 @@ class Inbox:
                 del q[i]
                 return msg
         return None
+
+    def abandon(self, sender: str, request_id: str) -> None:
+        """The waiter for `sender`'s answer about `request_id` gave up: drop that answer whether it
+        is queued already or arrives later, so answers nobody takes do not pile up."""
+        q = self._queues[MessageKind.ANSWER]
+        queued = [
+            m for m in q if m[0] == sender and isinstance(m[1], ClaimAnswer) and m[1].request_id == request_id
+        ]
+        for m in queued:
+            q.remove(m)
+        if not queued:
+            self._abandoned.add((sender, request_id))
+
+    def abandoned(self) -> int:
+        """Answers still expected for waiters that gave up (dropped on arrival)."""
+        return len(self._abandoned)
+
+    def pending_answers(self) -> int:
+        """Answers queued and not yet taken."""
+        return len(self._queues[MessageKind.ANSWER])
 
     def send(self, peer: str, msg: Message) -> None:
         self.agent.send(peer, encode(msg))

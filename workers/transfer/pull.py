@@ -137,6 +137,7 @@ class Puller:
         try:
             answer = self._await_answer(desc, deadline)
         except TransferFailed as exc:
+            self.inbox.abandon(desc.agent, desc.request_id)
             raise self._fail(desc, exc) from None
         claimed = self._clock()
         if answer.epoch != desc.epoch or answer.outcome is ClaimOutcome.EPOCH_MISMATCH:
