@@ -20,13 +20,17 @@ from tandem.request import GenerationRequest
 from tandem.tokenizer import Tokenizer, load_tokenizer
 from tandem.v1 import worker_pb2
 from workers.engine.engine import Engine, EngineStats, Role
-from workers.engine.kv import BlockSpace, BlockSpaceConfig
+from workers.engine.kv import BlockSpace, BlockSpaceConfig, KvSpace
 from workers.engine.runner import LocalRunner, ModelRunner
 from workers.engine.scheduler import SchedulerConfig
 from workers.ep.dispatch import Dispatcher, PaddedAllToAll, VariableAllToAll
 from workers.ep.group import EpConfig, EpGroup
 from workers.ep.runner import EpRunner
 from workers.kv.events import KvCleared, KvEvent, KvRemoved, KvStored
+from workers.kv.geometry import KvGeometry
+from workers.kv.manager import KvCacheManager, KvCapacity
+from workers.kv.presets import kv_shape
+from workers.kv.space import PagedKvSpace
 from workers.model.config import load_config
 from workers.model.init import init_random
 from workers.model.loader import load
@@ -78,6 +82,15 @@ class ModelSource:
 
 
 @dataclass(frozen=True)
+class PagedPoolsConfig:
+    """The paged pools of workers/kv (prefix cache, KV events): pages per pool."""
+
+    block_pages: int
+    window_pages: int
+    state_pages: int
+
+
+@dataclass(frozen=True)
 class WorkerConfig:
     """One rank of one worker instance."""
 
@@ -86,7 +99,7 @@ class WorkerConfig:
     rank: int = 0
     model: ModelSource = field(default_factory=ModelSource)
     sched: SchedulerConfig = field(default_factory=SchedulerConfig)
-    kv: BlockSpaceConfig = field(default_factory=lambda: BlockSpaceConfig(num_blocks=256))
+    kv: BlockSpaceConfig | PagedPoolsConfig = field(default_factory=lambda: BlockSpaceConfig(num_blocks=256))
     ep: EpConfig | None = None
     dispatch: DispatchKind = DispatchKind.VARIABLE
     dispatch_capacity: int = 256
@@ -135,9 +148,17 @@ def build_rank(cfg: WorkerConfig) -> BuiltRank:
                 else PaddedAllToAll(group, cfg.dispatch_capacity))
         runner = EpRunner(model, group, disp)
     tokenizer = load_tokenizer(cfg.model.checkpoint)
-    kv = BlockSpace(cfg.kv, model.cfg.window)
+    kv = _kv_space(cfg, model)
     engine = Engine(cfg.role, model.cfg, cfg.sched, kv, runner, tokenizer)
     return BuiltRank(engine, group, runner, tokenizer, disp)
+
+
+def _kv_space(cfg: WorkerConfig, model: DeepseekV4) -> KvSpace:
+    if isinstance(cfg.kv, BlockSpaceConfig):
+        return BlockSpace(cfg.kv, model.cfg.window)
+    geom = KvGeometry.of(kv_shape(model.cfg, with_mtp=False))
+    caps = KvCapacity(cfg.kv.block_pages, cfg.kv.window_pages, cfg.kv.state_pages)
+    return PagedKvSpace(KvCacheManager(geom, caps, cfg.name), model.cfg.num_layers, model.dtype)
 
 
 def stats_proto(cfg: WorkerConfig, st: EngineStats, prefill_tok_s: float, decode_tok_s: float,

@@ -141,3 +141,33 @@ def test_stats_and_kv_events_use_the_wire_types(actors, ray_session) -> None:
     ev = ray_session.get(agg.kv_events.remote())
     assert isinstance(ev, worker_pb2.KvEventBatch) and ev.worker.instance == "agg-0"
     assert ray_session.get(agg.bytes_dispatched.remote()) == 0  # no expert parallelism here
+
+
+def test_paged_actor_serves_prefix_hits_and_reports_kv_events(ray_session, tiny_model_sim) -> None:
+    from tandem.blocks import block_hashes
+    from workers.actor_common import PagedPoolsConfig
+    from workers.engine.scheduler import SchedulerConfig
+
+    ray = ray_session
+    cfg = WorkerConfig("paged-0", Role.AGGREGATED, model=ModelSource(preset="tiny", seed=0, quant_sim=True),
+                       kv=PagedPoolsConfig(16, 24, 6), sched=SchedulerConfig(prefix_caching=True))
+    actor = _start(DecodeActor, cfg)
+    try:
+        shared = random_prompts((300,), seed=40)[0]
+        prompts = [shared + t for t in random_prompts((12, 30), seed=41)]
+        sp = SamplingConfig(max_tokens=4, ignore_eos=True)
+        finals, tokens = {}, {}
+        for i, p in enumerate(prompts):
+            req = GenerationRequest(f"h{i}", tuple(p), sp)
+            got, _, batches = asyncio.run(_collect(actor.generate.remote([req])))
+            tokens.update(got)
+            finals.update({d.request_id: d for b in batches for d in b.deltas if d.finish is not None})
+        assert [finals[f"h{i}"].summary.cached_tokens for i in (0, 1)] == [0, 256]
+        assert [tokens[f"h{i}"] for i in (0, 1)] == [greedy_reference(tiny_model_sim, p, 4) for p in prompts]
+        stats = ray.get(actor.stats.remote())
+        assert stats.prefix_hit_rate == pytest.approx(256 / sum(len(p) for p in prompts))
+        events = ray.get(actor.kv_events.remote())
+        stored = [h for ev in events.events if ev.WhichOneof("kind") == "stored" for h in ev.stored.block_hashes]
+        assert block_hashes(prompts[0])[0] in stored
+    finally:
+        ray.kill(actor)

@@ -22,7 +22,8 @@ pytestmark = pytest.mark.workers
 def paged_engine(model, tokenizer) -> tuple[Engine, PagedKvSpace]:
     geom = KvGeometry.of(kv_shape(model.cfg, with_mtp=False))
     space = PagedKvSpace(KvCacheManager(geom, KvCapacity(16, 24, 6), "w"), model.cfg.num_layers)
-    sched = SchedulerConfig(max_batched_tokens=512, prefill_chunk=256, prefix_caching=True)
+    # Chunks up to 512: the hit below needs the scheduler to end a step at the 256-token block end.
+    sched = SchedulerConfig(max_batched_tokens=1024, prefill_chunk=512, prefix_caching=True)
     return Engine(Role.AGGREGATED, model.cfg, sched, space, LocalRunner(model), tokenizer), space
 
 

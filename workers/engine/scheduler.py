@@ -10,7 +10,8 @@ Every step (`schedule`):
 2. Waiting requests, in arrival order, are admitted while a sequence slot, budget and KV for their
    first chunk remain. With `prefix_caching` a new (or preempted) request instead needs room for
    its whole max length (prompt + max_tokens) and is admitted through the prefix cache: it starts
-   computing after the tokens the cache holds. Admission is FIFO: a head that does not fit blocks
+   computing after the tokens the cache holds; its chunks stop at block ends, where a step must end
+   for the block's boundary to be cached. Admission is FIFO: a head that does not fit blocks
    the rest, so long prompts are not starved by short ones. Nothing is admitted in a step that
    preempted (memory is short).
 A chunk samples a token iff it reaches the end of the request's tokens. The same scheduler serves
@@ -23,6 +24,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
+from tandem.blocks import BLOCK_SIZE
 from workers.engine.kv import KvSpace
 from workers.engine.state import Phase, RequestState
 
@@ -31,15 +33,17 @@ from workers.engine.state import Phase, RequestState
 class SchedulerConfig:
     """max_num_seqs: running requests at most; max_batched_tokens: tokens per step (the budget);
     prefill_chunk: tokens of one request per step at most; prefix_caching: admit new requests
-    through the KV space's prefix cache (`admit_prompt`), reserving their whole max length."""
+    through the KV space's prefix cache (`admit_prompt`), reserving their whole max length, and
+    end chunks at multiples of block_size (the tandem.blocks block)."""
 
     max_num_seqs: int = 64
     max_batched_tokens: int = 2048
     prefill_chunk: int = 512
     prefix_caching: bool = False
+    block_size: int = BLOCK_SIZE
 
     def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "max_batched_tokens", "prefill_chunk"):
+        for name in ("max_num_seqs", "max_batched_tokens", "prefill_chunk", "block_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"SchedulerConfig.{name} must be positive, got {getattr(self, name)}")
 
@@ -97,6 +101,15 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.running or self.waiting)
 
+    def _chunk_len(self, state: RequestState, budget: int) -> int:
+        """Tokens of `state` to feed this step. With prefix caching a chunk never runs past the next
+        block end: a block's boundary state is cached only by a step that ends exactly there."""
+        n = min(state.remaining, self.config.prefill_chunk, budget)
+        if self.config.prefix_caching:
+            b = self.config.block_size
+            n = min(n, (state.computed // b + 1) * b - state.computed)
+        return n
+
     def _preempt(self, victim: RequestState) -> None:
         self.running.remove(victim)
         self.kv.free(victim.seq)
@@ -112,7 +125,7 @@ class Scheduler:
         for state in list(self.running):
             if state not in self.running:  # preempted while making room for an older request
                 continue
-            n = min(state.remaining, self.config.prefill_chunk, budget)
+            n = self._chunk_len(state, budget)
             if n == 0:
                 continue
             while not self.kv.can_hold(state.seq, state.computed + n):
@@ -134,7 +147,7 @@ class Scheduler:
                 hit = self.kv.admit_prompt(state.seq, state.tokens, state.max_len, state.request.cache_salt)
                 state.computed = hit
                 state.cached_tokens = max(state.cached_tokens, min(hit, state.num_prompt))
-            n = min(state.remaining, self.config.prefill_chunk, budget)
+            n = self._chunk_len(state, budget)
             if not self.kv.can_hold(state.seq, state.computed + n):
                 break
             self.waiting.popleft()
