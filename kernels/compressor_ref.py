@@ -79,3 +79,32 @@ def compress_pool(kv: torch.Tensor, score: torch.Tensor, spec: PoolSpec) -> torc
     else:
         slots_kv, slots_s = kvb[lo:], sb[lo:]
     return (slots_kv * slots_s.softmax(dim=1)).sum(dim=1)
+
+
+def compress_pool_batched(
+    kv: torch.Tensor,
+    score: torch.Tensor,
+    first_block: torch.Tensor,
+    n_done: torch.Tensor,
+    n_total: torch.Tensor,
+    ratio: int,
+    head_dim: int,
+    overlap: bool,
+) -> torch.Tensor:
+    """B sequences' rows at once: kv, score [B, R, width]; first_block, n_done, n_total int [B].
+
+    Returns [B, max(n_total - n_done), head_dim] float32: row i of sequence b is its entry
+    n_done[b] + i (compress_pool of its rows); rows past n_total[b] - n_done[b] are 0.
+    """
+    specs = [
+        PoolSpec(int(f), int(d), int(t), ratio, head_dim, overlap)
+        for f, d, t in zip(first_block.tolist(), n_done.tolist(), n_total.tolist(), strict=True)
+    ]
+    if len(specs) != kv.shape[0]:
+        raise ValueError(f"compress_pool_batched: {len(specs)} specs for a batch of {kv.shape[0]}")
+    max_new = max((s.n_total - s.n_done for s in specs), default=0)
+    out = torch.zeros(kv.shape[0], max_new, head_dim, dtype=torch.float32, device=kv.device)
+    for b, spec in enumerate(specs):
+        pooled = compress_pool(kv[b], score[b], spec)
+        out[b, : pooled.shape[0]] = pooled
+    return out

@@ -8,7 +8,8 @@ TANDEM_KERNELS) decides for the device of its tensors.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -19,8 +20,9 @@ from kernels.indexer_ref import KeyFormat
 from kernels.registry import KernelConfig, KernelOp, KernelRegistry
 
 
-def _op(name: str, reference: object, module: str, attr: str | None = None) -> KernelOp:
-    return KernelOp(name, reference, f"kernels.{module}", attr or name)  # type: ignore[arg-type]
+def _op(name: str, reference: Callable[..., Any], module: str) -> KernelOp:
+    """The op `name`: its torch reference, and its Triton twin `kernels.<module>.<name>`."""
+    return KernelOp(name, reference, f"kernels.{module}", name)
 
 
 class OPS:
@@ -29,6 +31,9 @@ class OPS:
     attend = _op("attend_with_sink", attention_ref.attend_with_sink, "attention_triton")
     sparse_decode = _op("sparse_decode_attention", attention_ref.sparse_decode_attention, "attention_triton")
     compress_pool = _op("compress_pool", compressor_ref.compress_pool, "compressor_triton")
+    compress_pool_batched = _op(
+        "compress_pool_batched", compressor_ref.compress_pool_batched, "compressor_triton"
+    )
     index_scores = _op("index_scores", indexer_ref.index_scores, "indexer_triton")
     index_scores_paged = _op("index_scores_paged", indexer_ref.index_scores_paged, "indexer_triton")
     topk_indices = _op("topk_indices", indexer_ref.topk_indices, "indexer_triton")
@@ -87,6 +92,16 @@ def compress_pool(
 ) -> torch.Tensor:
     """Compressor softmax pooling of raw rows (compressor_ref.compress_pool)."""
     return _reg(registry).run(OPS.compress_pool, kv, score, spec)
+
+
+def compress_pool_batched(
+    kv: torch.Tensor, score: torch.Tensor, first_block: torch.Tensor, n_done: torch.Tensor,
+    n_total: torch.Tensor, ratio: int, head_dim: int, overlap: bool, registry: KernelRegistry | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """Compressor pooling of a batch of sequences' rows, e.g. one decode step (compressor_ref)."""
+    return _reg(registry).run(
+        OPS.compress_pool_batched, kv, score, first_block, n_done, n_total, ratio, head_dim, overlap
+    )
 
 
 def index_scores(

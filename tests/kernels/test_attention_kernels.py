@@ -89,7 +89,7 @@ def test_sparse_decode_matches_reference(layer: int, qdtype: torch.dtype, device
     wview, eview = window.view(layer, Part.WINDOW), block.view(layer, Part.ENTRY)
     _fill(wview, g)
     _fill(eview, g)
-    lens = torch.tensor([1, 7, 130, 300, 520], dtype=torch.int32)
+    lens = torch.tensor([1, 7, 128, 130, 256, 300, 520], dtype=torch.int32)
     ratio = 4 if layer == 1 else 128
     wtable = torch.stack([torch.randperm(12, generator=g)[:5] for _ in lens]).int()
     etable = torch.stack([torch.randperm(6, generator=g)[:3] for _ in lens]).int()

@@ -68,6 +68,8 @@ def test_batched_ragged_decode(ratio: int, overlap: bool, device: torch.device) 
         overlap,
     ).cpu()
     assert got.shape == (4, 3, d)
+    want_all = ref.compress_pool_batched(kv, score, first, done, total, ratio, d, overlap)
+    torch.testing.assert_close(got, want_all, rtol=1e-5, atol=1e-6)
     for b in range(4):
         spec = PoolSpec(int(first[b]), int(done[b]), int(total[b]), ratio, d, overlap)
         want = ref.compress_pool(kv[b], score[b], spec)

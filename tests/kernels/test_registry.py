@@ -83,5 +83,5 @@ def test_every_op_has_both_implementations() -> None:
     for op in ops.OPS.all():
         assert callable(op.reference) and callable(op.triton()), op.name
         names.add(op.name)
-    assert len(names) == len(ops.OPS.all()) == 14
+    assert len(names) == len(ops.OPS.all()) == 15
     assert ops.OPS.attend.reference is attention_ref.attend_with_sink
