@@ -51,6 +51,7 @@ class PullResult:
     blocks_pulled: int
     blocks_skipped: int
     claim_seconds: float  # claim sent -> answer seen
+    prepare_seconds: float  # descriptors -> NIXL request, before posting
     read_seconds: float  # READ posted -> completion seen (descriptor work is outside it)
     total_seconds: float  # descriptors built, claim sent ... release sent
 
@@ -158,6 +159,7 @@ class Puller:
             )
         pin_deadline = start + answer.pin_s
         try:
+            prepare_start = self._clock()
             read = self.transport.prepare(desc.agent, plan)
             try:
                 read_start = self._clock()
@@ -186,6 +188,7 @@ class Puller:
             blocks_pulled=len(desc.pages.block) - cached_blocks,
             blocks_skipped=cached_blocks,
             claim_seconds=claimed - start,
+            prepare_seconds=read_start - prepare_start,
             read_seconds=done - read_start,
             total_seconds=self._clock() - start,
         )
