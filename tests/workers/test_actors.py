@@ -171,3 +171,34 @@ def test_paged_actor_serves_prefix_hits_and_reports_kv_events(ray_session, tiny_
         assert block_hashes(prompts[0])[0] in stored
     finally:
         ray.kill(actor)
+
+
+def test_ep2_instance_of_two_actors_serves_reference_tokens(ray_session, tiny_model) -> None:
+    from ep_procs import free_port
+
+    from workers.ep.group import EpConfig
+
+    ray = ray_session
+    port = free_port()
+    ranks = [
+        _start(DecodeActor, WorkerConfig("ep-0", Role.AGGREGATED, rank=r, model=MODEL,
+                                         ep=EpConfig(r, 2, master_port=port, timeout_s=60)))
+        for r in range(2)
+    ]
+    try:
+        assert ray.get([a.ready.remote() for a in ranks], timeout=180) == ["ep-0/r0", "ep-0/r1"]
+        prompts = random_prompts((30, 80, 55), seed=50)
+        reqs = requests(prompts, SamplingConfig(max_tokens=5, ignore_eos=True))
+
+        async def both():
+            # Data-parallel attention: rank 0 serves two requests, rank 1 one; MoE layers exchange.
+            return await asyncio.gather(_collect(ranks[0].generate.remote(reqs[:2])),
+                                        _collect(ranks[1].generate.remote(reqs[2:])))
+
+        (t0, _, _), (t1, _, _) = asyncio.run(both())
+        got = {**t0, **t1}
+        assert [got[r.request_id] for r in reqs] == [greedy_reference(tiny_model, p, 5) for p in prompts]
+        assert all(b > 0 for b in ray.get([a.bytes_dispatched.remote() for a in ranks]))
+    finally:
+        for a in ranks:
+            ray.kill(a)
