@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kernels import ops
 from workers.model.cache import CompressorState, EntryKind, ModelCache
 from workers.model.compressor import Compressor
 from workers.model.config import LayerKind, ModelConfig
@@ -132,8 +133,15 @@ class Attention(nn.Module):
         return self.wo_b(og.flatten(1))
 
     def _attend(self, q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Softmax attention with sink: q [T, H, D], keys (= values) [S, D], mask [T, S] -> [T, H, D]."""
-        logits = torch.einsum("thd,sd->ths", wide(q), wide(keys)) * self.cfg.head_dim**-0.5
+        """Softmax attention with sink: q [T, H, D], keys (= values) [S, D], mask [T, S] -> [T, H, D].
+
+        float32 / bfloat16 models run the kernel op (torch reference on CPU, Triton on GPU); a
+        float64 model (the tests' reference precision) runs the same math here in float64.
+        """
+        scale = self.cfg.head_dim**-0.5
+        if q.dtype != torch.float64:
+            return ops.attend(q, keys, mask, self.attn_sink, scale)
+        logits = torch.einsum("thd,sd->ths", wide(q), wide(keys)) * scale
         logits = logits.masked_fill(~mask[:, None, :], float("-inf"))
         sink = wide(self.attn_sink)[None, :, None].expand(q.shape[0], -1, 1)
         probs = torch.cat([logits, sink], dim=-1).softmax(dim=-1)[..., :-1]

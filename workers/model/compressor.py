@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kernels import ops
+from kernels.compressor_ref import PoolSpec
 from workers.model.cache import CompressorState
 from workers.model.layers import Linear, RMSNorm, wide
 from workers.model.rope import Rope
@@ -66,25 +68,8 @@ class Compressor(nn.Module):
         end = pos + x.shape[0]
         n_total = end // m
         first_block = state.start // m
-        n_blocks = n_total - first_block  # whole blocks available in the rows
         if n_total > n_done:
-            rows = (n_total - first_block) * m
-            kvb = kv[:rows].view(n_blocks, m, self.width)
-            sb = score[:rows].view(n_blocks, m, self.width)
-            lo = n_done - first_block  # block index (within rows) of the first new entry
-            if self.overlap:
-                # Slots: series A of the previous block, then series B of this block.
-                prev_kv = kv.new_zeros(n_total - n_done, m, d)
-                prev_s = torch.full_like(prev_kv, float("-inf"))
-                has_prev = torch.arange(n_done, n_total, device=x.device) > 0
-                src = torch.arange(lo - 1, n_blocks - 1, device=x.device).clamp(min=0)
-                prev_kv = torch.where(has_prev[:, None, None], kvb[src, :, :d], prev_kv)
-                prev_s = torch.where(has_prev[:, None, None], sb[src, :, :d], prev_s)
-                slots_kv = torch.cat([prev_kv, kvb[lo:, :, d:]], dim=1)
-                slots_s = torch.cat([prev_s, sb[lo:, :, d:]], dim=1)
-            else:
-                slots_kv, slots_s = kvb[lo:], sb[lo:]
-            pooled = (slots_kv * slots_s.softmax(dim=1)).sum(dim=1)
+            pooled = self._pool(kv, score, first_block, n_done, n_total)
             entries = self.norm(pooled.to(x.dtype))
             entry_pos = torch.arange(n_done, n_total, device=x.device) * m
             entries = rope.apply(entries, entry_pos)
@@ -95,3 +80,29 @@ class Compressor(nn.Module):
             self.state_start(n_total), kv[keep_from:].clone(), score[keep_from:].clone()
         )
         return entries, new_state
+
+    def _pool(self, kv: torch.Tensor, score: torch.Tensor, first_block: int, n_done: int, n_total: int
+              ) -> torch.Tensor:
+        """Softmax pooling of entries n_done .. n_total - 1 from rows starting at block first_block.
+
+        float32 / bfloat16 models run the kernel op (torch reference on CPU, Triton on GPU);
+        a float64 model (the tests' reference precision) runs the same math here in float64.
+        """
+        if kv.dtype != torch.float64:
+            spec = PoolSpec(first_block, n_done, n_total, self.ratio, self.head_dim, self.overlap)
+            return ops.compress_pool(kv, score, spec)
+        m, d = self.ratio, self.head_dim
+        n_blocks = n_total - first_block  # whole blocks available in the rows
+        kvb = kv[: n_blocks * m].view(n_blocks, m, self.width)
+        sb = score[: n_blocks * m].view(n_blocks, m, self.width)
+        lo = n_done - first_block  # block index (within rows) of the first new entry
+        if not self.overlap:
+            return (kvb[lo:] * sb[lo:].softmax(dim=1)).sum(dim=1)
+        # Slots: series A of the previous block, then series B of this block.
+        has_prev = (torch.arange(n_done, n_total, device=kv.device) > 0)[:, None, None]
+        src = torch.arange(lo - 1, n_blocks - 1, device=kv.device).clamp(min=0)
+        prev_kv = torch.where(has_prev, kvb[src, :, :d], torch.zeros_like(kvb[src, :, :d]))
+        prev_s = torch.where(has_prev, sb[src, :, :d], torch.full_like(sb[src, :, :d], float("-inf")))
+        slots_kv = torch.cat([prev_kv, kvb[lo:, :, d:]], dim=1)
+        slots_s = torch.cat([prev_s, sb[lo:, :, d:]], dim=1)
+        return (slots_kv * slots_s.softmax(dim=1)).sum(dim=1)

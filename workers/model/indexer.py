@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kernels import ops
 from workers.model.cache import CompressorState
 from workers.model.compressor import Compressor
 from workers.model.layers import Linear, wide
@@ -50,10 +51,13 @@ class Indexer(nn.Module):
     def scores(
         self, x: torch.Tensor, qr: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor, rope: Rope
     ) -> torch.Tensor:
-        """Index scores [T, n] (float32) of queries at `positions` against all keys [n, head_dim]."""
+        """Index scores [T, n] (float32; float64 in a float64 model) of queries at `positions`
+        against all keys [n, head_dim]. Non-float64 models run the kernel op."""
         q = self.wq_b(qr).view(x.shape[0], self.heads, self.head_dim)
         q = index_sim(rope.apply(q, positions), self.sim)
         w = wide(self.weights_proj(x)) * (self.head_dim**-0.5 * self.heads**-0.5)
+        if q.dtype != torch.float64:
+            return ops.index_scores(q, w, keys)
         dots = torch.einsum("thd,nd->thn", wide(q), wide(keys)).relu()
         return (dots * w.unsqueeze(-1)).sum(dim=1)
 
@@ -62,11 +66,15 @@ class Indexer(nn.Module):
     ) -> torch.Tensor:
         """Boolean mask [T, n]: the entries each query attends (top-k among its visible ones)."""
         n = keys.shape[0]
-        visible = torch.arange(n, device=x.device)[None, :] < ((positions + 1) // self.ratio)[:, None]
+        limits = ((positions + 1) // self.ratio).clamp(max=n)
+        visible = torch.arange(n, device=x.device)[None, :] < limits[:, None]
         chosen = torch.zeros(x.shape[0], n, dtype=torch.bool, device=x.device)
         if n == 0:
             return chosen
-        s = self.scores(x, qr, positions, keys, rope).masked_fill(~visible, float("-inf"))
+        s = self.scores(x, qr, positions, keys, rope)
+        if s.dtype != torch.float64:
+            return ops.topk_mask(s, limits, self.topk)
+        s = s.masked_fill(~visible, float("-inf"))
         idx = s.topk(min(self.topk, n), dim=-1).indices
         chosen.scatter_(1, idx, True)
         return chosen & visible

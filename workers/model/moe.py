@@ -16,8 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels import ops
 from workers.model.config import ModelConfig, ScoreFunc
 from workers.model.layers import Linear, wide
+from workers.model.quant import ACT_GROUP
 
 
 class Gate(nn.Module):
@@ -93,8 +95,15 @@ class MoE(nn.Module):
         self.shared_experts = Expert(cfg.hidden_size, cfg.moe_intermediate_size, cfg.swiglu_limit, sim)
 
     def routed(self, x: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-        """Sum of this rank's routed experts' weighted outputs, float32 [N, hidden]."""
+        """Sum of this rank's routed experts' weighted outputs, float32 [N, hidden] (float64 in a
+        float64 model, computed here; other models run the kernel op on stacked weights)."""
         weights, ids = self.gate(x, token_ids)
+        if x.dtype != torch.float64:
+            ex = [self.experts[str(e)] for e in self.local_experts]
+            w1, w2, w3 = (torch.stack([getattr(m, n).weight for m in ex]) for n in ("w1", "w2", "w3"))
+            sim = self.shared_experts.w1.sim
+            return ops.routed_experts(x, weights, ids, w1, w2, w3, self.local_experts, self.cfg.swiglu_limit,
+                                      ACT_GROUP if sim else None)
         y = wide(x.new_zeros(x.shape))
         for e in self.local_experts:  # expert-id order fixes the summation order
             rows, slot = torch.where(ids == e)
