@@ -24,7 +24,7 @@ from orchestrator.router.host import RouterAddresses, RouterHost
 from orchestrator.spec import CpuTopology, DeploymentSpec, parse_spec
 from orchestrator.worker_plan import InstancePlan, instance_plan, model_config, router_settings
 from workers.actor_common import actor_name
-from workers.decode import DecodeActor
+from workers.decode import DecodeActor, RayObjectPuller
 from workers.engine.engine import Role
 from workers.prefill import PrefillActor
 
@@ -112,7 +112,8 @@ class Controller:
                 opts["num_cpus"] = 0.01
             else:
                 opts |= {"num_cpus": 1, "num_gpus": pool.gpus_per_rank}
-            inst.ranks.append(cls.options(**opts).remote(cfg))
+            args = (cfg,) if role is Role.PREFILL else (cfg, RayObjectPuller(namespace=NAMESPACE))
+            inst.ranks.append(cls.options(**opts).remote(*args))
         await asyncio.gather(*(r.ready.remote() for r in inst.ranks))
         for cfg, handle in zip(plan.configs, inst.ranks, strict=True):
             await self.router.add_worker.remote(cfg.instance, cfg.rank, inst.role_name, handle)
@@ -124,7 +125,7 @@ class Controller:
         """Drain: leave the router, wait for running requests to end (or the timeout), then go."""
         inst.state = "draining"
         for cfg in inst.plan.configs:
-            await self.router.remove_worker.remote(cfg.instance, cfg.rank)
+            await self.router.drain_worker.remote(cfg.instance, cfg.rank)
         deadline = time.monotonic() + drain_timeout_s
         while time.monotonic() < deadline:
             try:
@@ -134,6 +135,8 @@ class Controller:
             if all(s.running_requests == 0 and s.queued_requests == 0 for s in stats):
                 break
             await asyncio.sleep(0.1)
+        for cfg in inst.plan.configs:
+            await self.router.remove_worker.remote(cfg.instance, cfg.rank)
         self._kill(inst)
 
     def _kill(self, inst: Instance) -> None:

@@ -18,7 +18,7 @@ import asyncio
 import enum
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from orchestrator.router.admission import Limits, admit
@@ -52,6 +52,13 @@ class RouterError(Exception):
         super().__init__(f"{code.value}: {message}")
 
 
+class WorkerGone(LookupError):
+    """The chosen worker left (drained, removed, dead) before it took the request."""
+
+
+MAX_ROUTE_ATTEMPTS = 3
+
+
 class Gateway(Protocol):
     """How the router reaches workers. Implementations must not block the event loop."""
 
@@ -60,7 +67,9 @@ class Gateway(Protocol):
         ...
 
     async def prefill(self, worker: WorkerId, decode: WorkerId, request: GenerationRequest) -> PrefillResult:
-        """Prefill on `worker` for a decode on `decode`; returns the first token and the handoff."""
+        """Prefill on `worker` for a decode on `decode`; returns the first token and the handoff.
+
+        Raises WorkerGone when `worker` no longer takes requests."""
         ...
 
     def decode(
@@ -69,7 +78,8 @@ class Gateway(Protocol):
         """The request's deltas from `worker`, ending with the one whose finish is set.
 
         With `prefilled` the worker pulls the KV by its handoff and continues after its first token;
-        without it the worker prefills the prompt itself.
+        without it the worker prefills the prompt itself. Raises WorkerGone (before any delta) when
+        `worker` no longer takes requests.
         """
         ...
 
@@ -92,6 +102,11 @@ class _Progress:
     arrival: float
     first_token_at: float | None = None
     tokens: int = 0
+    prefilled: PrefillResult | None = None  # kept across a re-route of the decode
+    prefill_worker: WorkerId | None = None
+    decoding: bool = False  # the decode worker took the request
+    done: bool = False  # the request ended normally: nothing to cancel
+    holders: list[WorkerId] = field(default_factory=list)
 
 
 class Frontend:
@@ -115,17 +130,36 @@ class Frontend:
             req = admit(msg, self.tokenizer, self.limits)
         except RequestError as exc:
             raise RouterError(ErrorCode.INVALID_ARGUMENT, str(exc)) from None
-        decision = self._route(req, arrival)
         self.metrics.in_flight.inc()
         try:
-            stream = self._serve(req, decision, _Progress(arrival))
+            stream = self._attempts(req, _Progress(arrival))
             if msg.deadline_ms:
                 stream = _with_deadline(stream, msg.deadline_ms / 1000.0)
             async for chunk in stream:
                 yield chunk
         finally:
             self.metrics.in_flight.dec()
-            self.router.finish(req.request_id)
+
+    async def _attempts(self, req: GenerationRequest,
+                        progress: _Progress) -> AsyncIterator[generate_pb2.GenerateChunk]:
+        """Route and serve. A worker that left before taking the request is routed around: a
+        prefill again from scratch, a decode again with the prefill's handoff (it is still held)."""
+        try:
+            for attempt in range(MAX_ROUTE_ATTEMPTS):
+                decision = self._route(req, self.clock())
+                try:
+                    async for chunk in self._serve(req, decision, progress):
+                        yield chunk
+                    return
+                except WorkerGone as exc:
+                    if progress.decoding or attempt == MAX_ROUTE_ATTEMPTS - 1:
+                        raise RouterError(ErrorCode.UNAVAILABLE, f"{exc}; none took over") from None
+                finally:
+                    self.router.finish(req.request_id)
+        finally:
+            if not progress.done:
+                for w in progress.holders:
+                    await asyncio.shield(self.gateway.cancel(w, req.request_id))
 
     def _route(self, req: GenerationRequest, now: float) -> RouteDecision:
         route_req = RouteRequest(req.request_id, len(req.prompt_ids), req.block_hashes, req.session_id)
@@ -143,39 +177,34 @@ class Frontend:
 
     async def _serve(self, req: GenerationRequest, d: RouteDecision,
                      progress: _Progress) -> AsyncIterator[generate_pb2.GenerateChunk]:
-        holders: list[WorkerId] = []
-        done = False
-        prefilled: PrefillResult | None = None
-        try:
-            if d.prefill is not None:
-                holders.append(d.prefill)
-                prefilled = await self.gateway.prefill(d.prefill, d.decode, req)
-                self.router.prefill_done(req.request_id)
-                first = prefilled.first
-                if first.finish is not None:
-                    done = True
-                    yield self._last(req, d, progress, first, prefilled)
-                    return
-                yield self._chunk(progress, first)
-            holders.append(d.decode)
-            async for delta in self.gateway.decode(d.decode, req, prefilled):
-                if progress.first_token_at is None:
-                    self.router.prefill_done(req.request_id)
-                if delta.finish is None:
-                    yield self._chunk(progress, delta)
-                    continue
-                done = True
-                if delta.finish is Finish.ABORTED:
-                    assert delta.summary is not None
-                    raise RouterError(ErrorCode.UNAVAILABLE, f"worker {d.decode} aborted the request: "
-                                                             f"{delta.summary.error}")
-                yield self._last(req, d, progress, delta, prefilled)
+        if progress.prefilled is None and d.prefill is not None:
+            progress.holders.append(d.prefill)
+            progress.prefill_worker = d.prefill
+            progress.prefilled = await self.gateway.prefill(d.prefill, d.decode, req)
+            self.router.prefill_done(req.request_id)
+            first = progress.prefilled.first
+            if first.finish is not None:
+                progress.done = True
+                yield self._last(req, d, progress, first)
                 return
-            raise RouterError(ErrorCode.INTERNAL, f"worker {d.decode} ended the stream without a finish")
-        finally:
-            if not done:
-                for w in holders:
-                    await asyncio.shield(self.gateway.cancel(w, req.request_id))
+            yield self._chunk(progress, first)
+        stream = self.gateway.decode(d.decode, req, progress.prefilled)
+        async for delta in stream:
+            if not progress.decoding:
+                progress.decoding = True
+                progress.holders.append(d.decode)
+                self.router.prefill_done(req.request_id)
+            if delta.finish is None:
+                yield self._chunk(progress, delta)
+                continue
+            progress.done = True
+            if delta.finish is Finish.ABORTED:
+                assert delta.summary is not None
+                raise RouterError(ErrorCode.UNAVAILABLE, f"worker {d.decode} aborted the request: "
+                                                         f"{delta.summary.error}")
+            yield self._last(req, d, progress, delta)
+            return
+        raise RouterError(ErrorCode.INTERNAL, f"worker {d.decode} ended the stream without a finish")
 
     def _chunk(self, progress: _Progress, delta: TokenDelta) -> generate_pb2.GenerateChunk:
         now = self.clock()
@@ -186,8 +215,9 @@ class Frontend:
         self.metrics.output_tokens.inc(len(delta.token_ids))
         return generate_pb2.GenerateChunk(token_ids=delta.token_ids, text=delta.text)
 
-    def _last(self, req: GenerationRequest, d: RouteDecision, progress: _Progress, delta: TokenDelta,
-              prefilled: PrefillResult | None) -> generate_pb2.GenerateChunk:
+    def _last(self, req: GenerationRequest, d: RouteDecision, progress: _Progress,
+              delta: TokenDelta) -> generate_pb2.GenerateChunk:
+        prefilled = progress.prefilled
         chunk = self._chunk(progress, delta)
         s = delta.summary
         assert s is not None and delta.finish is not None
@@ -207,7 +237,7 @@ class Frontend:
             ttft_s=ttft, queue_s=prefilled.queue_s if prefilled else s.queue_s,
             prefill_s=prefilled.prefill_s if prefilled else s.prefill_s, transfer_s=s.transfer_s,
             tpot_s=tpot, total_s=total))
-        chunk.prefill_worker = _name(d.prefill if d.prefill is not None else d.decode)
+        chunk.prefill_worker = _name(progress.prefill_worker or d.decode)
         chunk.decode_worker = _name(d.decode)
         chunk.kv_transfer_bytes = s.kv_transfer_bytes
         chunk.request_id = req.request_id

@@ -136,6 +136,11 @@ class RouterHost:
         assert self.gateway is not None, "start() first"
         self.gateway.add(WorkerId(instance, rank), Role(role), handle)
 
+    async def drain_worker(self, instance: str, rank: int) -> None:
+        """No new requests for a rank; its running ones finish."""
+        if self.gateway is not None:
+            self.gateway.drain(WorkerId(instance, rank))
+
     async def remove_worker(self, instance: str, rank: int) -> None:
         """Stop routing to a rank (drain or death)."""
         if self.gateway is not None:

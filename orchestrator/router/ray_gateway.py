@@ -5,6 +5,8 @@ Per registered rank the gateway keeps two Ray streams open:
   deltas out to the requests waiting on them. Decode ranks only: prefill ranks answer `prefill`.
 - `reports(interval)`: the rank's WorkerStats and its KV events since the last report; stats become
   the `WorkerState` the policies see, events feed the `KvIndex`.
+Draining a rank takes it out of the reports (no new routes) and out of the index, but keeps its
+streams open until the controller removes it, so its running requests finish normally.
 A rank whose streams fail is dropped (its index entries too) and its waiting requests end with
 Finish.ABORTED, so a client never hangs on a dead worker.
 """
@@ -17,6 +19,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
+from orchestrator.router.frontend import WorkerGone
 from orchestrator.router.inputs import Role, WorkerId, WorkerState
 from orchestrator.router.kv_index import ApplyResult, KvEvent, KvEventKind, KvIndex
 from tandem.request import GenerationRequest
@@ -64,6 +67,7 @@ class _Rank:
     def __init__(self, wid: WorkerId, role: Role, handle: object) -> None:
         self.wid, self.role, self.handle = wid, role, handle
         self.state: WorkerState | None = None
+        self.draining = False
         self.waiting: dict[str, asyncio.Queue[TokenDelta]] = {}
         self.tasks: list[asyncio.Task] = []
 
@@ -90,6 +94,13 @@ class RayGateway:
             rank.tasks.append(asyncio.ensure_future(self._pump_tokens(rank)))
         rank.tasks.append(asyncio.ensure_future(self._pump_reports(rank)))
 
+    def drain(self, wid: WorkerId) -> None:
+        """No new requests for this rank; the ones it runs go on. Unknown ranks are ignored."""
+        rank = self._ranks.get(wid)
+        if rank is not None:
+            rank.draining = True
+            self.index.remove_worker(wid)
+
     def remove(self, wid: WorkerId, why: str = "removed") -> None:
         """Stop routing to a rank; its waiting requests end ABORTED."""
         rank = self._ranks.pop(wid, None)
@@ -106,7 +117,7 @@ class RayGateway:
 
     # --- Gateway -------------------------------------------------------------------------------
     def reports(self) -> Sequence[WorkerState]:
-        return [r.state for r in self._ranks.values() if r.state is not None]
+        return [r.state for r in self._ranks.values() if r.state is not None and not r.draining]
 
     async def prefill(self, worker: WorkerId, decode: WorkerId, request: GenerationRequest) -> PrefillResult:
         return await self._rank(worker).handle.prefill.remote(request)
@@ -138,7 +149,7 @@ class RayGateway:
     def _rank(self, wid: WorkerId) -> _Rank:
         rank = self._ranks.get(wid)
         if rank is None:
-            raise LookupError(f"worker {wid} is not registered with the router")
+            raise WorkerGone(f"worker {wid} is not registered with the router")
         return rank
 
     async def _pump_tokens(self, rank: _Rank) -> None:
@@ -160,6 +171,8 @@ class RayGateway:
             async for ref in rank.handle.reports.remote(self.report_interval_s):
                 stats, events = await ref
                 rank.state = _worker_state(rank.wid, rank.role, stats, self.limits, self._clock())
+                if rank.draining:
+                    continue
                 for ev in events.events:
                     if self.index.apply(rank.wid, _kv_event(ev)) is ApplyResult.GAP:
                         log.warning("KV events of %s have a gap at seq %d: its entries are dropped",
