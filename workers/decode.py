@@ -57,6 +57,7 @@ class DecodeWorker(RankActor):
 
     async def submit(self, request: GenerationRequest, prefilled: PrefillResult | None = None) -> None:
         """Queue a request; its deltas go out in this rank's StepBatches."""
+        self._accepting(request.request_id)
         loop = self._started()
         engine = self._built.engine
         if prefilled is None:

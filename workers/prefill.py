@@ -34,6 +34,7 @@ class PrefillWorker(RankActor):
 
     async def prefill(self, request: GenerationRequest) -> PrefillResult:
         """Prefill `request`; its first token, and the handoff unless it already ended."""
+        self._accepting(request.request_id)
         loop = self._started()
         engine = self._built.engine
         first = loop.first_token(request.request_id)

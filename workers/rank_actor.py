@@ -19,6 +19,7 @@ class RankActor:
     config: WorkerConfig
     _built: BuiltRank
     _loop: EngineLoop | None = None
+    _draining: bool = False
 
     def _housekeeping(self) -> None:
         """Runs under the engine lock once per loop iteration; nothing by default."""
@@ -35,6 +36,15 @@ class RankActor:
         self._started()
         return self.config.name
 
+    async def drain(self) -> None:
+        """Stop taking new requests; the ones already here run to the end. Stats say `draining`."""
+        self._draining = True
+
+    def _accepting(self, request_id: str) -> None:
+        """Raise when this rank is draining (named, so the router picks another)."""
+        if self._draining:
+            raise RuntimeError(f"{self.config.name} is draining: request {request_id!r} refused")
+
     async def cancel(self, request_id: str) -> bool:
         """End a request now (queued, running or held); its blocks are free when this returns."""
         return await self._started().call(self._built.engine.cancel, request_id)
@@ -43,7 +53,7 @@ class RankActor:
         """Queue, running, KV blocks used / free, prefix hit rate, token rates."""
         loop = self._started()
         st = await loop.call(self._built.engine.stats)
-        return stats_proto(self.config, st, *loop.rates(), draining=False)
+        return stats_proto(self.config, st, *loop.rates(), draining=self._draining)
 
     async def kv_events(self) -> worker_pb2.KvEventBatch:
         """The KV events since the last call."""

@@ -202,3 +202,26 @@ def test_ep2_instance_of_two_actors_serves_reference_tokens(ray_session, tiny_mo
     finally:
         for a in ranks:
             ray.kill(a)
+
+
+def test_draining_rank_finishes_its_requests_and_refuses_new_ones(actors, ray_session) -> None:
+    _, pre, dec = actors
+    ray = ray_session
+
+    async def scenario():
+        req = GenerationRequest("dr0", tuple(range(30)), SamplingConfig(max_tokens=20, ignore_eos=True))
+        gen = dec.generate.remote([req])
+        first = await (await gen.__anext__())
+        await dec.drain.remote()
+        rest = [await ref async for ref in gen]
+        return first, rest
+
+    first, rest = asyncio.run(scenario())
+    n = sum(len(d.token_ids) for b in [first, *rest] for d in b.deltas)
+    assert n == 20 and rest[-1].deltas[-1].finish is Finish.LENGTH  # the running request completed
+    assert ray.get(dec.stats.remote()).draining
+    with pytest.raises(ray.exceptions.RayTaskError, match="draining"):
+        ray.get(dec.submit.remote(GenerationRequest("dr1", (1, 2, 3), SamplingConfig())))
+    ray.get(pre.drain.remote())
+    with pytest.raises(ray.exceptions.RayTaskError, match="draining"):
+        ray.get(pre.prefill.remote(GenerationRequest("dr2", (1, 2, 3), SamplingConfig())))
