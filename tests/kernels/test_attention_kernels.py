@@ -80,10 +80,22 @@ def _fill(view: torch.Tensor, g: torch.Generator) -> None:
     view.copy_(EntryLayout().pack(kv))
 
 
-@pytest.mark.parametrize("layer,qdtype", [(1, torch.float32), (2, torch.float32), (1, torch.bfloat16)])
-def test_sparse_decode_matches_reference(layer: int, qdtype: torch.dtype, device: torch.device) -> None:
-    """Ragged batch: a 1-token sequence (no entries yet), one inside the first window page, one
-    crossing a window page, one past a 256-token block; CSA (layer 1) or HCA (layer 2) entries."""
+@pytest.mark.parametrize(
+    "layer,qdtype,splits",
+    [
+        (1, torch.float32, 1),
+        (2, torch.float32, 1),
+        (1, torch.bfloat16, 1),
+        (1, torch.float32, 3),  # flash-decoding: three key splits merged by the combine kernel
+        (2, torch.float32, 6),  # more splits than tiles: empty splits must not disturb the merge
+    ],
+)
+def test_sparse_decode_matches_reference(
+    layer: int, qdtype: torch.dtype, splits: int, device: torch.device
+) -> None:
+    """Ragged batch: a 1-token sequence (no entries yet), one inside the first window page, ones
+    ending on and just past a window page, one on and past a 256-token block; CSA (layer 1) or
+    HCA (layer 2) entries; one or several key splits."""
     g = torch.Generator().manual_seed(layer + 10)
     window, block, _ = _pools(layer)
     wview, eview = window.view(layer, Part.WINDOW), block.view(layer, Part.ENTRY)
@@ -106,7 +118,7 @@ def test_sparse_decode_matches_reference(layer: int, qdtype: torch.dtype, device
     args = (wtable, lens, WINDOW, eview, etable, idx, sink, D**-0.5)
     want = ref.sparse_decode_attention(q, wview, *args)
     on = [a.to(device) if isinstance(a, torch.Tensor) else a for a in (q, wview, *args)]
-    got = tri.sparse_decode_attention(*on)
+    got = tri.sparse_decode_attention(*on, splits=splits)
     tol = 1e-5 if qdtype == torch.float32 else 2e-2
     torch.testing.assert_close(got.float().cpu(), want.float(), rtol=tol, atol=tol)
     # The reference against the float keys workers/kv unpacks, through the float64 formula.
