@@ -16,10 +16,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kernels import ops
 from workers.ep.dispatch import Dispatcher
 from workers.ep.group import EpGroup
 from workers.model.layers import wide
 from workers.model.moe import MoE
+from workers.model.quant import ACT_GROUP
 
 
 class EpMoE(nn.Module):
@@ -47,7 +49,7 @@ class EpMoE(nn.Module):
         rows, recv = self.dispatcher.exchange(x[pair_token], counts)
         meta = torch.stack([flat_ids[order].float(), weights.reshape(-1)[order]], dim=1)
         meta_in, _ = self.dispatcher.exchange(meta, counts, recv)
-        out = self._run_local(rows, meta_in)
+        out = self._run_local(rows, meta_in)  # wide precision: combined exactly as MoE.routed sums
         back, _ = self.dispatcher.exchange(out, recv, counts)
         per_pair = torch.empty(n * k, x.shape[1], dtype=back.dtype, device=x.device)
         per_pair[order] = back
@@ -59,11 +61,20 @@ class EpMoE(nn.Module):
         return (y + wide(moe.shared_experts(x))).to(x.dtype)
 
     def _run_local(self, rows: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
-        """Weighted outputs of this rank's experts for received rows [R, d] with meta [R, 2]."""
-        out = torch.zeros_like(rows)
+        """Weighted outputs of this rank's experts for received rows [R, d] with meta [R, 2]
+        (expert id, weight), in the model's wide precision: the same expert op as `MoE.routed`,
+        each row being one (token, expert) pair."""
+        moe = self.moe
         expert = meta[:, 0].long()
-        for e in self.moe.local_experts:
-            sel = torch.where(expert == e)[0]
-            if sel.numel():
-                out[sel] = self.moe.experts[str(e)](rows[sel], meta[sel, 1:2])
-        return out
+        if rows.dtype == torch.float64:  # the model computes float64 in-module; so do we
+            out = wide(rows.new_zeros(rows.shape))
+            for e in moe.local_experts:
+                sel = torch.where(expert == e)[0]
+                if sel.numel():
+                    out[sel] = wide(moe.experts[str(e)](rows[sel], meta[sel, 1:2]))
+            return out
+        ex = [moe.experts[str(e)] for e in moe.local_experts]
+        w1, w2, w3 = (torch.stack([getattr(m, n).weight for m in ex]) for n in ("w1", "w2", "w3"))
+        group = ACT_GROUP if moe.shared_experts.w1.sim else None
+        return ops.routed_experts(rows, meta[:, 1:2], expert[:, None], w1, w2, w3, moe.local_experts,
+                                  moe.cfg.swiglu_limit, group)
