@@ -13,7 +13,13 @@ import pytest
 from orchestrator.planner.cost import CostModel, Parallelism, decode_token_flops
 from orchestrator.planner.estimate import EstimateQuery, estimate
 from orchestrator.planner.hardware import GpuKind, efficiencies, gpu
-from orchestrator.planner.kv_layout import block_bytes, bytes_per_token, handoff_bytes, request_bytes
+from orchestrator.planner.kv_layout import (
+    block_bytes,
+    bytes_per_token,
+    handoff_bytes,
+    request_bytes,
+    request_reserve_bytes,
+)
 from orchestrator.planner.models import AttnKind, ModelName, Precision, model
 from orchestrator.planner.work import decode_work, prefill_work
 
@@ -148,3 +154,15 @@ def test_calibration_rows_meet_their_targets() -> None:
     assert required <= set(rows)
     bad = {n: round(r.error, 3) for n, r in rows.items() if not r.ok}
     assert not bad
+
+
+def test_estimate_caps_the_batch_at_what_the_kv_pool_holds() -> None:
+    q = EstimateQuery(model=ModelName.V4_PRO, gpu=GpuKind.B200, gpus=8, tp=8, ep=1, precision=Precision.FP4,
+                      isl=65536, osl=1024, concurrency=20_000)
+    e = estimate(q)
+    cm = CostModel(gpu(GpuKind.B200), model(ModelName.V4_PRO), Parallelism(8, 8, 1), Precision.FP4)
+    fits = cm.kv_pool_bytes() / request_reserve_bytes(cm.arch, q.isl + q.osl)
+    assert e.kv_limited and e.decode_batch == pytest.approx(fits)
+    # the users who do not fit wait: Little's law over all of them still holds
+    latency = e.ttft_s + (q.osl - 1) * e.tpot_s
+    assert e.requests_per_s * latency == pytest.approx(q.concurrency, rel=1e-6)

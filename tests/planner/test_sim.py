@@ -179,3 +179,17 @@ def test_early_stopping_verdict_equals_the_full_runs_attainment() -> None:
         assert Simulator(fleet, scaled).meets(1.0, 0.02, 0.9) is full
         verdicts.add(full)
     assert verdicts == {True, False}  # the rates straddle the threshold
+
+
+def test_transfers_across_nvlink_domains_go_over_rdma() -> None:
+    # 4-GPU domains (like HGX nodes cut in half): the prefill and the decode land in different ones
+    fleet = dataclasses.replace(_fleet(mode=DisaggMode.ALWAYS, prefills=1, decodes=1), domain_gpus=4)
+    prompt, output = 20_000, 40
+    res = Simulator(fleet, _one(prompt, output)).run()
+    pre, dec = fleet.cost_model(fleet.prefill), fleet.cost_model(fleet.decode)
+    links = fleet.fleet_params().topology
+    nbytes = handoff_bytes(model(fleet.model), prompt)
+    ttft = pre.prefill_seconds(prompt, 0, fleet.prefill.max_batched_tokens)
+    decode = sum(dec.decode_step_seconds(1, prompt + 1 + j) for j in range(output - 1))
+    assert res.latency[0] == pytest.approx(ttft + links.cross_domain.seconds(nbytes) + decode, rel=1e-9)
+    assert links.cross_domain.seconds(nbytes) > 5 * links.intra_domain.seconds(nbytes)
