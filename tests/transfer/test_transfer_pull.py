@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 from prometheus_client import CollectorRegistry
-from transfer_peer import Advance, Corrupt, Open, PoolSpec, PrefillProcess, PrefillSpec
+from transfer_peer import Advance, Corrupt, Open, PoolSpec, PrefillProcess, PrefillSpec, Serve
 
 from workers.kv.geometry import PoolKind
 from workers.transfer.agent import AgentConfig, TransferAgent
@@ -174,48 +174,66 @@ def test_a_failed_read_releases_at_once(prefill, decodes):
     prefill.wait_freed(desc.request_id)  # by the release, long before any lease or pin runs out
 
 
+class _ClockJumpsOnPost:
+    """A transport wrapper that moves the test's clock `by` seconds the moment a READ is posted."""
+
+    def __init__(self, inner, offset: list[float], by: float) -> None:
+        self.inner, self.offset, self.by = inner, offset, by
+
+    def prepare(self, peer, plan):
+        read = self.inner.prepare(peer, plan)
+        post = read.post
+
+        def post_and_jump() -> None:
+            post()
+            self.offset[0] += self.by
+
+        read.post = post_and_jump
+        return read
+
+
 def test_a_read_that_outlasts_its_pin_is_abandoned(prefill, decodes):
     d = decodes["prepped"]
     desc = _open(prefill, "slow")
-    ticks = [0.0]
+    offset = [0.0]
 
-    def clock() -> float:  # every look at the clock is one second later
-        ticks[0] += 1.0
-        return ticks[0]
+    def clock() -> float:
+        return time.monotonic() + offset[0]
 
-    hooks = FaultHooks(delay_s=SPEC.pin_s + 5)  # the bytes land, but "complete" only after the pin
-    puller = Puller(Inbox(d.agent), FaultyTransport(NixlTransport(d.agent), hooks, clock), d.metrics, clock)
+    # the bytes land at once but the READ reports completion only after the pin has run out
+    hooks = FaultHooks(delay_s=SPEC.pin_s + 5)
+    transport = _ClockJumpsOnPost(
+        FaultyTransport(NixlTransport(d.agent), hooks, clock), offset, SPEC.pin_s + 1
+    )
+    puller = Puller(Inbox(d.agent), transport, d.metrics, clock)
     bytes_before = d.metrics.value("kv_transfer_bytes_total")
-    with pytest.raises(TransferFailed, match="deadline"):
+    with pytest.raises(TransferFailed, match="in progress at its deadline"):
         puller.pull(desc, DST, cached_blocks=0, timeout_s=10 * SPEC.pin_s)
     assert d.metrics.value("kv_transfer_bytes_total") == bytes_before
-    prefill.wait_freed(desc.request_id)
+    prefill.wait_freed(desc.request_id)  # released at once, not left to the pin
 
 
 def test_a_claim_answered_too_late_is_dropped_and_the_pin_runs_out(prefill, decodes):
     d = decodes["coalesced"]
     desc = _open(prefill, "no-answer")
-    ticks = [0.0]
-
-    def clock() -> float:  # every look at the clock is ten seconds later: the answer is too late
-        ticks[0] += 10.0
-        return ticks[0]
-
     inbox = Inbox(d.agent)
-    puller = Puller(inbox, NixlTransport(d.agent), d.metrics, clock)
-    with pytest.raises(TransferFailed, match="no answer to the claim"):
-        puller.pull(desc, DST, cached_blocks=0, timeout_s=5.0)
-    # the prefill did pin it; the late answer reaches this inbox and is dropped, not queued
-    deadline = time.monotonic() + 10
-    while not any(a.request_id == desc.request_id for a in prefill.status()[2]):
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    puller = Puller(inbox, NixlTransport(d.agent), d.metrics)
+    assert prefill.call(Serve(False))  # the prefill's loop is stuck: the claim waits unanswered
+    try:
+        with pytest.raises(TransferFailed, match="no answer to the claim"):
+            puller.pull(desc, DST, cached_blocks=0, timeout_s=0.2)
+    finally:
+        assert prefill.call(Serve(True))
+    # now the prefill pins it and answers; the late answer reaches this inbox and is dropped
     assert inbox.abandoned() == 1
-    while inbox.abandoned():  # the late answer arrives...
-        assert time.monotonic() < deadline
+    deadline = time.monotonic() + 10
+    while inbox.abandoned():
+        assert time.monotonic() < deadline, "the late answer never arrived"
         inbox.poll()
         time.sleep(0.002)
-    assert inbox.pending_answers() == 0  # ...and is dropped, not queued
+    assert inbox.pending_answers() == 0
+    answers = [a for a in prefill.status()[2] if a.request_id == desc.request_id]
+    assert [a.outcome for a in answers] == [ClaimOutcome.GRANTED]
     assert desc.request_id in prefill.status()[0]  # pinned, not freed early
     assert prefill.call(Advance(SPEC.pin_s))
     prefill.wait_freed(desc.request_id)

@@ -95,6 +95,13 @@ class Advance:
 
 
 @dataclass(frozen=True)
+class Serve:
+    """Start (True, the default at start-up) or stop (False) answering claims and releases."""
+
+    on: bool
+
+
+@dataclass(frozen=True)
 class Status:
     """Reply: (live request ids, freed [(request_id, pages)] so far, claim answers so far)."""
 
@@ -121,9 +128,11 @@ def serve(conn: mp.connection.Connection, spec: PrefillSpec) -> None:
     table = HandoffTable(spec.name, spec.lease_s, spec.pin_s, lambda rid, p: freed.append((rid, p)), clock)
     server = HandoffServer(Inbox(agent), table)
     answers = []
+    serving = True
     end = time.monotonic() + LIFETIME_S
     while time.monotonic() < end:
-        answers += server.poll().answered
+        if serving:
+            answers += server.poll().answered
         if not conn.poll(0):
             time.sleep(20e-6)  # yield the core: two cores are shared with everything else
             continue
@@ -139,6 +148,9 @@ def serve(conn: mp.connection.Connection, spec: PrefillSpec) -> None:
         elif isinstance(cmd, Corrupt):
             buf = pools[cmd.pool].buffer
             buf[cmd.page, cmd.offset] = (int(buf[cmd.page, cmd.offset]) + 1) % 256
+            conn.send(True)
+        elif isinstance(cmd, Serve):
+            serving = cmd.on
             conn.send(True)
         elif isinstance(cmd, Advance):
             clock.advance(cmd.seconds)
