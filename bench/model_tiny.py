@@ -9,7 +9,9 @@ by Tandem's loader), measured in the same run on the same threads:
 Tandem is measured with and without the FP8 / FP4 simulation (`quant_sim`); transformers has none.
 Best of --repeats.
 
-    python bench/model_tiny.py [--prompt 512] [--decode 32] [--repeats 3] [--json PATH]
+    python -P bench/model_tiny.py [--prompt 512] [--decode 32] [--repeats 3] [--json PATH]
+
+(-P: do not put bench/ first on sys.path, where bench/kernels.py would shadow the kernels package.)
 """
 
 from __future__ import annotations
