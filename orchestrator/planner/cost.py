@@ -31,6 +31,8 @@ from orchestrator.planner.hardware import (
 from orchestrator.planner.models import BF16_BYTES, WEIGHT_BYTES, ModelArch, Precision
 from orchestrator.planner.work import Work, decode_work, prefill_work
 
+CHUNK_MEMO_LIMIT = 1 << 18  # memoised prefill chunk prices kept per cost model (then start over)
+
 
 @dataclass(frozen=True)
 class Parallelism:
@@ -72,6 +74,7 @@ class CostModel:
         object.__setattr__(self, "_routed", (self.gpu.fp4_flops if fp4 else self.gpu.fp8_flops) * eff.compute)
         object.__setattr__(self, "_bw", self.gpu.hbm_bytes_per_s * eff.bandwidth)
         object.__setattr__(self, "_memo", {})
+        object.__setattr__(self, "_chunks", {})
 
     # ---- the pricing ---------------------------------------------------------------------------
     def step_seconds(self, work: Work) -> float:
@@ -130,8 +133,15 @@ class CostModel:
 
     # ---- the shapes the simulator and the estimator use ----------------------------------------
     def prefill_chunk_seconds(self, segments: tuple[tuple[int, int], ...], sampled: int) -> float:
-        """One chunked-prefill step over token ranges (start, end) of different requests."""
-        return self.step_seconds(prefill_work(self.arch, segments, sampled))
+        """One chunked-prefill step over token ranges (start, end) of different requests (memoised:
+        replays of one load at different rates price the same chunks again)."""
+        key = (segments, sampled)
+        hit = self._chunks.get(key)
+        if hit is None:
+            if len(self._chunks) >= CHUNK_MEMO_LIMIT:
+                self._chunks.clear()
+            hit = self._chunks[key] = self.step_seconds(prefill_work(self.arch, segments, sampled))
+        return hit
 
     def prefill_seconds(self, prompt_tokens: int, cached_tokens: int, chunk_tokens: int) -> float:
         """One request prefilled alone: its uncached tokens in chunks of `chunk_tokens`, in order.

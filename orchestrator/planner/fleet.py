@@ -10,6 +10,7 @@ geometry and the hardware's measured link numbers.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from types import MappingProxyType
 
@@ -88,7 +89,9 @@ class FleetConfig:
         return self.prefill.gpus + self.decode.gpus
 
     def cost_model(self, pool: PoolConfig) -> CostModel:
-        return CostModel(gpu(self.gpu), model(self.model), pool.par, self.precision)
+        """The cost model of one of this fleet's instances; shared by every fleet with the same GPU,
+        model, layout and precision, so the runs of a goodput search reuse its memoised prices."""
+        return _cost_model(self.gpu, self.model, pool.par, self.precision)
 
     def fleet_params(self) -> FleetParams:
         """What the router's policies are told about the fleet."""
@@ -104,6 +107,11 @@ class FleetConfig:
 
     def with_policy(self, policy: PolicyName) -> FleetConfig:
         return dataclasses.replace(self, policy=policy)
+
+
+@functools.lru_cache(maxsize=64)
+def _cost_model(kind: GpuKind, name: ModelName, par: Parallelism, precision: Precision) -> CostModel:
+    return CostModel(gpu(kind), model(name), par, precision)
 
 
 def _pool(p: PoolSpec) -> PoolConfig:
