@@ -35,9 +35,11 @@ def _naive(
     return torch.einsum("ths,sd->thd", ex / denom, keys.double())
 
 
-def test_reference_is_the_models_attend() -> None:
+def test_reference_matches_the_models_float64_attend() -> None:
+    # A float64 model computes _attend in-module (float32 models call kernels.ops): an
+    # independent implementation of the same function.
     cfg = tiny()
-    attn = Attention(cfg, LayerKind.SWA, sim=False)
+    attn = Attention(cfg, LayerKind.SWA, sim=False).double()
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         attn.attn_sink.copy_(torch.randn(cfg.num_heads, generator=g))
@@ -45,8 +47,10 @@ def test_reference_is_the_models_attend() -> None:
     keys = torch.randn(9, cfg.head_dim, generator=g)
     mask = torch.rand(5, 9, generator=g) < 0.5
     mask[2] = False
-    got = ref.attend_with_sink(q, keys, mask, attn.attn_sink, cfg.head_dim**-0.5)
-    assert torch.equal(got, attn._attend(q, keys, mask))
+    got = ref.attend_with_sink(q, keys, mask, attn.attn_sink.float(), cfg.head_dim**-0.5)
+    want = attn._attend(q.double(), keys.double(), mask)
+    assert want.dtype == torch.float64
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("t,h,s,d", [(3, 4, 40, 512), (2, 20, 1, 64), (4, 16, 70, 128), (1, 4, 0, 512)])

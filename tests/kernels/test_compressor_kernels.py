@@ -80,26 +80,34 @@ def test_batched_ragged_decode(ratio: int, overlap: bool, device: torch.device) 
 
 @pytest.mark.parametrize("kind", [LayerKind.CSA, LayerKind.HCA])
 def test_reference_reproduces_the_models_compressor(kind: LayerKind) -> None:
+    """Drive a float64 Compressor (which pools in-module; float32 models call kernels.ops)
+    through prefill chunks and decode steps; rebuild each step's entries from the reference
+    pooling of the same rows in float32, then the compressor's own RMSNorm and RoPE."""
     cfg = tiny()
     ratio = cfg.ratio(kind)
     overlap = kind is LayerKind.CSA
     dim, head_dim = 32, 128
-    comp = Compressor(dim, head_dim, ratio, overlap=overlap, eps=cfg.norm_eps)
+    comp = Compressor(dim, head_dim, ratio, overlap=overlap, eps=cfg.norm_eps).double()
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for p in comp.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.5)
     rope = Rope.for_kind(cfg, kind)
     state = CompressorState.empty(comp.width)
+    state = CompressorState(0, state.kv.double(), state.score.double())
     chunks = [5, 11, 1, 1, 1, 20, 3] if overlap else [100, 27, 1, 1, 130]
+    made = 0
     for size in chunks:
-        x = torch.randn(size, dim, generator=g)
+        x = torch.randn(size, dim, generator=g, dtype=torch.float64)
         n_done = state.end // ratio
         pos = torch.arange(state.end, state.end + size)
         kv = torch.cat([state.kv, comp.wkv(x)])
         score = torch.cat([state.score, comp.wgate(x) + comp.ape[pos % ratio]])
         spec = PoolSpec(state.start // ratio, n_done, (state.end + size) // ratio, ratio, head_dim, overlap)
         entries, state = comp(x, state, rope)
-        pooled = ref.compress_pool(kv, score, spec)
-        rebuilt = rope.apply(comp.norm(pooled), torch.arange(spec.n_done, spec.n_total) * ratio)
-        assert torch.equal(rebuilt, entries)
+        assert entries.dtype == torch.float64 and entries.shape[0] == spec.n_total - spec.n_done
+        pooled = ref.compress_pool(kv.float(), score.float(), spec)
+        rebuilt = rope.apply(comp.norm(pooled.double()), torch.arange(spec.n_done, spec.n_total) * ratio)
+        torch.testing.assert_close(rebuilt, entries, rtol=1e-5, atol=1e-5)
+        made += entries.shape[0]
+    assert made == sum(chunks) // ratio

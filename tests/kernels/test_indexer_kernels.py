@@ -95,25 +95,28 @@ def test_topk_ties_take_the_lowest_ids(device: torch.device) -> None:
 
 
 def test_references_reproduce_the_models_indexer() -> None:
+    """A float64 Indexer scores and selects in-module (float32 models call kernels.ops). Without
+    FP4 simulation, whose rounding would differ between float64 and float32 inputs."""
     cfg = tiny()
-    idx = Indexer(cfg.hidden_size, cfg.q_lora_rank, cfg.index_heads, cfg.index_head_dim, 4, cfg.index_topk,
-                  cfg.norm_eps, sim=True)  # fmt: skip
+    idx = Indexer(
+        cfg.hidden_size, cfg.q_lora_rank, cfg.index_heads, cfg.index_head_dim, 4, cfg.index_topk,
+        cfg.norm_eps, sim=False,
+    ).double()  # fmt: skip
     g = torch.Generator().manual_seed(9)
     with torch.no_grad():
         for p in idx.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.1)
     rope = Rope.for_kind(cfg, LayerKind.CSA)
     t, n = 6, 40
-    x, qr = torch.randn(t, cfg.hidden_size, generator=g), torch.randn(t, cfg.q_lora_rank, generator=g)
+    x = torch.randn(t, cfg.hidden_size, generator=g, dtype=torch.float64)
+    qr = torch.randn(t, cfg.q_lora_rank, generator=g, dtype=torch.float64)
     positions = torch.tensor([3, 17, 40, 90, 130, 159])
-    keys = torch.randn(n, cfg.index_head_dim, generator=g)
+    keys = torch.randn(n, cfg.index_head_dim, generator=g, dtype=torch.float64)
     model_scores = idx.scores(x, qr, positions, keys, rope)
+    assert model_scores.dtype == torch.float64
+    q = rope.apply(idx.wq_b(qr).view(t, idx.heads, idx.head_dim), positions)
+    w = idx.weights_proj(x) * (idx.head_dim**-0.5 * idx.heads**-0.5)
+    mine = ref.index_scores(q.float(), w.float(), keys.float())
+    torch.testing.assert_close(mine.double(), model_scores, rtol=1e-5, atol=1e-5)
     limits = (positions + 1) // 4
-    assert torch.equal(
-        ref.topk_mask(model_scores, limits, cfg.index_topk), idx.select(x, qr, positions, keys, rope)
-    )
-    from workers.model.quant import index_sim
-
-    q = index_sim(rope.apply(idx.wq_b(qr).view(t, idx.heads, idx.head_dim), positions), True)
-    w = idx.weights_proj(x).float() * (idx.head_dim**-0.5 * idx.heads**-0.5)
-    assert torch.equal(ref.index_scores(q, w, keys), model_scores)
+    assert torch.equal(ref.topk_mask(mine, limits, cfg.index_topk), idx.select(x, qr, positions, keys, rope))

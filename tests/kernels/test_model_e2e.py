@@ -10,6 +10,7 @@ bit-exact in test_quant_kernels.py.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -43,15 +44,23 @@ def _run(model: DeepseekV4, prompt: torch.Tensor, steps: int) -> torch.Tensor:
 
 
 @pytest.mark.skipif(not _wired(), reason="workers/model does not call kernels.ops yet (see docs/kernels.md)")
-def test_tiny_model_with_triton_kernels_matches_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tiny_model_with_triton_kernels_matches_torch(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     model = init_random(DeepseekV4(tiny(), with_mtp=False, quant_sim=False), seed=3)
     prompt = torch.randint(0, model.cfg.vocab_size, (300,), generator=torch.Generator().manual_seed(3))
     results = {}
     for impl in ("torch", "triton"):
         monkeypatch.setenv("TANDEM_KERNELS", impl)
         ops.reset_default_registry()
-        results[impl] = _run(model, prompt, steps=3)
+        with caplog.at_level(logging.INFO, logger="tandem.kernels"):
+            results[impl] = _run(model, prompt, steps=3)
     ops.reset_default_registry()
+    # Both paths really ran: every hot path chose each implementation once.
+    logged = {r.getMessage() for r in caplog.records if r.name == "tandem.kernels"}
+    for impl in ("torch", "triton"):
+        for op in ("attend_with_sink", "compress_pool", "index_scores", "topk_mask", "routed_experts"):
+            assert f"kernel {op} on cpu: {impl}" in logged
     ref, got = results["torch"], results["triton"]
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
     assert torch.equal(got.argmax(-1), ref.argmax(-1))

@@ -49,19 +49,25 @@ def test_grouped_experts_match_reference(
 
 @pytest.mark.parametrize("local", [None, (1, 3)])
 def test_reference_reproduces_the_models_routed_experts(local: tuple[int, ...] | None) -> None:
+    """A float64 MoE sums its experts in-module (float32 models call kernels.ops): all experts,
+    and one expert-parallel rank's subset. Without FP8 simulation, whose rounding would differ
+    between float64 and float32 inputs."""
     cfg = tiny()
-    moe = MoE(cfg, hashed=False, sim=True, local_experts=local)
+    moe = MoE(cfg, hashed=False, sim=False, local_experts=local).double()
     g = torch.Generator().manual_seed(4)
     with torch.no_grad():
         for p in moe.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    x = torch.randn(9, cfg.hidden_size, generator=g)
+    x = torch.randn(9, cfg.hidden_size, generator=g, dtype=torch.float64)
     token_ids = torch.randint(0, cfg.vocab_size, (9,), generator=g)
     weights, ids = moe.gate(x, token_ids)
     experts = moe.local_experts
     stack = [
-        torch.stack([getattr(moe.experts[str(e)], w).weight for e in experts]) for w in ("w1", "w2", "w3")
+        torch.stack([getattr(moe.experts[str(e)], w).weight.float() for e in experts])
+        for w in ("w1", "w2", "w3")
     ]
     with torch.no_grad():
-        got = ref.routed_experts(x, weights, ids, *stack, experts, cfg.swiglu_limit, 128)
-        assert torch.equal(got, moe.routed(x, token_ids))
+        got = ref.routed_experts(x.float(), weights.float(), ids, *stack, experts, cfg.swiglu_limit, None)
+        want = moe.routed(x, token_ids)
+    assert want.dtype == torch.float64
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
