@@ -50,12 +50,15 @@ def test_tiny_model_with_triton_kernels_matches_torch(
     model = init_random(DeepseekV4(tiny(), with_mtp=False, quant_sim=False), seed=3)
     prompt = torch.randint(0, model.cfg.vocab_size, (300,), generator=torch.Generator().manual_seed(3))
     results = {}
-    for impl in ("torch", "triton"):
-        monkeypatch.setenv("TANDEM_KERNELS", impl)
+    try:
+        for impl in ("torch", "triton"):
+            monkeypatch.setenv("TANDEM_KERNELS", impl)
+            ops.reset_default_registry()
+            with caplog.at_level(logging.INFO, logger="tandem.kernels"):
+                results[impl] = _run(model, prompt, steps=3)
+    finally:  # later tests must not inherit a forced registry
+        monkeypatch.delenv("TANDEM_KERNELS")
         ops.reset_default_registry()
-        with caplog.at_level(logging.INFO, logger="tandem.kernels"):
-            results[impl] = _run(model, prompt, steps=3)
-    ops.reset_default_registry()
     # Both paths really ran: every hot path chose each implementation once.
     logged = {r.getMessage() for r in caplog.records if r.name == "tandem.kernels"}
     for impl in ("torch", "triton"):
