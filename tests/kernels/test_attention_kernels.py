@@ -53,19 +53,32 @@ def test_reference_matches_the_models_float64_attend() -> None:
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("t,h,s,d", [(3, 4, 40, 512), (2, 20, 1, 64), (4, 16, 70, 128), (1, 4, 0, 512)])
-def test_dense_attend_matches_reference(t: int, h: int, s: int, d: int, device: torch.device) -> None:
+@pytest.mark.parametrize(
+    "t,h,s,d,dtype,tol",
+    [
+        (3, 4, 40, 512, torch.float32, 1e-5),
+        (2, 20, 1, 64, torch.float32, 1e-5),  # heads beyond one 16-row tile
+        (4, 16, 70, 128, torch.float32, 1e-5),
+        (1, 4, 0, 512, torch.float32, 1e-5),  # no keys at all
+        (5, 4, 33, 512, torch.bfloat16, 2e-2),
+    ],
+)
+def test_dense_attend_matches_reference(
+    t: int, h: int, s: int, d: int, dtype: torch.dtype, tol: float, device: torch.device
+) -> None:
     g = torch.Generator().manual_seed(t * 100 + s)
-    q, keys = torch.randn(t, h, d, generator=g), torch.randn(s, d, generator=g)
+    q, keys = torch.randn(t, h, d, generator=g).to(dtype), torch.randn(s, d, generator=g).to(dtype)
     mask = torch.rand(t, s, generator=g) < 0.6
     mask[0] = False  # a query that sees nothing gets zeros
     sink = torch.randn(h, generator=g)
     scale = d**-0.5
     got = tri.attend_with_sink(q.to(device), keys.to(device), mask.to(device), sink.to(device), scale)
     want = ref.attend_with_sink(q, keys, mask, sink, scale)
-    torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(want.double(), _naive(q, keys, mask, sink, scale), rtol=1e-5, atol=1e-5)
-    assert torch.equal(got[0].cpu(), torch.zeros(h, d))
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.cpu().float(), want.float(), rtol=tol, atol=tol)
+    naive = _naive(q.float(), keys.float(), mask, sink, scale)
+    torch.testing.assert_close(want.double(), naive, rtol=tol, atol=tol)
+    assert torch.equal(got[0].cpu().float(), torch.zeros(h, d))
 
 
 def _pools(seed: int) -> tuple[PagePool, PagePool, KvGeometry]:
