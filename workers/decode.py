@@ -69,6 +69,11 @@ class DecodeWorker(RankActor):
         kv = await self._puller.pull(desc)
         await loop.call(engine.add_prefilled, request, desc.first_token, kv)
 
+    async def resume(self, request: GenerationRequest, generated: Sequence[int]) -> None:
+        """Continue a request migrated from a failed worker after the tokens it already streamed."""
+        self._accepting(request.request_id)
+        await self._started().call(self._built.engine.add_resumed, request, tuple(generated))
+
     async def generate(self, requests: Sequence[GenerationRequest],
                        prefilled: Sequence[PrefillResult | None] | None = None) -> AsyncIterator[StepBatch]:
         """Submit `requests` and yield, per step, a StepBatch of their deltas until all have ended."""

@@ -165,3 +165,27 @@ def test_request_too_long_for_the_pool_is_refused(tiny_model, tokenizer) -> None
     engine = make_engine(tiny_model, tokenizer, num_blocks=2, block_size=16)
     with pytest.raises(ValueError, match="more than this engine's KV can ever hold"):
         engine.add(GenerationRequest("big", tuple(range(30)), SamplingConfig(max_tokens=3)))
+
+
+def test_migrated_request_continues_exactly(tiny_model, tokenizer) -> None:
+    prompt = random_prompts((90,), seed=15)[0]
+    sp = SamplingConfig(temperature=0.9, top_k=40, seed=77, max_tokens=14, ignore_eos=True)
+    whole = make_engine(tiny_model, tokenizer)
+    whole.add(GenerationRequest("m", tuple(prompt), sp))
+    want = drain(whole)
+    # The first worker streamed 6 tokens (and their text) before it died.
+    first = make_engine(tiny_model, tokenizer)
+    first.add(GenerationRequest("m", tuple(prompt), sp))
+    streamed, text = [], ""
+    while len(streamed) < 6:
+        for d in first.step().deltas:
+            streamed += d.token_ids
+            text += d.text
+    second = make_engine(tiny_model, tokenizer)
+    second.add_resumed(GenerationRequest("m", tuple(prompt), sp), streamed)
+    rest = drain(second)
+    assert streamed + rest.tokens["m"] == want.tokens["m"]
+    assert text + rest.text["m"] == want.text["m"]
+    assert second.stats().prefill_tokens == 90 + 6  # prompt + streamed tokens recomputed
+    with pytest.raises(ValueError, match="already end the request"):
+        second.add_resumed(GenerationRequest("m2", tuple(prompt), sp), want.tokens["m"])

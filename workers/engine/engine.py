@@ -12,6 +12,7 @@ from __future__ import annotations
 import enum
 import itertools
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -112,6 +113,24 @@ class Engine:
                                  f"prompt length {state.num_prompt}")
             state.computed = state.cached_tokens = kv.length
             self._incoming[request.request_id] = kv
+        self.scheduler.add(state)
+
+    def add_resumed(self, request: GenerationRequest, generated: Sequence[int]) -> None:
+        """Queue a request migrated from another worker that already streamed `generated` tokens:
+        prompt + generated are recomputed here and generation continues after them. The tokens and
+        their text are not sent again (the stop rules replay them to stay exact), and the
+        counter-based sampler makes the continuation the one the first worker would have made."""
+        if self.role is Role.PREFILL:
+            raise ValueError(f"add_resumed({request.request_id!r}): a PREFILL engine does not decode")
+        if not generated:
+            raise ValueError(f"add_resumed({request.request_id!r}): no generated tokens; use add()")
+        state = self._new_state(request)
+        for tok in generated:
+            if state.tracker.push(tok).finish is not None:
+                del self._states[request.request_id]
+                raise ValueError(f"add_resumed({request.request_id!r}): the {len(generated)} generated "
+                                 f"tokens already end the request")
+            state.tokens.append(tok)
         self.scheduler.add(state)
 
     def _pending_text(self, state: RequestState, text: str) -> None:
