@@ -1,4 +1,6 @@
-"""Shared fixtures of the workers tests: the tiny model (random weights, built once) and helpers."""
+"""Shared fixtures of the workers tests: the tiny model (random weights, built once), the tokenizer.
+
+Ray tests use the suite-wide `ray_session` fixture of tests/conftest.py (one cluster per session)."""
 
 from __future__ import annotations
 
@@ -22,20 +24,6 @@ def tiny_model() -> DeepseekV4:
 @pytest.fixture(scope="session")
 def tokenizer() -> ByteTokenizer:
     return ByteTokenizer()
-
-
-@pytest.fixture(scope="session")
-def ray_session():
-    """ONE local Ray cluster for the whole test session (2 CPUs; actors ask for num_cpus=0)."""
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address="local", num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False,
-                 namespace="tandem-tests", log_to_driver=False)
-    yield ray
-    if started:
-        ray.shutdown()
 
 
 @pytest.fixture(scope="session")
