@@ -3,7 +3,7 @@
 For each request size (8K, 32K, 128K tokens) with the V4-Flash page layout (all 44 layers, MTP
 included, unless --layers scales it down), a prefill process holds the request's pages, allocated
 from a fragmented pool, and this process (the decode) pulls them: claim, one READ of coalesced
-descriptors, release. `nixl_gbps` is the request's bytes over the time from posting the READ until
+descriptors (cut over --lanes parallel NIXL agents, 2 by default), release. `nixl_gbps` is the request's bytes over the time from posting the READ until
 this process sees it complete; `memcpy_gbps` is the same number of bytes over the best of several
 same-process `dst.copy_(src)` between pre-touched contiguous buffers, measured in the same run.
 Each repeat is one pull, one copy_ with torch's threads and one with a single thread, alternating
@@ -65,6 +65,7 @@ class Sizing:
     shape: KvShape
     max_tokens: int
     hugepages: bool
+    lanes: int
 
     @property
     def geometry(self) -> KvGeometry:
@@ -193,15 +194,15 @@ class Bench:
         self.proc.start()
         self.pools = make_pools(sizing, pattern=99)
         self.allocs = {k: fragmented(k, sizing.pages(k), seed=100 + i) for i, k in enumerate(PoolKind)}
-        self.agent = TransferAgent(
-            AgentConfig("bench-decode"), self.pools, LayoutSignature.of(sizing.geometry)
-        )
+        config = AgentConfig("bench-decode", hugepages=sizing.hugepages, lanes=sizing.lanes)
+        self.agent = TransferAgent(config, self.pools, LayoutSignature.of(sizing.geometry))
         info, self.prefill_hugepages = self._recv(300)
         assert isinstance(info, AgentInfo)
         self.agent.pair(info)
         self.conn.send(self.agent.info())
         self.metrics = TransferMetrics(CollectorRegistry())
-        self.puller = Puller(Inbox(self.agent), NixlTransport(self.agent), self.metrics, time.perf_counter)
+        self.transport = NixlTransport(self.agent)
+        self.puller = Puller(Inbox(self.agent), self.transport, self.metrics, time.perf_counter)
 
     def _recv(self, timeout: float = 60.0) -> object:
         if not self.conn.poll(timeout):
@@ -231,6 +232,7 @@ class Bench:
         self.proc.join(30)
         if self.proc.is_alive():
             self.proc.kill()
+        self.transport.close()
         self.agent.close()
 
 
@@ -246,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, nargs="+", default=[8192, 32768, 131072])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--layers", type=int, default=0, help="keep only the first N layers (0: all)")
+    parser.add_argument("--lanes", type=int, default=2, help="parallel NIXL READ lanes of the decode")
     parser.add_argument(
         "--no-hugepages", action="store_true", help="leave pools and copy buffers on 4 KiB pages"
     )
@@ -254,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.layers:
         shape = dataclasses.replace(shape, compress_ratios=shape.compress_ratios[: args.layers])
     layers = len(shape.compress_ratios)
-    sizing = Sizing(shape, max(args.tokens), hugepages=not args.no_hugepages)
+    sizing = Sizing(shape, max(args.tokens), hugepages=not args.no_hugepages, lanes=args.lanes)
     threads = torch.get_num_threads()  # the memcpy baseline's threads: torch's default
     bench = Bench(sizing)
     rows = []
@@ -303,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     pages = "2 MiB" if sizing.hugepages else "4 KiB"
     print(
         f"KV transfer, {CONFIG} page layout ({layers} layers{', scaled down' if args.layers else ''}), "
-        f"fragmented pools, NIXL UCX over loopback, memcpy with torch's {threads} threads, "
+        f"fragmented pools, NIXL UCX over loopback on {args.lanes} lane(s), memcpy with torch's {threads} "
+        "threads, "
         f"best of {args.repeats}"
     )
     print(

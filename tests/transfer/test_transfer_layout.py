@@ -24,6 +24,7 @@ from workers.transfer.descriptors import (
     descriptor_arrays,
     page_indices,
     plan_read,
+    split_plan,
 )
 from workers.transfer.handoff import ClaimAnswer, ClaimOutcome
 from workers.transfer.hugepages import HUGE, advise_hugepages
@@ -156,6 +157,29 @@ def test_descriptor_arrays_and_prepped_indices_address_the_same_bytes():
     with pytest.raises(IndexError, match="remote block page 80 outside pool of 80"):
         bad = plan_read([PoolPull(PoolKind.BLOCK, (80,), (0,))], {PoolKind.BLOCK: 100})
         descriptor_arrays(bad, local, remote)
+
+
+PAGE = {PoolKind.BLOCK: 900, PoolKind.WINDOW: 4100, PoolKind.STATE: 11900}
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(1, 40), st.integers(0, 3), st.integers(1, 5), st.randoms(use_true_random=False))
+def test_split_plans_cover_the_plan_in_order_with_balanced_bytes(blocks, windows, parts, rnd):
+    src = {k: rnd.sample(range(100), n) for k, n in ((PoolKind.BLOCK, blocks), (PoolKind.WINDOW, windows))}
+    src[PoolKind.STATE] = [rnd.randrange(4)]
+    pulls = [PoolPull(k, tuple(v), tuple(sorted(v))) for k, v in src.items()]
+    plan = plan_read(pulls, PAGE)
+    pieces = split_plan(plan, parts, PAGE)
+
+    def pages(p):
+        return [(pool, r.src + i, r.dst + i) for pool, runs in p.runs for r in runs for i in range(r.pages)]
+
+    assert 1 <= len(pieces) <= parts
+    assert [x for piece in pieces for x in pages(piece)] == pages(plan)
+    assert sum(piece.nbytes for piece in pieces) == plan.nbytes
+    ideal = plan.nbytes / len(pieces) if len(pieces) == parts else None
+    if ideal is not None:  # every part within one (largest) page of an equal share
+        assert all(abs(piece.nbytes - ideal) <= max(PAGE.values()) for piece in pieces)
 
 
 # --- wire messages ------------------------------------------------------------------------------------

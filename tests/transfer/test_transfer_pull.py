@@ -34,17 +34,19 @@ TIMEOUT_S = 20.0
 class Decode:
     """This process's decode rank: pools, agent, puller with a fresh metrics registry."""
 
-    def __init__(self, prefill: PrefillProcess, prepped_min_runs: int = 16) -> None:
+    def __init__(self, prefill: PrefillProcess, prepped_min_runs: int, lanes: int = 1) -> None:
         self.pools = SPEC.pools.pools(fill=False)
         for pool in self.pools.values():
             pool.buffer.fill_(0xA5)  # not a value a pull would leave by chance everywhere
         layout = LayoutSignature.of(SPEC.pools.geometry())
-        self.agent = TransferAgent(AgentConfig(f"decode-{prepped_min_runs}"), self.pools, layout)
+        config = AgentConfig(f"decode-{prepped_min_runs}-{lanes}", lanes=lanes)
+        self.agent = TransferAgent(config, self.pools, layout)
         self.agent.pair(prefill.info)
         prefill.pair(self.agent.info())
         self.hooks = FaultHooks()
         self.metrics = TransferMetrics(CollectorRegistry())
-        transport = FaultyTransport(NixlTransport(self.agent, prepped_min_runs), self.hooks)
+        self.transport = NixlTransport(self.agent, prepped_min_runs)
+        transport = FaultyTransport(self.transport, self.hooks)
         self.puller = Puller(Inbox(self.agent), transport, self.metrics)
 
     def page(self, pool: PoolKind, page: int) -> torch.Tensor:
@@ -66,12 +68,17 @@ def reference() -> dict[PoolKind, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def decodes(prefill):
-    """Two decode ranks over the same prefill: one building coalesced lists per call, one using
-    the per-page lists prepped at pairing."""
-    return {
+    """Decode ranks over the same prefill: one building coalesced lists per call, one using the
+    per-page lists prepped at pairing, one cutting each READ over two lanes."""
+    ranks = {
         "coalesced": Decode(prefill, prepped_min_runs=10**6),
         "prepped": Decode(prefill, prepped_min_runs=1),
+        "two-lanes": Decode(prefill, prepped_min_runs=1, lanes=2),
     }
+    yield ranks
+    for rank in ranks.values():
+        rank.transport.close()
+        rank.agent.close()
 
 
 def _open(prefill: PrefillProcess, rid: str, pages: HandoffPages = SRC):
@@ -83,7 +90,7 @@ def _expected_runs(src: tuple[int, ...], dst: tuple[int, ...]) -> int:
     return 1 + sum(1 for i in range(1, len(src)) if (src[i] - src[i - 1], dst[i] - dst[i - 1]) != (1, 1))
 
 
-@pytest.mark.parametrize("path", ["coalesced", "prepped"])
+@pytest.mark.parametrize("path", ["coalesced", "prepped", "two-lanes"])
 def test_scattered_pull_moves_exactly_the_handoff_bytes(prefill, reference, decodes, path):
     d = decodes[path]
     before = {k: p.buffer.clone() for k, p in d.pools.items()}

@@ -129,3 +129,34 @@ def page_indices(
             loc.extend(range(lb + r.dst, lb + r.dst + r.pages))
             rem.extend(range(rb + r.src, rb + r.src + r.pages))
     return np.array(loc, dtype=np.int32), np.array(rem, dtype=np.int32)
+
+
+def split_plan(plan: ReadPlan, parts: int, page_bytes: dict[PoolKind, int]) -> tuple[ReadPlan, ...]:
+    """Cut `plan` into at most `parts` plans of about equal bytes, for READs on parallel lanes.
+
+    Pages keep their order; a page goes to the part its byte midpoint falls in, so the parts are
+    consecutive slices and, concatenated, move exactly the pages of `plan`. Empty parts are left out.
+    """
+    if parts < 1:
+        raise ValueError(f"split_plan: parts must be >= 1, got {parts}")
+    if parts == 1 or plan.nbytes == 0:
+        return (plan,)
+    slices: list[list[tuple[PoolKind, int, int]]] = [[] for _ in range(parts)]
+    offset = 0
+    for pool, runs in plan.runs:
+        size = page_bytes[pool]
+        for run in runs:
+            for i in range(run.pages):
+                part = min(parts - 1, (2 * offset + size) * parts // (2 * plan.nbytes))
+                slices[part].append((pool, run.src + i, run.dst + i))
+                offset += size
+    out = []
+    for pages in slices:
+        if pages:
+            pools = list(dict.fromkeys(pool for pool, _, _ in pages))
+            pulls = [
+                PoolPull(p, tuple(s for q, s, _ in pages if q is p), tuple(d for q, _, d in pages if q is p))
+                for p in pools
+            ]
+            out.append(plan_read(pulls, page_bytes))
+    return tuple(out)

@@ -12,17 +12,23 @@ from __future__ import annotations
 import enum
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
 from typing import Protocol
 
+from nixl._api import nixl_agent
+
 from workers.transfer.agent import TransferAgent
-from workers.transfer.descriptors import ReadPlan, descriptor_arrays, page_indices
+from workers.transfer.descriptors import ReadPlan, descriptor_arrays, page_indices, split_plan
 
 _DRAM = "DRAM"
 # At or above this many runs a pull uses the prepped per-page lists. Measured on the dev machine
 # (V4-Flash pages, 3 to 52 runs): building the request took 0.09-0.10 ms prepped against
 # 0.15-0.38 ms from fresh lists, with the same READ speed, so prepped lists pay at every size.
 PREPPED_MIN_RUNS = 1
+# How long one poll of a multi-lane READ may block on the lanes still copying.
+_LANE_WAIT_S = 1e-3
 
 
 class TransferFailed(RuntimeError):
@@ -63,35 +69,75 @@ def wait(read: PendingRead, deadline: float, clock: Callable[[], float] = time.m
             raise TransferFailed(f"READ still in progress at its deadline ({deadline:.3f})")
 
 
+def _run_lane(lane: nixl_agent, handle: object) -> str:
+    """Post `handle` on `lane` and poll it to an end, on a lane's own thread ("DONE" or "ERR")."""
+    state = lane.transfer(handle)
+    while state == "PROC":
+        time.sleep(0)  # yield: the copy itself runs in the kernel
+        state = lane.check_xfer_state(handle)
+    return state
+
+
 class _NixlRead:
-    def __init__(self, transport: NixlTransport, handle: object, peer: str, path: DescriptorPath) -> None:
-        self._t, self._h, self.peer, self.path = transport, handle, peer, path
+    """One READ cut into one NIXL request per lane: lane 0 is posted and polled by the caller's
+    thread, the others run on the transport's lane threads."""
+
+    def __init__(
+        self, transport: NixlTransport, handles: list[object], peer: str, path: DescriptorPath
+    ) -> None:
+        self._t, self._handles, self.peer, self.path = transport, handles, peer, path
+        self._futures: list[Future[str]] = []
         self._closed = False
 
+    def _failed(self, what: str) -> TransferFailed:
+        lanes = len(self._handles)
+        return TransferFailed(
+            f"READ from {self.peer!r} ({self.path.value} descriptors, {lanes} lanes) {what}"
+        )
+
     def post(self) -> None:
-        if self._t.agent.nixl.transfer(self._h) == "ERR":
-            raise TransferFailed(f"READ from {self.peer!r} ({self.path.value} descriptors) failed to post")
+        agent = self._t.agent
+        self._futures = [
+            self._t.pool.submit(_run_lane, agent.lane(i), h) for i, h in enumerate(self._handles) if i
+        ]
+        if agent.nixl.transfer(self._handles[0]) == "ERR":
+            raise self._failed("failed to post")
 
     def done(self) -> bool:
-        state = self._t.agent.nixl.check_xfer_state(self._h)
-        if state == "ERR":
-            raise TransferFailed(f"READ from {self.peer!r} ({self.path.value} descriptors) reported ERR")
-        return state == "DONE"
+        state = self._t.agent.nixl.check_xfer_state(self._handles[0])
+        if state == "DONE" and self._futures:
+            # Lane 0 is through: sleep on the other lanes instead of spinning against their copies.
+            wait_futures(self._futures, timeout=_LANE_WAIT_S)
+        if state == "ERR" or any(f.done() and f.result() == "ERR" for f in self._futures):
+            raise self._failed("reported ERR")
+        return state == "DONE" and all(f.done() for f in self._futures)
 
     def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self._t.agent.nixl.release_xfer_handle(self._h)
+        if self._closed:
+            return
+        self._closed = True
+        for f in self._futures:  # a lane thread may still be copying: its handle lives until it ends
+            f.exception()
+        for i, h in enumerate(self._handles):
+            self._t.agent.lane(i).release_xfer_handle(h)
 
 
 class NixlTransport:
-    """READs through a TransferAgent (see module docstring)."""
+    """READs through a TransferAgent (see module docstring). With several lanes it owns one thread
+    per extra lane; `close` stops them."""
 
     def __init__(self, agent: TransferAgent, prepped_min_runs: int = PREPPED_MIN_RUNS) -> None:
         if prepped_min_runs < 1:
             raise ValueError(f"NixlTransport.prepped_min_runs must be >= 1, got {prepped_min_runs}")
         self.agent = agent
         self.prepped_min_runs = prepped_min_runs
+        self.page_bytes = {r.pool: r.page_bytes for r in agent.regions}
+        self.pool = ThreadPoolExecutor(
+            max_workers=max(agent.num_lanes - 1, 1), thread_name_prefix="nixl-lane"
+        )
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
 
     def path_for(self, plan: ReadPlan) -> DescriptorPath:
         return (
@@ -100,29 +146,37 @@ class NixlTransport:
             else DescriptorPath.COALESCED
         )
 
+    def _request(self, lane: int, peer: str, plan: ReadPlan, path: DescriptorPath) -> object:
+        nixl = self.agent.lane(lane)
+        if path is DescriptorPath.PREPPED:
+            local, remote = self.agent.local_pages_of(lane), self.agent.peer_pages(peer, lane)
+            li, ri = page_indices(plan, local.base, remote.base)
+            return nixl.make_prepped_xfer("READ", local.handle, li, remote.handle, ri)
+        info = self.agent.peer(peer)
+        local_regions = {r.pool: r for r in self.agent.regions}
+        remote_regions = {r.pool: r for r in info.regions}
+        la, ra = descriptor_arrays(plan, local_regions, remote_regions)
+        return nixl.initialize_xfer(
+            "READ", nixl.get_xfer_descs(la, _DRAM), nixl.get_xfer_descs(ra, _DRAM), peer
+        )
+
     def prepare(self, peer: str, plan: ReadPlan) -> PendingRead:
         if not plan.runs:
             raise ValueError(f"read from {peer!r}: the plan moves no pages")
-        nixl = self.agent.nixl
         path = self.path_for(plan)
+        parts = split_plan(plan, self.agent.num_lanes, self.page_bytes)
+        handles: list[object] = []
         try:
-            if path is DescriptorPath.PREPPED:
-                local, remote = self.agent.local_pages, self.agent.peer_pages(peer)
-                li, ri = page_indices(plan, local.base, remote.base)
-                handle = nixl.make_prepped_xfer("READ", local.handle, li, remote.handle, ri)
-            else:
-                info = self.agent.peer(peer)
-                local_regions = {r.pool: r for r in self.agent.regions}
-                remote_regions = {r.pool: r for r in info.regions}
-                la, ra = descriptor_arrays(plan, local_regions, remote_regions)
-                handle = nixl.initialize_xfer(
-                    "READ", nixl.get_xfer_descs(la, _DRAM), nixl.get_xfer_descs(ra, _DRAM), peer
-                )
-        except (KeyError, IndexError, ValueError):
-            raise
-        except Exception as exc:  # nixl raises its own binding errors: name the peer and the path
+            for lane, part in enumerate(parts):
+                handles.append(self._request(lane, peer, part, path))
+        except Exception as exc:
+            for lane, h in enumerate(handles):
+                self.agent.lane(lane).release_xfer_handle(h)
+            if isinstance(exc, (KeyError, IndexError, ValueError)):  # ours, naming the bad value
+                raise
+            # nixl raises its own binding errors: name the peer and the path
             raise TransferFailed(f"READ from {peer!r} ({path.value}) could not be prepared: {exc}") from exc
-        return _NixlRead(self, handle, peer, path)
+        return _NixlRead(self, handles, peer, path)
 
 
 @dataclass
