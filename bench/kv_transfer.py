@@ -3,12 +3,12 @@
 For each request size (8K, 32K, 128K tokens) with the V4-Flash page layout (all 44 layers, MTP
 included, unless --layers scales it down), a prefill process holds the request's pages, allocated
 from a fragmented pool, and this process (the decode) pulls them: claim, one READ of coalesced
-descriptors (cut over --lanes parallel NIXL agents, 2 by default), release. `nixl_gbps` is the request's bytes over the time from posting the READ until
-this process sees it complete; `memcpy_gbps` is the same number of bytes over the best of several
-same-process `dst.copy_(src)` between pre-touched contiguous buffers, measured in the same run.
-Each repeat is one pull, one copy_ with torch's threads and one with a single thread, alternating
-so all see the same machine; `memcpy_gbps` is the best of all those copies, `nixl_gbps` the best
-pull (the ratio of medians is printed too).
+descriptors (cut over --lanes parallel NIXL agents, 2 by default), release. `nixl_gbps` is the
+request's bytes over the time from posting the READ until this process sees it complete;
+`memcpy_gbps` the same bytes over the best same-process `dst.copy_(src)` between pre-touched
+contiguous buffers, measured in the same run. Each repeat is one pull, one copy_ with torch's
+threads and one with a single thread, alternating so all see the same machine; `memcpy_gbps` is
+the best of all those copies, `nixl_gbps` the best pull (the ratio of medians is printed too).
 Pages: pools and copy buffers are collapsed onto 2 MiB pages, as TransferAgent does by default
 (--no-hugepages: 4 KiB pages for both).
 Fragmentation: both pools hand out pages from a free list that was given back in runs of 1..8 pages
