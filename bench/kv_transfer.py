@@ -17,7 +17,7 @@ The fixed overhead is measured on a 1-block (256-token) request: per pull, the t
 the READ's post -> completion (descriptors and the NIXL request, the claim round trip, sending the
 release), median of the repeats.
 
-    python bench/kv_transfer.py [--json PATH] [--tokens 8192 32768 131072] [--repeats 7] [--layers N]
+    python bench/kv_transfer.py [--json PATH] [--tokens 8192 32768 131072] [--repeats 15] [--layers N]
 """
 
 # ruff: noqa: E402
@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", metavar="PATH", help="write fixed_overhead_ms and rows as JSON")
     parser.add_argument("--tokens", type=int, nargs="+", default=[8192, 32768, 131072])
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--layers", type=int, default=0, help="keep only the first N layers (0: all)")
     parser.add_argument("--lanes", type=int, default=2, help="parallel NIXL READ lanes of the decode")
     parser.add_argument(
