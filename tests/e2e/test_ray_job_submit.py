@@ -10,6 +10,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -44,10 +45,23 @@ def head(tmp_path_factory):  # noqa: ANN001, ANN201
     env = {**os.environ, "RAY_ADDRESS": "", "RAY_DEDUP_LOGS": "0", "RAY_AUTH_MODE": "token",
            "RAY_AUTH_TOKEN": secrets.token_hex(32),
            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}  # the job's `python` is this venv's
-    subprocess.run([str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
-                    "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "2",
-                    "--temp-dir", ray_tmp, "--disable-usage-stats"],
-                   check=True, env=env, capture_output=True, timeout=180)
+    # --block keeps `ray start` in the foreground: the head lives in its own process group, and
+    # teardown ends exactly that group (`ray stop` would stop every Ray cluster on the machine).
+    proc = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+                             "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
+                             "--num-cpus", "2", "--temp-dir", ray_tmp, "--disable-usage-stats"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def stop_head() -> None:
+        for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(proc.pid, sig)
+                proc.wait(timeout=wait)
+                break
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                continue
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
     url = f"http://127.0.0.1:{dash}"
     deadline = time.monotonic() + 120
     while True:  # the job API is served by the dashboard, which comes up after `ray start` returns
@@ -57,14 +71,13 @@ def head(tmp_path_factory):  # noqa: ANN001, ANN201
         except httpx.HTTPError:
             pass
         if time.monotonic() > deadline:
-            subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+            stop_head()
             pytest.fail(f"the Ray dashboard at {url} did not come up within 120 s")
         time.sleep(1)
     try:
         yield {"dashboard": url, "env": env, "tmp": tmp}
     finally:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+        stop_head()
 
 
 def _submit(head: dict, spec: Path, timeout: float = 300) -> subprocess.CompletedProcess:
