@@ -10,6 +10,7 @@ Streams: `stream()` yields every StepBatch of the rank (the router's single subs
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Sequence
 from typing import Protocol
 
@@ -22,6 +23,8 @@ from workers.actor_common import WorkerConfig, actor_name, build_rank
 from workers.engine.engine import Role
 from workers.engine.handoff import SequenceKv
 from workers.rank_actor import RankActor
+
+log = logging.getLogger(__name__)
 
 
 class HandoffPuller(Protocol):
@@ -41,8 +44,11 @@ class RayObjectPuller:
         try:
             prefill = ray.get_actor(name, namespace=self.namespace)
             return await prefill.take_handoff.remote(desc.request_id)
-        except (ValueError, KeyError, ray.exceptions.RayError):
-            return None  # expired, cancelled or gone: the caller recomputes the prompt
+        except (ValueError, KeyError, ray.exceptions.RayError) as exc:
+            # Expired, cancelled or gone: the design's fallback is to recompute, and we say so.
+            log.warning("handoff of %s from %s failed (%s): recomputing its prompt",
+                        desc.request_id, name, exc)
+            return None
 
 
 class DecodeWorker(RankActor):
