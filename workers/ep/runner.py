@@ -52,7 +52,7 @@ class EpRunner:
         device = self.model.embed.weight.device
         x = torch.zeros(0, d, dtype=self.model.dtype, device=device)
         ids = torch.zeros(0, dtype=torch.long, device=device)
-        with torch.no_grad():
+        with torch.inference_mode():
             for moe in self._moes:
                 moe(x, ids)
         return torch.zeros(0, self.vocab_size, dtype=torch.float32, device=device)
