@@ -15,6 +15,7 @@ import json
 import signal
 import sys
 import time
+from pathlib import Path
 
 from orchestrator.spec import DeploymentSpec, SpecError, load_spec
 
@@ -24,6 +25,10 @@ def controller_for(spec: DeploymentSpec, *, placement_timeout_s: float = 120.0):
     import ray
 
     from orchestrator.controller import CONTROLLER_NAME, NAMESPACE, ControllerActor
+
+    if spec.model.checkpoint is not None:  # workers may run elsewhere: a relative path means "from here"
+        absolute = str(Path(spec.model.checkpoint).resolve())
+        spec = spec.model_copy(update={"model": spec.model.model_copy(update={"checkpoint": absolute})})
 
     try:
         ctl = ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)

@@ -29,7 +29,8 @@ def test_every_deploy_spec_validates(path: Path) -> None:
 def test_local_spec_is_the_embedded_default() -> None:
     spec = load_spec(ROOT / "deploy" / "local.yaml")
     assert spec.topology.kind == "cpu"
-    assert spec.model.preset is not None and spec.model.preset.value == "tiny"
+    assert spec.model.checkpoint == "deploy/models/tiny-demo"
+    assert (ROOT / spec.model.checkpoint / "config.json").is_file()
     assert (spec.prefill.instances, spec.decode.instances) == (1, 1)
     assert spec.router.disaggregation.mode is DisaggregationMode.ALWAYS
     assert spec.router.host == "127.0.0.1"
@@ -57,7 +58,7 @@ BROKEN = [
     ("bad enum", _with("router.policy", "random"), "router.policy: Input should be 'kv', 'round-robin', 'sglang' or 'dynamo' (got 'random')"),
     ("bad topology kind", _with("topology", {"kind": "tpu"}), "topology: Input tag 'tpu' found using 'kind' does not match any of the expected tags"),
     ("port out of range", _with("router.port", 70000), "router.port: Input should be less than or equal to 65535 (got 70000)"),
-    ("both model sources", _with("model.checkpoint", "/ckpt"), "model: set exactly one of 'preset' and 'checkpoint'"),
+    ("both model sources", _with("model.preset", "tiny"), "model: set exactly one of 'preset' and 'checkpoint'"),
     ("no decode", _with("decode.instances", 0), "decode.instances must be at least 1 (got 0)"),
     ("fraction above 1", _with("router.disaggregation.max_local_uncached_fraction", 1.5),
      "router.disaggregation.max_local_uncached_fraction: Input should be less than or equal to 1 (got 1.5)"),
