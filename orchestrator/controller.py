@@ -24,7 +24,7 @@ from orchestrator.router.host import RouterAddresses, RouterHost
 from orchestrator.spec import CpuTopology, DeploymentSpec, parse_spec
 from orchestrator.worker_plan import InstancePlan, instance_plan, model_config, router_settings
 from workers.actor_common import actor_name
-from workers.decode import DecodeActor, RayObjectPuller
+from workers.decode import DecodeActor, NixlPuller
 from workers.engine.engine import Role
 from workers.prefill import PrefillActor
 
@@ -112,7 +112,7 @@ class Controller:
                 opts["num_cpus"] = 0.01
             else:
                 opts |= {"num_cpus": 1, "num_gpus": pool.gpus_per_rank}
-            args = (cfg,) if role is Role.PREFILL else (cfg, RayObjectPuller(namespace=NAMESPACE))
+            args = (cfg,) if role is Role.PREFILL else (cfg, NixlPuller(namespace=NAMESPACE))
             inst.ranks.append(cls.options(**opts).remote(*args))
         await asyncio.gather(*(r.ready.remote() for r in inst.ranks))
         for cfg, handle in zip(plan.configs, inst.ranks, strict=True):

@@ -49,6 +49,15 @@ class DispatchKind(enum.Enum):
     PADDED = "padded"  # fixed capacity per rank pair: fixed shapes (CUDA graphs)
 
 
+class HandoffPath(enum.Enum):
+    """How a prompt's KV goes from a prefill rank to a decode rank."""
+
+    NIXL = "nixl"  # the decode pulls the prefill's pages over NIXL (needs PagedPoolsConfig)
+    # Tests only: the prefill exports its state as tensors and the decode takes them through
+    # Ray's object store (the contiguous BlockSpace cache has no pages to pull).
+    RAY_OBJECT_STORE = "ray_object_store"
+
+
 @dataclass(frozen=True)
 class ModelSource:
     """A checkpoint directory, or (no checkpoint) a named preset with deterministic random weights."""
@@ -104,6 +113,8 @@ class WorkerConfig:
     dispatch: DispatchKind = DispatchKind.VARIABLE
     dispatch_capacity: int = 256
     handoff_lease_s: float = 30.0
+    handoff: HandoffPath = HandoffPath.NIXL
+    handoff_timeout_s: float = 30.0  # a claimed handoff's pin (prefill) and a pull's budget (decode)
     nvlink_domain: str = "local"
     torch_threads: int = 1
 
@@ -112,6 +123,13 @@ class WorkerConfig:
             raise ValueError(f"WorkerConfig.rank {self.rank} != ep.rank {self.ep.rank}")
         if self.handoff_lease_s <= 0:
             raise ValueError(f"WorkerConfig.handoff_lease_s must be positive, got {self.handoff_lease_s}")
+        if self.handoff_timeout_s <= 0:
+            raise ValueError(f"WorkerConfig.handoff_timeout_s must be positive, got {self.handoff_timeout_s}")
+        if (self.handoff is HandoffPath.NIXL and self.role is not Role.AGGREGATED
+                and not isinstance(self.kv, PagedPoolsConfig)):
+            raise ValueError(f"WorkerConfig({self.name}).handoff is NIXL, which pulls pages of the paged "
+                             f"pools: kv must be PagedPoolsConfig, got {type(self.kv).__name__} (or set "
+                             f"handoff=HandoffPath.RAY_OBJECT_STORE, a test mode)")
 
     @property
     def name(self) -> str:

@@ -3,6 +3,8 @@
 Requests arrive two ways: with a `PrefillResult` (disaggregated: the KV is pulled from the
 prefill by its handoff descriptor, then the request continues after its first token) or without
 (the decode prefills the prompt itself: the AGGREGATED mode, and conditional disaggregation).
+The puller (workers/pullers.py) moves the KV: `NixlPuller` by default, over NIXL into this rank's
+paged pools; `RayObjectPuller` only when the config says HandoffPath.RAY_OBJECT_STORE (tests).
 A handoff that cannot be pulled (lease expired, prefill gone) is recomputed here, not failed.
 Streams: `stream()` yields every StepBatch of the rank (the router's single subscription);
 `generate(requests)` submits and yields the StepBatches of just those requests until they end.
@@ -10,45 +12,19 @@ Streams: `stream()` yields every StepBatch of the rank (the router's single subs
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator, Sequence
-from typing import Protocol
 
 import ray
 
 from tandem.request import GenerationRequest
 from tandem.stream import PrefillResult, StepBatch
 from tandem.v1 import worker_pb2
-from workers.actor_common import WorkerConfig, actor_name, build_rank
+from workers.actor_common import HandoffPath, WorkerConfig, build_rank
 from workers.engine.engine import Role
-from workers.engine.handoff import SequenceKv
+from workers.pullers import HandoffPuller, NixlPuller, RayObjectPuller
 from workers.rank_actor import RankActor
 
-log = logging.getLogger(__name__)
-
-
-class HandoffPuller(Protocol):
-    """Gets a prefilled prompt's state for a handoff descriptor; None when it cannot (recompute)."""
-
-    async def pull(self, desc: worker_pb2.HandoffDescriptor) -> SequenceKv | None: ...
-
-
-class RayObjectPuller:
-    """Pulls through the Ray object store from the prefill actor named by the descriptor."""
-
-    def __init__(self, namespace: str | None = None) -> None:
-        self.namespace = namespace
-
-    async def pull(self, desc: worker_pb2.HandoffDescriptor) -> SequenceKv | None:
-        name = actor_name(desc.prefill.instance, desc.prefill.dp_rank)
-        try:
-            prefill = ray.get_actor(name, namespace=self.namespace)
-            return await prefill.take_handoff.remote(desc.request_id)
-        except (ValueError, KeyError, ray.exceptions.RayError) as exc:
-            # Expired, cancelled or gone: the design's fallback is to recompute, and we say so.
-            log.warning("handoff of %s from %s failed (%s): recomputing its prompt",
-                        desc.request_id, name, exc)
-            return None
+__all__ = ["DecodeActor", "DecodeWorker", "HandoffPuller", "NixlPuller", "RayObjectPuller"]
 
 
 class DecodeWorker(RankActor):
@@ -59,7 +35,13 @@ class DecodeWorker(RankActor):
             raise ValueError(f"DecodeWorker {config.name}: role must be DECODE or AGGREGATED")
         self.config = config
         self._built = build_rank(config)
-        self._puller = puller if puller is not None else RayObjectPuller()
+        if puller is None:
+            puller = NixlPuller() if config.handoff is HandoffPath.NIXL else RayObjectPuller()
+        if puller.path is not config.handoff:
+            raise ValueError(f"DecodeWorker {config.name}: puller {type(puller).__name__} moves KV by "
+                             f"{puller.path.name}, config.handoff is {config.handoff.name}")
+        puller.bind(config, self._built)
+        self._puller = puller
 
     async def submit(self, request: GenerationRequest, prefilled: PrefillResult | None = None) -> None:
         """Queue a request; its deltas go out in this rank's StepBatches."""
@@ -72,8 +54,20 @@ class DecodeWorker(RankActor):
         if prefilled.handoff is None:
             raise ValueError(f"submit({request.request_id!r}): the prefill already finished this request")
         desc = worker_pb2.HandoffDescriptor.FromString(prefilled.handoff)
-        kv = await self._puller.pull(desc)
-        await loop.call(engine.add_prefilled, request, desc.first_token, kv)
+        await self._puller.take(loop, request, desc)
+
+    async def transfer_metric(self, name: str) -> float:
+        """A sample of this rank's NIXL transfer metrics (e.g. 'kv_transfer_bytes_total')."""
+        if not isinstance(self._puller, NixlPuller):
+            raise RuntimeError(f"{self.config.name}: handoff is {self.config.handoff.name}, not NIXL")
+        return self._puller.transfer.metrics.value(name)
+
+    async def pulls(self) -> list[tuple[str, int, int, int, str | None]]:
+        """Every NIXL handoff taken here: (request id, bytes, blocks pulled, blocks skipped, error)."""
+        if not isinstance(self._puller, NixlPuller):
+            raise RuntimeError(f"{self.config.name}: handoff is {self.config.handoff.name}, not NIXL")
+        return [(r.request_id, r.result.nbytes if r.result else 0, r.result.blocks_pulled if r.result else 0,
+                 r.result.blocks_skipped if r.result else 0, r.error) for r in self._puller.transfer.records]
 
     async def resume(self, request: GenerationRequest, generated: Sequence[int]) -> None:
         """Continue a request migrated from a failed worker after the tokens it already streamed."""

@@ -1,10 +1,15 @@
 """The prefill worker: a Ray actor per rank that turns prompts into a first token plus a handoff.
 
 `prefill(request)` queues the prompt (chunked prefill under the token budget, batched with other
-prompts), waits for its first token and answers a `tandem.stream.PrefillResult`. Unless the request
-ended there (max_tokens 1, EOS, a stop), its prompt state stays held under a lease of
-`handoff_lease_s`: a decode takes it (`take_handoff`, through the Ray object store; the NIXL path
-of workers/transfer/ reads the same state page by page) or releases it; an expired lease frees it.
+prompts), waits for its first token and answers a `tandem.stream.PrefillResult`. A request that
+ended there (max_tokens 1, EOS, a stop) has freed its pages already and gets no handoff.
+Otherwise its pages stay held for a decode:
+  - NIXL (the default, `HandoffPath.NIXL`): the rank's `PrefillTransfer` opens a handoff (agent,
+    epoch, pages per pool, lease) whose descriptor goes back in the result; the decode claims,
+    READs and releases over NIXL; the table's frees (release, lease or pin expiry) are applied by
+    the loop's housekeeping. Decodes pair through `agent_info` / `pair`.
+  - RAY_OBJECT_STORE (tests only): a decode takes the state as tensors (`take_handoff`) or
+    releases it; an expired lease frees it.
 """
 
 from __future__ import annotations
@@ -15,10 +20,14 @@ import ray
 
 from tandem.request import GenerationRequest
 from tandem.stream import PrefillResult
-from workers.actor_common import WorkerConfig, build_rank, handoff_descriptor
+from workers.actor_common import HandoffPath, WorkerConfig, build_rank, handoff_descriptor
 from workers.engine.engine import Role
 from workers.engine.handoff import SequenceKv
+from workers.kv.space import PagedKvSpace
 from workers.rank_actor import RankActor
+from workers.transfer.agent import AgentInfo
+from workers.transfer.prefill_side import PrefillTransfer
+from workers.transfer.wire import fill_proto
 
 
 class PrefillWorker(RankActor):
@@ -29,8 +38,27 @@ class PrefillWorker(RankActor):
             raise ValueError(f"PrefillWorker {config.name}: role must be PREFILL, got {config.role.name}")
         self.config = config
         self._built = build_rank(config)
-        self._leases: dict[str, float] = {}  # request id -> monotonic deadline
+        self._leases: dict[str, float] = {}  # request id -> monotonic deadline (object-store mode)
         self._epoch = 0
+        self._transfer: PrefillTransfer | None = None
+        if config.handoff is HandoffPath.NIXL:
+            kv = self._built.engine.kv
+            assert isinstance(kv, PagedKvSpace)  # WorkerConfig checked kv is PagedPoolsConfig
+            self._transfer = PrefillTransfer(config.name, kv.manager, config.handoff_lease_s,
+                                             config.handoff_timeout_s)
+
+    def _nixl(self) -> PrefillTransfer:
+        if self._transfer is None:
+            raise RuntimeError(f"{self.config.name}: handoff is {self.config.handoff.name}, not NIXL")
+        return self._transfer
+
+    async def agent_info(self) -> AgentInfo:
+        """This rank's NIXL agent info (metadata, layout, pool regions), for decodes to pair."""
+        return self._nixl().info()
+
+    async def pair(self, peer: AgentInfo) -> None:
+        """Meet a decode rank (so its claims can be answered); LayoutMismatch refuses it."""
+        self._nixl().pair(peer)
 
     async def prefill(self, request: GenerationRequest) -> PrefillResult:
         """Prefill `request`; its first token, and the handoff unless it already ended."""
@@ -44,18 +72,30 @@ class PrefillWorker(RankActor):
             s = delta.summary
             return PrefillResult(request.request_id, delta, None, s.queue_s, s.prefill_s, s.cached_tokens)
         self._epoch += 1
-        self._leases[request.request_id] = time.monotonic() + self.config.handoff_lease_s
         desc = handoff_descriptor(self.config, request, delta.token_ids[0], self._epoch)
+        if self._transfer is None:
+            self._leases[request.request_id] = time.monotonic() + self.config.handoff_lease_s
+        else:
+            transfer, rid, n = self._transfer, request.request_id, len(request.prompt_ids)
+            opened = await loop.call(lambda: transfer.open(rid, engine.handoff_seq(rid), n))
+            fill_proto(desc, opened, transfer.agent.layout.digest)
         queue_s, prefill_s = await loop.call(engine.handoff_timing, request.request_id)
         return PrefillResult(request.request_id, delta, desc.SerializeToString(), queue_s, prefill_s, 0)
 
     async def take_handoff(self, request_id: str) -> SequenceKv:
-        """The held prompt state of `request_id`, freed here; KeyError when expired or unknown."""
+        """Object-store mode: the held prompt state of `request_id`, freed here; KeyError when
+        expired or unknown. Refused in NIXL mode (no KV goes through Ray there)."""
+        if self._transfer is not None:
+            raise RuntimeError(f"{self.config.name}: take_handoff({request_id!r}) refused: "
+                               "KV moves over NIXL")
         self._leases.pop(request_id, None)
         return await self._started().call(self._built.engine.take_handoff, request_id)
 
     async def release_handoff(self, request_id: str) -> None:
-        """Free a held prompt state without sending it."""
+        """Object-store mode: free a held prompt state without sending it."""
+        if self._transfer is not None:
+            raise RuntimeError(f"{self.config.name}: release_handoff({request_id!r}): NIXL handoffs end by "
+                               "the decode's release or the lease")
         self._leases.pop(request_id, None)
         await self._started().call(self._built.engine.release_handoff, request_id)
 
@@ -63,11 +103,25 @@ class PrefillWorker(RankActor):
         """Prompt states held for decodes right now."""
         return (await self._started().call(self._built.engine.stats)).handoffs_held
 
+    async def transfer_metric(self, name: str) -> float:
+        """A sample of this rank's transfer metrics (e.g. 'kv_lease_expiries_total')."""
+        return self._nixl().metrics.value(name)
+
     async def cancel(self, request_id: str) -> bool:
+        """End a request. A NIXL handoff already handed out keeps its pages until the decode
+        releases it or its lease ends (a READ may be in flight); it reports True."""
         self._leases.pop(request_id, None)
+        if self._transfer is not None and self._transfer.is_live(request_id):
+            return True
         return await super().cancel(request_id)
 
     def _housekeeping(self) -> None:
+        engine = self._built.engine
+        if self._transfer is not None:
+            for rid in self._transfer.take_freed():
+                if engine.holds_handoff(rid):
+                    engine.release_handoff(rid)
+            return
         now = time.monotonic()
         for rid in [r for r, t in self._leases.items() if t <= now]:
             del self._leases[rid]

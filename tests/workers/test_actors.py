@@ -14,7 +14,7 @@ from workers_util import drain, greedy_reference, make_engine, random_prompts, r
 from tandem.request import GenerationRequest, SamplingConfig
 from tandem.stream import Finish
 from tandem.v1 import worker_pb2
-from workers.actor_common import ModelSource, WorkerConfig, actor_name
+from workers.actor_common import HandoffPath, ModelSource, WorkerConfig, actor_name
 from workers.decode import DecodeActor
 from workers.engine.engine import Role
 from workers.engine.kv import BlockSpaceConfig
@@ -35,8 +35,12 @@ def actors(ray_session):
     ray = ray_session
     kv = BlockSpaceConfig(num_blocks=48, block_size=16)
     agg = _start(DecodeActor, WorkerConfig("agg-0", Role.AGGREGATED, model=MODEL, kv=kv))
-    pre = _start(PrefillActor, WorkerConfig("prefill-0", Role.PREFILL, model=MODEL, kv=kv, handoff_lease_s=2.0))
-    dec = _start(DecodeActor, WorkerConfig("decode-0", Role.DECODE, model=MODEL, kv=kv))
+    # The contiguous cache has no pages for NIXL: these actors use the object-store test mode (the
+    # NIXL path is tested in tests/transfer/test_transfer_actors.py).
+    ray_mode = HandoffPath.RAY_OBJECT_STORE
+    pre = _start(PrefillActor, WorkerConfig("prefill-0", Role.PREFILL, model=MODEL, kv=kv, handoff_lease_s=2.0,
+                                            handoff=ray_mode))
+    dec = _start(DecodeActor, WorkerConfig("decode-0", Role.DECODE, model=MODEL, kv=kv, handoff=ray_mode))
     assert ray.get([agg.ready.remote(), pre.ready.remote(), dec.ready.remote()], timeout=180) == [
         "agg-0/r0", "prefill-0/r0", "decode-0/r0"]
     yield agg, pre, dec

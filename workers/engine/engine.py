@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 import itertools
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +27,20 @@ from workers.engine.sampler import sample_batch
 from workers.engine.scheduler import Scheduler, SchedulerConfig, StepPlan
 from workers.engine.state import Phase, RequestState
 from workers.model.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class PulledKv:
+    """What a `FillKv` did: `filled` when the prompt's pages now hold its KV; the bytes moved and
+    the seconds it took (claim to release); `error` names why not when not filled."""
+
+    filled: bool
+    nbytes: int = 0
+    seconds: float = 0.0
+    error: str | None = None
+
+
+FillKv = Callable[[int, int], PulledKv]  # (admitted sequence id, prompt length) -> what it did
 
 
 class Role(enum.Enum):
@@ -100,13 +114,7 @@ class Engine:
         stream starts with the tokens AFTER the first; its text covers the first token too."""
         if self.role is Role.PREFILL:
             raise ValueError(f"add_prefilled({request.request_id!r}): a PREFILL engine does not decode")
-        state = self._new_state(request)
-        piece = state.tracker.push(first_token)
-        state.tokens.append(first_token)
-        if piece.finish is not None:
-            raise ValueError(f"add_prefilled({request.request_id!r}): the first token already ended it")
-        self._pending_text(state, piece.text)
-        state.first_token_at = state.arrival
+        state = self._prefilled_state(request, first_token)
         if kv is not None:
             if kv.length != state.num_prompt:
                 raise ValueError(f"add_prefilled({request.request_id!r}): kv.length {kv.length} != "
@@ -114,6 +122,41 @@ class Engine:
             state.computed = state.cached_tokens = kv.length
             self._incoming[request.request_id] = kv
         self.scheduler.add(state)
+
+    def _prefilled_state(self, request: GenerationRequest, first_token: int) -> RequestState:
+        state = self._new_state(request)
+        piece = state.tracker.push(first_token)
+        state.tokens.append(first_token)
+        if piece.finish is not None:
+            del self._states[request.request_id]
+            raise ValueError(f"add_prefilled({request.request_id!r}): the first token already ended it")
+        self._pending_text(state, piece.text)
+        state.first_token_at = state.arrival
+        return state
+
+    def add_pulled(self, request: GenerationRequest, first_token: int, fill: FillKv) -> PulledKv:
+        """Queue a request prefilled elsewhere whose prompt KV is pulled into this engine's pools
+        now: its sequence is admitted through the prefix cache (reserving prompt + max_tokens),
+        then `fill(seq, prompt_len)` writes the prompt's pages (a NIXL pull) and says whether it
+        did. Filled: the request continues after its first token. Not filled: the sequence is
+        freed and the prompt recomputed here. Runs under the engine's lock (it blocks a step)."""
+        if self.role is Role.PREFILL:
+            raise ValueError(f"add_pulled({request.request_id!r}): a PREFILL engine does not decode")
+        state = self._prefilled_state(request, first_token)
+        try:
+            self.kv.admit_prompt(state.seq, request.prompt_ids, state.max_len, request.cache_salt)
+            got = fill(state.seq, state.num_prompt)
+        except BaseException:
+            self._states.pop(request.request_id, None)
+            self.kv.free(state.seq)
+            raise
+        if got.filled:
+            state.computed = state.cached_tokens = state.num_prompt
+            state.transfer_s, state.kv_transfer_bytes = got.seconds, got.nbytes
+        else:
+            self.kv.free(state.seq)
+        self.scheduler.add(state)
+        return got
 
     def add_resumed(self, request: GenerationRequest, generated: Sequence[int]) -> None:
         """Queue a request migrated from another worker that already streamed `generated` tokens:
@@ -162,6 +205,16 @@ class Engine:
     def release_handoff(self, request_id: str) -> None:
         """Free a handoff's blocks without exporting them (the decode pulled them, or gave up)."""
         self.kv.free(self._handoff(request_id).seq)
+
+    def handoff_seq(self, request_id: str) -> int:
+        """The KV sequence id of a held handoff (its pages are the handoff's)."""
+        state = self._handoffs.get(request_id)
+        if state is None:
+            raise KeyError(f"no handoff held for request_id {request_id!r}")
+        return state.seq
+
+    def holds_handoff(self, request_id: str) -> bool:
+        return request_id in self._handoffs
 
     def handoff_timing(self, request_id: str) -> tuple[float, float]:
         """(queue_s, prefill_s) of a held handoff: arrival to first scheduled, then to first token."""
@@ -247,6 +300,7 @@ class Engine:
             prompt_tokens=state.num_prompt, completion_tokens=len(state.output_ids),
             cached_tokens=state.cached_tokens, queue_s=start - state.arrival,
             prefill_s=0.0 if state.cached_tokens >= state.num_prompt else max(0.0, first - start),
+            transfer_s=state.transfer_s, kv_transfer_bytes=state.kv_transfer_bytes,
         )
         return TokenDelta(state.request_id, toks, text, reason, summary)
 

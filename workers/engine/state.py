@@ -33,6 +33,8 @@ class RequestState:
         self.tracker = StopTracker(request.sampling, tokenizer)
         self.preemptions = 0
         self.cached_tokens = 0  # prompt tokens not computed here (handoff or prefix cache)
+        self.transfer_s = 0.0  # KV handoff pulled here: claim sent to release sent
+        self.kv_transfer_bytes = 0  # bytes of the pages that pull moved
         self.arrival = time.monotonic()
         self.started: float | None = None  # first scheduled
         self.first_token_at: float | None = None

@@ -1,0 +1,122 @@
+"""How a decode rank gets a prefilled prompt's KV: the NIXL pull (default) or, in tests, Ray's
+object store. A puller is built where the actor is created (the controller passes the Ray
+namespace in which prefill actors are found), then bound to the decode rank it serves.
+
+`NixlPuller` pairs with a prefill rank the first time a handoff names it: it fetches the rank's
+`AgentInfo` by actor call, pairs locally FIRST (a layout mismatch refuses it before anything is
+loaded or moved), then asks the prefill to pair back (it must know us to answer our claims).
+Every failure before or during the pull ends in a logged, counted recompute, never an error.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Protocol
+
+import ray
+
+from tandem.request import GenerationRequest
+from tandem.v1 import worker_pb2
+from workers.actor_common import BuiltRank, HandoffPath, WorkerConfig, actor_name
+from workers.engine.handoff import SequenceKv
+from workers.kv.space import PagedKvSpace
+from workers.transfer.decode_side import DecodeTransfer
+from workers.transfer.layout import LayoutMismatch
+from workers.transfer.wire import from_proto, layout_hash
+from workers.worker_loop import EngineLoop
+
+log = logging.getLogger(__name__)
+
+
+class HandoffPuller(Protocol):
+    """Queues a request prefilled elsewhere on a decode engine, with its KV or for recompute."""
+
+    path: HandoffPath
+
+    def bind(self, config: WorkerConfig, built: BuiltRank) -> None:
+        """Attach to the decode rank this puller serves (once, in the actor's constructor)."""
+        ...
+
+    async def take(self, loop: EngineLoop, request: GenerationRequest, desc: worker_pb2.HandoffDescriptor
+                   ) -> None: ...
+
+
+class RayObjectPuller:
+    """Tests only (HandoffPath.RAY_OBJECT_STORE): the prefill's state as tensors via Ray."""
+
+    path = HandoffPath.RAY_OBJECT_STORE
+
+    def __init__(self, namespace: str | None = None) -> None:
+        self.namespace = namespace
+
+    def bind(self, config: WorkerConfig, built: BuiltRank) -> None:
+        self._engine = built.engine
+
+    async def _pull(self, desc: worker_pb2.HandoffDescriptor) -> SequenceKv | None:
+        name = actor_name(desc.prefill.instance, desc.prefill.dp_rank)
+        try:
+            prefill = ray.get_actor(name, namespace=self.namespace)
+            return await prefill.take_handoff.remote(desc.request_id)
+        except (ValueError, KeyError, ray.exceptions.RayError) as exc:
+            # Expired, cancelled or gone: the design's fallback is to recompute, and we say so.
+            log.warning("handoff of %s from %s failed (%s): recomputing its prompt",
+                        desc.request_id, name, exc)
+            return None
+
+    async def take(self, loop: EngineLoop, request: GenerationRequest, desc: worker_pb2.HandoffDescriptor
+                   ) -> None:
+        kv = await self._pull(desc)
+        await loop.call(self._engine.add_prefilled, request, desc.first_token, kv)
+
+
+class NixlPuller:
+    """The default: pull the prefill's pages over NIXL (see the module docstring)."""
+
+    path = HandoffPath.NIXL
+
+    def __init__(self, namespace: str | None = None) -> None:
+        self.namespace = namespace
+        self._rank: DecodeTransfer | None = None
+
+    def bind(self, config: WorkerConfig, built: BuiltRank) -> None:
+        kv = built.engine.kv
+        if not isinstance(kv, PagedKvSpace):
+            raise ValueError(f"NixlPuller for {config.name}: the engine's KV is {type(kv).__name__}, "
+                             "not the paged pools NIXL pulls into")
+        self._engine = built.engine
+        self._rank = DecodeTransfer(config.name, kv.cache, config.handoff_timeout_s)
+
+    @property
+    def transfer(self) -> DecodeTransfer:
+        if self._rank is None:
+            raise RuntimeError("NixlPuller is not bound to a decode rank")
+        return self._rank
+
+    async def _meet(self, loop: EngineLoop, desc: worker_pb2.HandoffDescriptor) -> None:
+        """Pair with the prefill rank that `desc` names, both ways, unless done before."""
+        rank = self.transfer
+        if rank.is_paired(desc.agent_name):
+            return
+        name = actor_name(desc.prefill.instance, desc.prefill.dp_rank)
+        prefill = ray.get_actor(name, namespace=self.namespace)
+        info = await prefill.agent_info.remote()
+        if info.name != desc.agent_name:
+            raise ValueError(f"handoff of {desc.request_id!r} names agent {desc.agent_name!r}, "
+                             f"its prefill actor's agent is {info.name!r}")
+        await loop.call(rank.pair, info)  # LayoutMismatch here: nothing loaded, nothing moved
+        await prefill.pair.remote(rank.info())
+
+    async def take(self, loop: EngineLoop, request: GenerationRequest, desc: worker_pb2.HandoffDescriptor
+                   ) -> None:
+        rank, engine = self.transfer, self._engine
+        try:
+            if desc.layout_hash != layout_hash(rank.agent.layout.digest):
+                raise LayoutMismatch(f"handoff of {desc.request_id!r}: layout hash {desc.layout_hash:#x} "
+                                     f"is not ours ({rank.agent.layout.digest})")
+            pulled = from_proto(desc, rank.manager.window_tokens)
+            await self._meet(loop, desc)
+        except (ValueError, KeyError, ray.exceptions.RayError) as exc:  # LayoutMismatch is a ValueError
+            await loop.call(rank.recompute, desc.request_id, f"{type(exc).__name__}: {exc}")
+            await loop.call(engine.add_prefilled, request, desc.first_token, None)
+            return
+        await loop.call(engine.add_pulled, request, desc.first_token, rank.fill_from(pulled))
