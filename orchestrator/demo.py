@@ -19,12 +19,15 @@ from rich.table import Table
 
 from orchestrator.spec import CpuTopology, DeploymentSpec, SpecError, load_spec
 
-_out = Console()
+_out = Console(width=None if sys.stdout.isatty() else 110)
+_LONG = ("Disaggregated serving splits prefill and decode across two pools of workers. The router picks a "
+         "prefill worker and a decode worker for every request. Compressed KV blocks move from prefill to "
+         "decode over NIXL. DeepSeek-V4 keeps its KV cache small, so long contexts stay affordable. Tandem")
 PROMPTS = (
-    "Disaggregated serving splits prefill and decode",
-    "The router picks a prefill worker and a decode worker",
-    "Compressed KV blocks move from prefill to decode",
-    "Disaggregated serving splits prefill and decode",  # a repeat: its blocks may hit the cache
+    "The router picks",
+    "Compressed KV blocks move",
+    _LONG,  # over 256 tokens: its first block can be served from a prefix cache ...
+    _LONG,  # ... when it comes again
 )
 
 
@@ -89,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
                    f"HTTP {status['http_address']}")
         rows = []
         for prompt in PROMPTS:
-            _out.print(f"\n[bold]> {prompt}[/]")
+            shown = prompt if len(prompt) < 60 else f"{prompt[:30]}...{prompt[-25:]}"
+            _out.print(f"\n[bold]> {shown}[/]", end="")
             _, last, wall = _generate(status["router_address"], token, prompt, args.max_tokens)
             rows.append((prompt, last, wall))
         _summary(rows)
@@ -102,8 +106,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _summary(rows: list) -> None:
     t = Table(title="summary (measured by the router and the workers)")
-    for col in ("request", "prefill", "decode", "prompt tok", "cached tok", "out tok", "TTFT ms", "TPOT ms",
-                "KV bytes over NIXL"):
+    for col in ("req", "prefill", "decode", "prompt", "cached", "out", "TTFT ms", "TPOT ms", "NIXL bytes"):
         t.add_column(col)
     for i, (_, c, _) in enumerate(rows):
         t.add_row(str(i), c.prefill_worker, c.decode_worker, str(c.usage.prompt_tokens),

@@ -21,9 +21,8 @@ from orchestrator.spec import (
     Gb200Nvl72Topology,
     PoolSpec,
 )
-from workers.actor_common import ModelSource, WorkerConfig
+from workers.actor_common import ModelSource, PagedPoolsConfig, WorkerConfig
 from workers.engine.engine import Role
-from workers.engine.kv import BlockSpaceConfig
 from workers.engine.scheduler import SchedulerConfig
 from workers.ep.group import Backend, EpConfig
 from workers.kv.geometry import KvGeometry
@@ -60,6 +59,15 @@ def model_source(spec: DeploymentSpec) -> ModelSource:
                        bf16=spec.model.dtype is ComputeDtype.BFLOAT16)
 
 
+def paged_pools(pool: PoolSpec) -> PagedPoolsConfig:
+    """Pages per pool for a rank: `kv_blocks` 256-token blocks; window pages for every running
+    request (the paged cache reserves up to 4 each) plus one per block for cached boundaries; a
+    compressor-state page per running request."""
+    blocks = pool.kv_blocks or DEFAULT_KV_BLOCKS
+    return PagedPoolsConfig(block_pages=blocks, window_pages=4 * pool.max_batch + blocks,
+                            state_pages=pool.max_batch + 1)
+
+
 @dataclass(frozen=True)
 class InstancePlan:
     """One worker instance: its id, role and the configs of its ranks (rank i = configs[i])."""
@@ -79,8 +87,8 @@ def instance_plan(spec: DeploymentSpec, role: Role, instance: str, *, nvlink_dom
         WorkerConfig(
             instance=instance, role=role, rank=r, model=model_source(spec),
             sched=SchedulerConfig(max_num_seqs=pool.max_batch, max_batched_tokens=pool.max_batched_tokens,
-                                  prefill_chunk=min(512, pool.max_batched_tokens)),
-            kv=BlockSpaceConfig(num_blocks=pool.kv_blocks or DEFAULT_KV_BLOCKS),
+                                  prefill_chunk=min(512, pool.max_batched_tokens), prefix_caching=True),
+            kv=paged_pools(pool),
             ep=EpConfig(r, n, master_addr, master_port, backend) if n > 1 else None,
             handoff_lease_s=spec.transfer.lease_s, nvlink_domain=nvlink_domain,
         )

@@ -134,7 +134,8 @@ class RouterHost:
     async def add_worker(self, instance: str, rank: int, role: str, handle: object) -> None:
         """Route to a ready rank from now on (role: "prefill" or "decode")."""
         assert self.gateway is not None, "start() first"
-        self.gateway.add(WorkerId(instance, rank), Role(role), handle)
+        stats = await handle.stats.remote()
+        self.gateway.add(WorkerId(instance, rank), Role(role), handle, stats)
 
     async def drain_worker(self, instance: str, rank: int) -> None:
         """No new requests for a rank; its running ones finish."""

@@ -84,11 +84,12 @@ class RayGateway:
         self._clock = clock or time.monotonic
 
     # --- membership ----------------------------------------------------------------------------
-    def add(self, wid: WorkerId, role: Role, handle: object) -> None:
-        """Start serving through a ready rank actor."""
+    def add(self, wid: WorkerId, role: Role, handle: object, stats: worker_pb2.WorkerStats) -> None:
+        """Start serving through a ready rank actor, from its first stats (so it is routable at once)."""
         if wid in self._ranks:
             raise ValueError(f"worker {wid} is already registered")
         rank = _Rank(wid, role, handle)
+        rank.state = _worker_state(wid, role, stats, self.limits, self._clock())
         self._ranks[wid] = rank
         if role is Role.DECODE:
             rank.tasks.append(asyncio.ensure_future(self._pump_tokens(rank)))

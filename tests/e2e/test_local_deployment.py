@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import json
+import time
 
 import grpc
 import pytest
@@ -140,8 +141,14 @@ def test_scale_up_and_down_under_load_loses_nothing(deployment, ray_session) -> 
     assert produced == [5] * 28
     assert [i["id"] for i in up["instances"] if i["role"] == "decode"] == ["decode-0", "decode-1"]
     assert [i["id"] for i in down["instances"] if i["role"] == "decode"] == ["decode-0"]
-    after = ray_session.get(ctl.status.remote())
-    assert [(i["id"], i["kv_blocks_used"]) for i in after["instances"]] == [("prefill-0", 0), ("decode-0", 0)]
+    used = []
+    for _ in range(30):
+        after = ray_session.get(ctl.status.remote())
+        used = [(i["id"], i["kv_blocks_used"]) for i in after["instances"]]
+        if used == [("prefill-0", 0), ("decode-0", 0)]:
+            break
+        time.sleep(0.5)
+    assert used == [("prefill-0", 0), ("decode-0", 0)]
 
 
 def test_drain_removes_the_instance(deployment, ray_session) -> None:  # noqa: ANN001
