@@ -33,10 +33,11 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not e2e" tests
 
+# -P: bench/kernels.py must not shadow the kernels package.
 bench: $(STAMP)
 	mkdir -p out/bench
 	@set -e; for b in bench/*.py; do \
-	  n=$$(basename $$b .py); echo "== $$n"; $(PY) $$b --json out/bench/$$n.json; done
+	  n=$$(basename $$b .py); echo "== $$n"; $(PY) -P $$b --json out/bench/$$n.json; done
 
 proto: $(STAMP)
 	$(PY) -m grpc_tools.protoc -Iproto --python_out=proto --pyi_out=proto --grpc_python_out=proto $(PROTOS)
