@@ -34,10 +34,10 @@ def _start(actor_cls, cfg: WorkerConfig):
 def actors(ray_session):
     ray = ray_session
     kv = BlockSpaceConfig(num_blocks=48, block_size=16)
-    agg = _start(DecodeActor, WorkerConfig("agg-0", Role.AGGREGATED, model=MODEL, kv=kv))
     # The contiguous cache has no pages for NIXL: these actors use the object-store test mode (the
     # NIXL path is tested in tests/transfer/test_transfer_actors.py).
     ray_mode = HandoffPath.RAY_OBJECT_STORE
+    agg = _start(DecodeActor, WorkerConfig("agg-0", Role.AGGREGATED, model=MODEL, kv=kv, handoff=ray_mode))
     pre = _start(PrefillActor, WorkerConfig("prefill-0", Role.PREFILL, model=MODEL, kv=kv, handoff_lease_s=2.0,
                                             handoff=ray_mode))
     dec = _start(DecodeActor, WorkerConfig("decode-0", Role.DECODE, model=MODEL, kv=kv, handoff=ray_mode))
@@ -186,7 +186,8 @@ def test_ep2_instance_of_two_actors_serves_reference_tokens(ray_session, tiny_mo
     port = free_port()
     ranks = [
         _start(DecodeActor, WorkerConfig("ep-0", Role.AGGREGATED, rank=r, model=MODEL,
-                                         ep=EpConfig(r, 2, master_port=port, timeout_s=60)))
+                                         ep=EpConfig(r, 2, master_port=port, timeout_s=60),
+                                         handoff=HandoffPath.RAY_OBJECT_STORE))
         for r in range(2)
     ]
     try:
