@@ -56,6 +56,11 @@ class DecodeWorker(RankActor):
         desc = worker_pb2.HandoffDescriptor.FromString(prefilled.handoff)
         await self._puller.take(loop, request, desc)
 
+    async def tokens_run(self) -> tuple[int, int]:
+        """(prompt or recompute tokens, sampled tokens) this rank's model has run since start."""
+        st = await self._started().call(self._built.engine.stats)
+        return st.prefill_tokens, st.decode_tokens
+
     async def transfer_metric(self, name: str) -> float:
         """A sample of this rank's NIXL transfer metrics (e.g. 'kv_transfer_bytes_total')."""
         if not isinstance(self._puller, NixlPuller):

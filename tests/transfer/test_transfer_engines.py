@@ -15,16 +15,12 @@ import time
 
 import pytest
 import torch
+from engine_util import LENGTHS, paged_engine, pages_bytes, prompt_of, run
 
 from tandem.request import GenerationRequest, SamplingConfig
-from tandem.tokenizer import ByteTokenizer
-from workers.engine.engine import Engine, Role
-from workers.engine.runner import LocalRunner
-from workers.engine.scheduler import SchedulerConfig
+from workers.engine.engine import Role
 from workers.kv.geometry import KvGeometry, Part, PoolKind
-from workers.kv.manager import KvCacheManager, KvCapacity
 from workers.kv.presets import kv_shape
-from workers.kv.space import PagedKvSpace
 from workers.model.init import init_random
 from workers.model.model import DeepseekV4
 from workers.model.presets import tiny
@@ -34,8 +30,6 @@ from workers.transfer.prefill_side import PrefillTransfer
 pytestmark = pytest.mark.transfer
 
 torch.set_num_threads(1)
-CAP = KvCapacity(block_pages=24, window_pages=24, state_pages=6)
-LENGTHS = (1, 127, 128, 129, 300, 1000)
 
 
 @pytest.fixture(scope="module")
@@ -44,20 +38,13 @@ def model() -> DeepseekV4:
     return init_random(DeepseekV4(tiny(), quant_sim=True, with_mtp=False), seed=0).eval()
 
 
-def _engine(model: DeepseekV4, role: Role, name: str, prefix_caching: bool = False) -> Engine:
-    geom = KvGeometry.of(kv_shape(model.cfg, with_mtp=False))
-    kv = PagedKvSpace(KvCacheManager(geom, CAP, name), model.cfg.num_layers, model.dtype)
-    sched = SchedulerConfig(prefix_caching=prefix_caching)
-    return Engine(role, model.cfg, sched, kv, LocalRunner(model), ByteTokenizer())
-
-
 class Pair:
     """A prefill engine and a decode engine, paired both ways, plus an aggregated reference."""
 
     def __init__(self, model: DeepseekV4, lease_s: float = 30.0) -> None:
-        self.pre = _engine(model, Role.PREFILL, "p")
-        self.dec = _engine(model, Role.DECODE, "d", prefix_caching=True)
-        self.agg = _engine(model, Role.AGGREGATED, "a")
+        self.pre = paged_engine(model, Role.PREFILL, "p")
+        self.dec = paged_engine(model, Role.DECODE, "d", prefix_caching=True)
+        self.agg = paged_engine(model, Role.AGGREGATED, "a")
         self.ptx = PrefillTransfer("p", self.pre.kv.manager, lease_s, 30.0, hugepages=False)
         self.dtx = DecodeTransfer("d", self.dec.kv.cache, 20.0, hugepages=False)
         self.dtx.pair(self.ptx.info())
@@ -85,41 +72,17 @@ class Pair:
         self.dtx.close()
 
 
-def _run(engine: Engine) -> dict[str, tuple[list[int], object]]:
-    """Step until idle; per request its tokens and final summary."""
-    out: dict[str, tuple[list[int], object]] = {}
-    while engine.has_work:
-        for d in engine.step().deltas:
-            toks, _ = out.get(d.request_id, ([], None))
-            out[d.request_id] = (toks + list(d.token_ids), d.summary)
-    return out
-
-
 def _disagg(pair: Pair, req: GenerationRequest) -> tuple[list[int], object]:
     first, desc = pair.prefill(req)
     pair.dec.add_pulled(req, first, pair.dtx.fill_from(desc))
-    toks, summary = _run(pair.dec)[req.request_id]
+    toks, summary = run(pair.dec)[req.request_id]
     pair.housekeeping()
     return [first, *toks], summary
 
 
 def _reference(pair: Pair, req: GenerationRequest) -> list[int]:
     pair.agg.add(req)
-    return _run(pair.agg)[req.request_id][0]
-
-
-def _pages_bytes(geom: KvGeometry, length: int, cached_blocks: int = 0) -> int:
-    """Bytes of the pages a pull of a `length`-token prompt moves: blocks from `cached_blocks`, the
-    window pages covering the last W positions, the state page."""
-    w = geom.window.tokens
-    blocks = -(-length // 256) - cached_blocks
-    windows = (length - 1) // w - max(length - w, 0) // w + 1
-    return blocks * geom.page(PoolKind.BLOCK).nbytes + windows * geom.page(PoolKind.WINDOW).nbytes + \
-        geom.page(PoolKind.STATE).nbytes
-
-
-def _prompt(n: int, seed: int) -> tuple[int, ...]:
-    return tuple(torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(seed)).tolist())
+    return run(pair.agg)[req.request_id][0]
 
 
 @pytest.fixture(scope="module")
@@ -133,15 +96,15 @@ def test_disaggregated_equals_aggregated_and_only_the_kv_moved(pair: Pair, model
     geom = KvGeometry.of(kv_shape(model.cfg, with_mtp=False))
     for i, n in enumerate(LENGTHS):
         sp = SamplingConfig(temperature=0.8, seed=100 + i, max_tokens=5, ignore_eos=True)
-        req = GenerationRequest(f"len{n}", _prompt(n, seed=n), sp)
+        req = GenerationRequest(f"len{n}", prompt_of(n, seed=n), sp)
         got, summary = _disagg(pair, req)
         assert got == _reference(pair, req), n
-        assert summary.kv_transfer_bytes == _pages_bytes(geom, n), n
+        assert summary.kv_transfer_bytes == pages_bytes(geom, n), n
         assert summary.cached_tokens == n and summary.transfer_s > 0
         # The decode ran no prompt token through its model: only the 4 sampled steps.
         assert pair.dec.stats().prefill_tokens == 0
     assert pair.dec.stats().decode_tokens == 4 * len(LENGTHS)
-    assert pair.dtx.metrics.value("kv_transfer_bytes_total") == sum(_pages_bytes(geom, n) for n in LENGTHS)
+    assert pair.dtx.metrics.value("kv_transfer_bytes_total") == sum(pages_bytes(geom, n) for n in LENGTHS)
     assert pair.dtx.metrics.value("kv_transfer_failures_total") == 0
     deadline = time.monotonic() + 5  # releases are fire-and-forget: the server thread frees soon after
     while pair.pre.kv.blocks_used and time.monotonic() < deadline:
@@ -152,7 +115,7 @@ def test_disaggregated_equals_aggregated_and_only_the_kv_moved(pair: Pair, model
 
 def test_one_corrupted_byte_changes_the_output(pair: Pair) -> None:
     sp = SamplingConfig(max_tokens=6, ignore_eos=True)
-    prompt = _prompt(200, seed=7)
+    prompt = prompt_of(200, seed=7)
     clean, _ = _disagg(pair, GenerationRequest("clean", prompt, sp))
     first, desc = pair.prefill(GenerationRequest("bad", prompt, sp))
     assert first == clean[0]
@@ -165,30 +128,30 @@ def test_one_corrupted_byte_changes_the_output(pair: Pair) -> None:
     page, row, byte = desc.pages.window[-1], (200 - 1) % m.window_tokens, entry.nope_dim + 2 * entry.rope_dim
     view[page, row, byte] = int(view[page, row, byte]) + 16
     pair.dec.add_pulled(GenerationRequest("bad", prompt, sp), first, pair.dtx.fill_from(desc))
-    bad = [first, *_run(pair.dec)["bad"][0]]
+    bad = [first, *run(pair.dec)["bad"][0]]
     pair.housekeeping()
     assert bad != clean
 
 
 def test_a_shared_two_block_prefix_pulls_exactly_two_fewer_blocks(pair: Pair, model: DeepseekV4) -> None:
     geom = KvGeometry.of(kv_shape(model.cfg, with_mtp=False))
-    prefix = _prompt(512, seed=21)
+    prefix = prompt_of(512, seed=21)
     sp = SamplingConfig(max_tokens=4, ignore_eos=True)
     # A prompt the decode served itself (conditional disaggregation) leaves the prefix's 2 blocks
     # and their boundary in its prefix cache (a pulled prompt caches its blocks, but a boundary only
     # where a step ends on a block end).
-    local = GenerationRequest("local", prefix + _prompt(100, seed=22), sp)
+    local = GenerationRequest("local", prefix + prompt_of(100, seed=22), sp)
     pair.dec.add(local)
-    assert [*_run(pair.dec)["local"][0]] == _reference(pair, local)
-    cold = GenerationRequest("cold", _prompt(702, seed=24), sp)
-    warm = GenerationRequest("warm", prefix + _prompt(190, seed=23), sp)
+    assert [*run(pair.dec)["local"][0]] == _reference(pair, local)
+    cold = GenerationRequest("cold", prompt_of(702, seed=24), sp)
+    warm = GenerationRequest("warm", prefix + prompt_of(190, seed=23), sp)
     got_cold, s_cold = _disagg(pair, cold)
     got_warm, s_warm = _disagg(pair, warm)
     assert got_cold == _reference(pair, cold) and got_warm == _reference(pair, warm)
     r_cold, r_warm = pair.dtx.records[-2].result, pair.dtx.records[-1].result
     assert (r_cold.blocks_pulled, r_cold.blocks_skipped) == (3, 0)
     assert (r_warm.blocks_pulled, r_warm.blocks_skipped) == (1, 2)
-    assert s_cold.kv_transfer_bytes == _pages_bytes(geom, 702)
+    assert s_cold.kv_transfer_bytes == pages_bytes(geom, 702)
     assert s_warm.kv_transfer_bytes == s_cold.kv_transfer_bytes - 2 * geom.page(PoolKind.BLOCK).nbytes
     assert s_warm.cached_tokens == 702  # every prompt token came from the prefix cache or the pull
 
@@ -196,7 +159,7 @@ def test_a_shared_two_block_prefix_pulls_exactly_two_fewer_blocks(pair: Pair, mo
 def test_lease_expiry_frees_the_prefill_and_the_late_decode_recomputes(model: DeepseekV4) -> None:
     pair = Pair(model, lease_s=0.3)
     try:
-        req = GenerationRequest("late", _prompt(300, seed=31), SamplingConfig(max_tokens=4, ignore_eos=True))
+        req = GenerationRequest("late", prompt_of(300, seed=31), SamplingConfig(max_tokens=4, ignore_eos=True))
         first, desc = pair.prefill(req)
         assert pair.pre.kv.blocks_used == 2
         deadline = time.monotonic() + 5
@@ -207,7 +170,7 @@ def test_lease_expiry_frees_the_prefill_and_the_late_decode_recomputes(model: De
         assert pair.ptx.metrics.value("kv_lease_expiries_total") == 1
         got = pair.dec.add_pulled(req, first, pair.dtx.fill_from(desc))
         assert not got.filled and "HandoffExpired" in got.error
-        toks, summary = _run(pair.dec)["late"]
+        toks, summary = run(pair.dec)["late"]
         assert [first, *toks] == _reference(pair, req)
         assert summary.kv_transfer_bytes == 0 and summary.cached_tokens == 0
         assert pair.dec.stats().prefill_tokens == 301  # recomputed here: the prompt and the first token
