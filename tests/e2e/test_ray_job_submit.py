@@ -53,7 +53,7 @@ def head(tmp_path_factory):  # noqa: ANN001, ANN201
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
     def stop_head() -> None:
-        for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
             try:
                 os.killpg(proc.pid, sig)
                 proc.wait(timeout=wait)
@@ -81,11 +81,16 @@ def head(tmp_path_factory):  # noqa: ANN001, ANN201
 
 
 def _submit(head: dict, spec: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [str(BIN / "ray"), "job", "submit", "--address", head["dashboard"], "--working-dir", str(ROOT), "--",
-         "python", "-m", "orchestrator.deploy", str(spec)],
-        cwd=ROOT, env=head["env"], capture_output=True, text=True, timeout=timeout,
-    )
+    for _ in range(30):  # the head's job agent registers a few seconds after the dashboard answers
+        out = subprocess.run(
+            [str(BIN / "ray"), "job", "submit", "--address", head["dashboard"], "--working-dir", str(ROOT), "--",
+             "python", "-m", "orchestrator.deploy", str(spec)],
+            cwd=ROOT, env=head["env"], capture_output=True, text=True, timeout=timeout,
+        )
+        if "No available agent to submit job" not in out.stderr + out.stdout:
+            return out
+        time.sleep(2)
+    return out
 
 
 def test_broken_spec_job_fails_with_field_message_and_starts_nothing(head) -> None:  # noqa: ANN001

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def rows(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, int], dict]:
     out = tmp_path_factory.mktemp("bench") / "kv.json"
-    cmd = [sys.executable, str(ROOT / "bench" / "kv_footprint.py"), "--json", str(out),
+    cmd = [sys.executable, "-P", str(ROOT / "bench" / "kv_footprint.py"), "--json", str(out),
            "--context", "4096", "--context", str(1 << 20)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout + proc.stderr
