@@ -79,8 +79,8 @@ class PrefillWorker(RankActor):
             transfer, rid, n = self._transfer, request.request_id, len(request.prompt_ids)
             opened = await loop.call(lambda: transfer.open(rid, engine.handoff_seq(rid), n))
             fill_proto(desc, opened, transfer.agent.layout.digest)
-        queue_s, prefill_s = await loop.call(engine.handoff_timing, request.request_id)
-        return PrefillResult(request.request_id, delta, desc.SerializeToString(), queue_s, prefill_s, 0)
+        queue_s, prefill_s, cached = await loop.call(engine.handoff_timing, request.request_id)
+        return PrefillResult(request.request_id, delta, desc.SerializeToString(), queue_s, prefill_s, cached)
 
     async def take_handoff(self, request_id: str) -> SequenceKv:
         """Object-store mode: the held prompt state of `request_id`, freed here; KeyError when

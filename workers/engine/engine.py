@@ -216,12 +216,13 @@ class Engine:
     def holds_handoff(self, request_id: str) -> bool:
         return request_id in self._handoffs
 
-    def handoff_timing(self, request_id: str) -> tuple[float, float]:
-        """(queue_s, prefill_s) of a held handoff: arrival to first scheduled, then to first token."""
+    def handoff_timing(self, request_id: str) -> tuple[float, float, int]:
+        """(queue_s, prefill_s, cached_tokens) of a held handoff: arrival to first scheduled, then to
+        first token; and the prompt tokens its prefix cache served instead of computing."""
         state = self._handoffs.get(request_id)
         if state is None or state.started is None or state.first_token_at is None:
             raise KeyError(f"no handoff held for request_id {request_id!r}")
-        return state.started - state.arrival, state.first_token_at - state.started
+        return state.started - state.arrival, state.first_token_at - state.started, state.cached_tokens
 
     def _handoff(self, request_id: str) -> RequestState:
         state = self._handoffs.pop(request_id, None)
