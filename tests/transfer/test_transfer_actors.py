@@ -9,6 +9,7 @@ The reference is an in-process AGGREGATED engine on the same model.
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 
 import pytest
@@ -22,6 +23,7 @@ from workers.actor_common import ModelSource, PagedPoolsConfig, WorkerConfig, ac
 from workers.decode import DecodeActor
 from workers.engine.engine import Role
 from workers.engine.scheduler import SchedulerConfig
+from workers.ep.group import EpConfig
 from workers.kv.geometry import KvGeometry
 from workers.kv.presets import kv_shape
 from workers.model.init import init_random
@@ -68,10 +70,14 @@ async def _tokens(gen) -> tuple[list[int], object]:  # noqa: ANN001
 
 
 def _reference(model: DeepseekV4, reqs: list[GenerationRequest]) -> dict[str, list[int]]:
+    """Each request alone on an aggregated engine: batched with others, shared GEMMs can differ in
+    their last float bits, which the FP8 simulation may turn into another token."""
     agg = paged_engine(model, Role.AGGREGATED, "ref")
+    out = {}
     for r in reqs:
         agg.add(r)
-    return {rid: toks for rid, (toks, _) in run(agg).items()}
+        out[r.request_id] = run(agg)[r.request_id][0]
+    return out
 
 
 def test_actors_hand_off_over_nixl_token_for_token(actors, model, ray_session) -> None:  # noqa: ANN001
@@ -130,3 +136,53 @@ def test_expired_lease_frees_the_prefill_and_the_decode_recomputes(actors, model
     assert after[0] - before[0] == 301  # the prompt and the first token, recomputed on the decode
     last = ray_session.get(dec.pulls.remote())[-1]
     assert last[0] == "late" and "HandoffExpired" in last[4]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ep_instance(actor_cls, instance: str, role: Role, world: int) -> list:  # noqa: ANN001
+    port = _free_port()
+    return [_start(actor_cls, WorkerConfig(instance, role, rank=r, model=MODEL, kv=POOLS,
+                                           ep=EpConfig(r, world, master_port=port, timeout_s=60)))
+            for r in range(world)]
+
+
+@pytest.mark.slow
+def test_instances_of_different_ep_sizes_hand_off_rank_by_rank(actors, model, ray_session) -> None:  # noqa: ANN001
+    """A 2-rank prefill instance hands off to the 1-rank decode, and the 1-rank prefill to a 2-rank
+    decode instance: KV is per dp rank, so every pair is an ordinary rank pair."""
+    pre1, dec1 = actors
+    pre2 = _ep_instance(PrefillActor, "nx-prefill-ep2", Role.PREFILL, 2)
+    dec2 = _ep_instance(DecodeActor, "nx-decode-ep2", Role.DECODE, 2)
+    try:
+        assert len(ray_session.get([a.ready.remote() for a in pre2 + dec2], timeout=240)) == 4
+        sp = SamplingConfig(max_tokens=4, ignore_eos=True)
+        reqs = [GenerationRequest(f"ep{i}", prompt_of(n, seed=60 + i), sp) for i, n in enumerate((270, 90, 140, 400))]
+        want = _reference(model, reqs)
+        # (prefill rank, decode rank): both ranks of the EP prefill -> the single decode; the single
+        # prefill -> both ranks of the EP decode.
+        routes = [(pre2[0], dec1), (pre2[1], dec1), (pre1, dec2[0]), (pre1, dec2[1])]
+
+        async def scenario() -> list[tuple[list[int], object]]:
+            # One request at a time, as in the reference (see _reference).
+            out = []
+            for (p, d), r in zip(routes, reqs, strict=True):
+                res = await p.prefill.remote(r)
+                toks, s = await _tokens(d.generate.remote([r], [res]))
+                out.append(([*res.first.token_ids, *toks], s))
+            return out
+
+        got = asyncio.run(scenario())
+        geom = KvGeometry.of(kv_shape(model.cfg, with_mtp=False))
+        for r, (toks, summary) in zip(reqs, got, strict=True):
+            assert toks == want[r.request_id], r.request_id
+            assert summary.kv_transfer_bytes == pages_bytes(geom, len(r.prompt_ids)), r.request_id
+        agents = {desc for d in (dec1, *dec2) for desc in ray_session.get(d.pulls.remote()) if desc[0] in want}
+        assert {a[0] for a in agents} == set(want) and all(a[4] is None for a in agents)
+    finally:
+        for h in pre2 + dec2:
+            ray_session.kill(h)
