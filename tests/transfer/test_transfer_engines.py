@@ -15,16 +15,19 @@ import time
 
 import pytest
 import torch
-from engine_util import LENGTHS, paged_engine, pages_bytes, prompt_of, run
+from engine_util import CAP, LENGTHS, paged_engine, pages_bytes, prompt_of, run
 
 from tandem.request import GenerationRequest, SamplingConfig
 from workers.engine.engine import Role
+from workers.kv.entry import KeyFormat
 from workers.kv.geometry import KvGeometry, Part, PoolKind
+from workers.kv.manager import KvCacheManager
 from workers.kv.presets import kv_shape
 from workers.model.init import init_random
 from workers.model.model import DeepseekV4
 from workers.model.presets import tiny
 from workers.transfer.decode_side import DecodeTransfer
+from workers.transfer.layout import LayoutMismatch
 from workers.transfer.prefill_side import PrefillTransfer
 
 pytestmark = pytest.mark.transfer
@@ -177,3 +180,18 @@ def test_lease_expiry_frees_the_prefill_and_the_late_decode_recomputes(model: De
         assert pair.dtx.metrics.value("kv_transfer_failures_total") == 1
     finally:
         pair.close()
+
+
+def test_a_layout_mismatch_refuses_the_pairing_before_anything_is_loaded(pair: Pair, model: DeepseekV4) -> None:
+    # A prefill whose indexer keys are FP8 where the decode's are FP4: same model, other bytes.
+    geom = KvGeometry.of(kv_shape(model.cfg, KeyFormat.FP8, with_mtp=False))
+    other = PrefillTransfer("p-fp8", KvCacheManager(geom, CAP, "p-fp8"), 30.0, 30.0, hugepages=False)
+    try:
+        with pytest.raises(LayoutMismatch, match="key_layout"):
+            pair.dtx.pair(other.info())
+        assert not pair.dtx.is_paired("p-fp8")
+        with pytest.raises(LayoutMismatch):
+            other.pair(pair.dtx.info())
+        assert not other.agent.is_paired("d")
+    finally:
+        other.close()
