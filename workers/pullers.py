@@ -10,6 +10,7 @@ Every failure before or during the pull ends in a logged, counted recompute, nev
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Protocol
 
@@ -77,6 +78,7 @@ class NixlPuller:
     def __init__(self, namespace: str | None = None) -> None:
         self.namespace = namespace
         self._rank: DecodeTransfer | None = None
+        self._meetings: dict[str, asyncio.Future[None]] = {}  # prefill agent -> its pairing
 
     def bind(self, config: WorkerConfig, built: BuiltRank) -> None:
         kv = built.engine.kv
@@ -93,10 +95,18 @@ class NixlPuller:
         return self._rank
 
     async def _meet(self, loop: EngineLoop, desc: worker_pb2.HandoffDescriptor) -> None:
-        """Pair with the prefill rank that `desc` names, both ways, unless done before."""
+        """Pair with the prefill rank that `desc` names, both ways, once. Concurrent handoffs from a
+        new prefill wait for the same meeting: a claim sent before the prefill paired back would go
+        unanswered until the pull's timeout. A failed meeting is tried again by the next handoff."""
+        name = desc.agent_name
+        task = self._meetings.get(name)
+        if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
+            task = asyncio.ensure_future(self._pair_both(loop, desc))
+            self._meetings[name] = task
+        await asyncio.shield(task)
+
+    async def _pair_both(self, loop: EngineLoop, desc: worker_pb2.HandoffDescriptor) -> None:
         rank = self.transfer
-        if rank.is_paired(desc.agent_name):
-            return
         name = actor_name(desc.prefill.instance, desc.prefill.dp_rank)
         prefill = ray.get_actor(name, namespace=self.namespace)
         info = await prefill.agent_info.remote()

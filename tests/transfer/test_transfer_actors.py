@@ -161,6 +161,22 @@ def test_instances_of_different_ep_sizes_hand_off_rank_by_rank(actors, model, ra
     try:
         assert len(ray_session.get([a.ready.remote() for a in pre2 + dec2], timeout=240)) == 4
         sp = SamplingConfig(max_tokens=4, ignore_eos=True)
+        # First meeting under concurrency: two handoffs from the same new prefill rank reach the
+        # decode at once; both must wait for the one pairing (a claim sent before the prefill paired
+        # back would go unanswered until the pull's timeout) and pull, none recomputes.
+        first = [GenerationRequest(f"meet{i}", prompt_of(100 + i, seed=70 + i), sp) for i in range(2)]
+
+        async def meet() -> float:
+            results = [await pre2[0].prefill.remote(r) for r in first]
+            t0 = time.monotonic()
+            await asyncio.gather(*(_tokens(dec1.generate.remote([r], [res]))
+                                   for r, res in zip(first, results, strict=True)))
+            return time.monotonic() - t0
+
+        assert asyncio.run(meet()) < 10  # far below the 30 s pull timeout an unanswered claim waits
+        met = [p for p in ray_session.get(dec1.pulls.remote()) if p[0].startswith("meet")]
+        assert [(p[0], p[4]) for p in met] == [("meet0", None), ("meet1", None)] or \
+            [(p[0], p[4]) for p in met] == [("meet1", None), ("meet0", None)]
         reqs = [GenerationRequest(f"ep{i}", prompt_of(n, seed=60 + i), sp) for i, n in enumerate((270, 90, 140, 400))]
         want = _reference(model, reqs)
         # (prefill rank, decode rank): both ranks of the EP prefill -> the single decode; the single
