@@ -90,7 +90,8 @@ def instance_plan(spec: DeploymentSpec, role: Role, instance: str, *, nvlink_dom
                                   prefill_chunk=min(512, pool.max_batched_tokens), prefix_caching=True),
             kv=paged_pools(pool),
             ep=EpConfig(r, n, master_addr, master_port, backend) if n > 1 else None,
-            handoff_lease_s=spec.transfer.lease_s, nvlink_domain=nvlink_domain,
+            handoff_lease_s=spec.transfer.lease_s, handoff_timeout_s=spec.transfer.timeout_s,
+            nvlink_domain=nvlink_domain,
         )
         for r in range(n)
     )
