@@ -4,7 +4,9 @@
 admitted requests -> run the model over every chunk -> sample the chunks that reach their end ->
 stop checks -> one `StepOutput` holding every request's new tokens. Finished and cancelled requests
 free their KV at once. In the PREFILL role a request leaves after its first token: its KV stays
-held as a handoff until `take_handoff` / `release_handoff`.
+held as a handoff until `release_handoff` (the NIXL handoff table freed it) or `take_handoff` (the
+object-store test mode). A DECODE engine takes a prefilled request with `add_pulled` (its prompt's
+pages filled by a NIXL pull, workers/transfer/decode_side.py) or `add_prefilled` (tensors).
 """
 
 from __future__ import annotations
