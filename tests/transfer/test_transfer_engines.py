@@ -18,7 +18,7 @@ import torch
 from engine_util import CAP, LENGTHS, paged_engine, pages_bytes, prompt_of, run
 
 from tandem.request import GenerationRequest, SamplingConfig
-from workers.engine.engine import Role
+from workers.engine.engine import PulledKv, Role
 from workers.kv.entry import KeyFormat
 from workers.kv.geometry import KvGeometry, Part, PoolKind
 from workers.kv.manager import KvCacheManager
@@ -195,3 +195,18 @@ def test_a_layout_mismatch_refuses_the_pairing_before_anything_is_loaded(pair: P
         assert not other.agent.is_paired("d")
     finally:
         other.close()
+
+
+def test_a_fill_that_raises_leaves_nothing_behind(model: DeepseekV4) -> None:
+    dec = paged_engine(model, Role.DECODE, "solo")
+    req = GenerationRequest("boom", prompt_of(300, seed=3), SamplingConfig(max_tokens=3))
+
+    def fill(seq: int, length: int) -> PulledKv:
+        assert dec.kv.manager.is_admitted(seq) and length == 300
+        raise ValueError("fill failed")
+
+    with pytest.raises(ValueError, match="fill failed"):
+        dec.add_pulled(req, 5, fill)
+    assert dec.request_ids() == () and dec.kv.blocks_used == 0 and not dec.has_work
+    dec.add(req)  # the id is free again
+    assert dec.request_ids() == ("boom",)

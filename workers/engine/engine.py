@@ -150,6 +150,7 @@ class Engine:
             got = fill(state.seq, state.num_prompt)
         except BaseException:
             self._states.pop(request.request_id, None)
+            self._pending = [d for d in self._pending if d.request_id != request.request_id]
             self.kv.free(state.seq)
             raise
         if got.filled:
