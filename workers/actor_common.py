@@ -125,8 +125,8 @@ class WorkerConfig:
             raise ValueError(f"WorkerConfig.handoff_lease_s must be positive, got {self.handoff_lease_s}")
         if self.handoff_timeout_s <= 0:
             raise ValueError(f"WorkerConfig.handoff_timeout_s must be positive, got {self.handoff_timeout_s}")
-        if (self.handoff is HandoffPath.NIXL and self.role is not Role.AGGREGATED
-                and not isinstance(self.kv, PagedPoolsConfig)):
+        # Every role: an aggregated rank's actor can still be handed prefilled requests.
+        if self.handoff is HandoffPath.NIXL and not isinstance(self.kv, PagedPoolsConfig):
             raise ValueError(f"WorkerConfig({self.name}).handoff is NIXL, which pulls pages of the paged "
                              f"pools: kv must be PagedPoolsConfig, got {type(self.kv).__name__} (or set "
                              f"handoff=HandoffPath.RAY_OBJECT_STORE, a test mode)")

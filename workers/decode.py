@@ -23,6 +23,7 @@ from workers.actor_common import HandoffPath, WorkerConfig, build_rank
 from workers.engine.engine import Role
 from workers.pullers import HandoffPuller, NixlPuller, RayObjectPuller
 from workers.rank_actor import RankActor
+from workers.transfer.agent import AgentInfo
 
 __all__ = ["DecodeActor", "DecodeWorker", "HandoffPuller", "NixlPuller", "RayObjectPuller"]
 
@@ -55,6 +56,12 @@ class DecodeWorker(RankActor):
             raise ValueError(f"submit({request.request_id!r}): the prefill already finished this request")
         desc = worker_pb2.HandoffDescriptor.FromString(prefilled.handoff)
         await self._puller.take(loop, request, desc)
+
+    async def agent_info(self) -> AgentInfo:
+        """This rank's NIXL agent info (metadata, layout, pool regions)."""
+        if not isinstance(self._puller, NixlPuller):
+            raise RuntimeError(f"{self.config.name}: handoff is {self.config.handoff.name}, not NIXL")
+        return self._puller.transfer.info()
 
     async def tokens_run(self) -> tuple[int, int]:
         """(prompt or recompute tokens, sampled tokens) this rank's model has run since start."""

@@ -105,6 +105,8 @@ def test_actors_hand_off_over_nixl_token_for_token(actors, model, ray_session) -
         time.sleep(0.05)
     assert ray_session.get(pre.handoffs_held.remote()) == 0
     assert ray_session.get(pre.stats.remote()).kv_blocks_used == 0
+    d_info, p_info = ray_session.get([dec.agent_info.remote(), pre.agent_info.remote()])
+    assert (d_info.name, p_info.name) == ("nx-decode/r0", "nx-prefill/r0") and d_info.layout == p_info.layout
     with pytest.raises(Exception, match="KV moves over NIXL"):  # no KV through Ray's object store
         ray_session.get(pre.take_handoff.remote("a1"))
 
