@@ -5,7 +5,9 @@ namespace in which prefill actors are found), then bound to the decode rank it s
 `NixlPuller` pairs with a prefill rank the first time a handoff names it: it fetches the rank's
 `AgentInfo` by actor call, pairs locally FIRST (a layout mismatch refuses it before anything is
 loaded or moved), then asks the prefill to pair back (it must know us to answer our claims).
-Every failure before or during the pull ends in a logged, counted recompute, never an error.
+Every failure before or during the pull ends in a logged, counted recompute, never an error; so
+does a decode without room for the request's prompt + max_tokens right now (the recompute waits
+in the queue; the prefill's lease frees its pages).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from tandem.request import GenerationRequest
 from tandem.v1 import worker_pb2
 from workers.actor_common import BuiltRank, HandoffPath, WorkerConfig, actor_name
 from workers.engine.handoff import SequenceKv
+from workers.kv.manager import AdmissionRefused
 from workers.kv.space import PagedKvSpace
 from workers.transfer.decode_side import DecodeTransfer
 from workers.transfer.layout import LayoutMismatch
@@ -129,4 +132,8 @@ class NixlPuller:
             await loop.call(rank.recompute, desc.request_id, f"{type(exc).__name__}: {exc}")
             await loop.call(engine.add_prefilled, request, desc.first_token, None)
             return
-        await loop.call(engine.add_pulled, request, desc.first_token, rank.fill_from(pulled))
+        try:
+            await loop.call(engine.add_pulled, request, desc.first_token, rank.fill_from(pulled))
+        except AdmissionRefused as exc:  # no room for prompt + max_tokens now: queue it to recompute
+            await loop.call(rank.recompute, desc.request_id, f"{type(exc).__name__}: {exc}")
+            await loop.call(engine.add_prefilled, request, desc.first_token, None)

@@ -21,7 +21,7 @@ from tandem.request import GenerationRequest, SamplingConfig
 from workers.engine.engine import PulledKv, Role
 from workers.kv.entry import KeyFormat
 from workers.kv.geometry import KvGeometry, Part, PoolKind
-from workers.kv.manager import KvCacheManager
+from workers.kv.manager import AdmissionRefused, KvCacheManager
 from workers.kv.presets import kv_shape
 from workers.model.init import init_random
 from workers.model.model import DeepseekV4
@@ -210,3 +210,13 @@ def test_a_fill_that_raises_leaves_nothing_behind(model: DeepseekV4) -> None:
     assert dec.request_ids() == () and dec.kv.blocks_used == 0 and not dec.has_work
     dec.add(req)  # the id is free again
     assert dec.request_ids() == ("boom",)
+
+
+def test_no_room_for_a_pulled_request_refuses_before_any_claim(model: DeepseekV4) -> None:
+    dec = paged_engine(model, Role.DECODE, "full")
+    calls = []
+    dec.kv.admit_prompt(900, [1, 2, 3], CAP.block_pages * 256, None)  # another sequence reserves every block
+    big = GenerationRequest("big", prompt_of(300, seed=4), SamplingConfig(max_tokens=3))
+    with pytest.raises(AdmissionRefused, match="block pool"):
+        dec.add_pulled(big, 5, lambda seq, n: calls.append(seq))  # type: ignore[arg-type, return-value]
+    assert calls == [] and dec.request_ids() == () and not dec.has_work
