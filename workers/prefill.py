@@ -77,7 +77,11 @@ class PrefillWorker(RankActor):
             self._leases[request.request_id] = time.monotonic() + self.config.handoff_lease_s
         else:
             transfer, rid, n = self._transfer, request.request_id, len(request.prompt_ids)
-            opened = await loop.call(lambda: transfer.open(rid, engine.handoff_seq(rid), n))
+            try:
+                opened = await loop.call(lambda: transfer.open(rid, engine.handoff_seq(rid), n))
+            except BaseException:  # no handoff opened (or the call was cancelled): nothing would free it
+                await loop.call(self._release_unopened, rid)
+                raise
             fill_proto(desc, opened, transfer.agent.layout.digest)
         queue_s, prefill_s, cached = await loop.call(engine.handoff_timing, request.request_id)
         return PrefillResult(request.request_id, delta, desc.SerializeToString(), queue_s, prefill_s, cached)
@@ -114,6 +118,11 @@ class PrefillWorker(RankActor):
         if self._transfer is not None and self._transfer.is_live(request_id):
             return True
         return await super().cancel(request_id)
+
+    def _release_unopened(self, request_id: str) -> None:
+        assert self._transfer is not None
+        if self._built.engine.holds_handoff(request_id) and not self._transfer.is_live(request_id):
+            self._built.engine.release_handoff(request_id)
 
     def _housekeeping(self) -> None:
         engine = self._built.engine
