@@ -49,7 +49,12 @@ def head(tmp_path_factory):  # noqa: ANN001, ANN201
     # teardown ends exactly that group (`ray stop` would stop every Ray cluster on the machine).
     proc = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
                              "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
-                             "--num-cpus", "2", "--temp-dir", ray_tmp, "--disable-usage-stats"],
+                             "--num-cpus", "2", "--temp-dir", ray_tmp, "--disable-usage-stats",
+                             # every port of its own: the suite's other Ray cluster holds the defaults
+                             "--dashboard-agent-listen-port", str(_port()), "--dashboard-agent-grpc-port",
+                             str(_port()), "--metrics-export-port", str(_port()), "--runtime-env-agent-port",
+                             str(_port()), "--ray-client-server-port", str(_port()), "--node-manager-port",
+                             str(_port()), "--object-manager-port", str(_port())],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
     def stop_head() -> None:
