@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from tandem.stream import StepBatch
 from tandem.v1 import worker_pb2
 from workers.actor_common import BuiltRank, WorkerConfig, events_proto, stats_proto
+from workers.kv.space import PagedKvSpace
 from workers.worker_loop import EngineLoop
 
 
@@ -59,6 +60,17 @@ class RankActor:
         """The KV events since the last call."""
         events = await self._started().call(self._built.engine.kv.flush_events)
         return events_proto(self.config, events)
+
+    async def kv_snapshot(self) -> worker_pb2.KvSnapshot:
+        """Every block hash this rank can serve as a prefix hit, as of its last KV event (for a router
+        that missed events: it resyncs from this, then applies only later events)."""
+        kv = self._built.engine.kv
+        if not isinstance(kv, PagedKvSpace):
+            raise TypeError(f"{self.config.name}: KV space {type(kv).__name__} has no prefix cache")
+        snap = await self._started().call(kv.manager.snapshot)
+        return worker_pb2.KvSnapshot(worker=worker_pb2.WorkerId(instance=self.config.instance,
+                                                                dp_rank=self.config.rank),
+                                     seq=snap.seq, block_hashes=list(snap.block_hashes))
 
     async def stream(self) -> AsyncIterator[StepBatch]:
         """Every StepBatch of this rank from now on: one message per engine step."""

@@ -176,8 +176,11 @@ class RayGateway:
                     continue
                 for ev in events.events:
                     if self.index.apply(rank.wid, _kv_event(ev)) is ApplyResult.GAP:
-                        log.warning("KV events of %s have a gap at seq %d: its entries are dropped",
+                        log.warning("KV events of %s have a gap at seq %d: resyncing from its snapshot",
                                     rank.wid, ev.seq)
+                if rank.wid in self.index.needs_resync():
+                    snap = await rank.handle.kv_snapshot.remote()
+                    self.index.resync(rank.wid, tuple(snap.block_hashes), snap.seq)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001

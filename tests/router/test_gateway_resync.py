@@ -1,0 +1,87 @@
+"""The router's gateway keeps its KV index true to a worker across lost events: a gap drops the
+worker's entries, and the gateway resyncs them from the worker's snapshot at once."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from orchestrator.router.inputs import Role, WorkerId
+from orchestrator.router.kv_index import KvIndex
+from orchestrator.router.ray_gateway import RankLimits, RayGateway
+from tandem.v1 import worker_pb2
+
+pytestmark = pytest.mark.router
+
+W = WorkerId("decode-0", 0)
+
+
+def _stats() -> worker_pb2.WorkerStats:
+    return worker_pb2.WorkerStats(kv_blocks_free=10, nvlink_domain="local")
+
+
+def _stored(seq: int, *hashes: int) -> worker_pb2.KvEvent:
+    return worker_pb2.KvEvent(seq=seq, stored=worker_pb2.KvStored(block_hashes=list(hashes)))
+
+
+class _Method:
+    def __init__(self, fn) -> None:  # noqa: ANN001
+        self.fn = fn
+
+    def remote(self, *args):  # noqa: ANN002, ANN201
+        return self.fn(*args)
+
+
+class FakeRank:
+    """Answers like a rank actor handle: `reports` streams refs (awaitables), `kv_snapshot` a snapshot.
+    Its second report skips event seq 2: the router must notice and resync from the snapshot."""
+
+    def __init__(self) -> None:
+        self.snapshots = 0
+        self.reports = _Method(self._reports)
+        self.kv_snapshot = _Method(self._snapshot)
+        self.stream = _Method(self._no_tokens)
+
+    async def _no_tokens(self):  # noqa: ANN202
+        await asyncio.sleep(3600)
+        yield
+
+    async def _reports(self, interval_s: float):  # noqa: ANN202
+        batches = [
+            [worker_pb2.KvEvent(seq=0, cleared=worker_pb2.KvCleared()), _stored(1, 11, 12)],
+            [_stored(3, 99)],  # seq 2 (which removed 12 and stored 13) was lost
+            [_stored(5, 14)],
+        ]
+        for events in batches:
+            yield self._ref((_stats(), worker_pb2.KvEventBatch(events=events)))
+            await asyncio.sleep(0)
+        await asyncio.sleep(3600)
+
+    async def _ref(self, value):  # noqa: ANN001, ANN202
+        return value
+
+    async def _snapshot(self) -> worker_pb2.KvSnapshot:
+        self.snapshots += 1
+        return worker_pb2.KvSnapshot(seq=4, block_hashes=[11, 13, 99])
+
+
+def test_a_gap_is_resynced_from_the_worker_snapshot() -> None:
+    async def go() -> tuple[int, int, int]:
+        index = KvIndex()
+        gw = RayGateway(index, RankLimits(8, 8, 1000.0), report_interval_s=0.0)
+        rank = FakeRank()
+        gw.add(W, Role.DECODE, rank, _stats())
+        for _ in range(200):  # until the event after the resync (seq 5: block 14) is in
+            await asyncio.sleep(0.01)
+            if index.match([14]).get(W) == 1:
+                break
+        old_path = index.match([11, 12]).get(W, 0)
+        new_path = index.match([11, 13, 99, 14]).get(W, 0)
+        gw.remove(W)
+        return old_path, new_path, rank.snapshots
+
+    old_path, new_path, snapshots = asyncio.run(go())
+    assert snapshots == 1
+    assert old_path == 1  # block 12 left with the lost event: the index no longer claims it
+    assert new_path == 4  # the snapshot's 13 and 99, then the later event's 14
