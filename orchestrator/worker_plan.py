@@ -12,6 +12,7 @@ from orchestrator.router.admission import Limits
 from orchestrator.router.host import RouterSettings, TlsPaths
 from orchestrator.router.inputs import DisaggMode, DisaggThresholds, FleetParams, Link, Topology
 from orchestrator.router.policy import PolicyName
+from orchestrator.router.policy_kv import KvParams
 from orchestrator.router.ray_gateway import RankLimits
 from orchestrator.spec import (
     B300HgxTopology,
@@ -128,6 +129,7 @@ def router_settings(spec: DeploymentSpec, cfg: ModelConfig) -> RouterSettings:
                              queue_limit=spec.router.max_queued_requests_per_worker,
                              initial_prefill_rate_tps=_INITIAL_PREFILL_TPS[topo.kind])
     sec = spec.security
+    w = spec.router.weights
     tls = TlsPaths(sec.tls.cert_file, sec.tls.key_file, sec.tls.client_ca_file) if sec.tls else None
     for f in (tls.cert, tls.key, tls.client_ca) if tls else ():
         if f is not None and not Path(f).is_file():
@@ -138,6 +140,8 @@ def router_settings(spec: DeploymentSpec, cfg: ModelConfig) -> RouterSettings:
         model_name=spec.name, checkpoint=spec.model.checkpoint,
         token=_read_token(sec.token_file, "security.token_file"),
         admin_token=_read_token(sec.admin_token_file, "security.admin_token_file"), tls=tls,
+        kv_params=KvParams(w_kv=w.kv_usage, w_running=w.running, w_dp=w.dp_balance,
+                           reuse_credit=w.reuse_credit),
     )
 
 

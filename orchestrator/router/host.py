@@ -20,6 +20,7 @@ from orchestrator.router.inputs import FleetParams, Role, WorkerId
 from orchestrator.router.kv_index import KvIndex
 from orchestrator.router.metrics import RouterMetrics
 from orchestrator.router.policy import PolicyName
+from orchestrator.router.policy_kv import KvParams, KvPolicy
 from orchestrator.router.ray_gateway import RankLimits, RayGateway
 from orchestrator.router.router import Router
 from orchestrator.router.server import ServerTls, start_server
@@ -69,6 +70,7 @@ class RouterSettings:
     admin_token: str | None = None
     tls: TlsPaths | None = None
     report_interval_s: float = 0.25
+    kv_params: KvParams = KvParams()  # the `kv` policy's weights (spec router.weights)
 
 
 @dataclass(frozen=True)
@@ -97,7 +99,7 @@ class RouterHost:
         s = self.settings
         self.gateway = RayGateway(self.index, s.rank_limits, report_interval_s=s.report_interval_s)
         frontend = Frontend(tokenizer=load_tokenizer(s.checkpoint), limits=s.limits,
-                            router=Router.named(s.policy, s.fleet), index=self.index,
+                            router=self._router(), index=self.index,
                             gateway=self.gateway, metrics=RouterMetrics(self.registry))
         self._grpc, grpc_port = await start_server(frontend, host=s.host, port=s.grpc_port, token=s.token,
                                                    tls=s.tls.for_grpc() if s.tls else None)
@@ -105,6 +107,12 @@ class RouterHost:
         scheme = "https" if s.tls else "http"
         self._started = RouterAddresses(f"{s.host}:{grpc_port}", f"{scheme}://{s.host}:{http_port}")
         return self._started
+
+    def _router(self) -> Router:
+        s = self.settings
+        if s.policy is PolicyName.KV:  # Tandem's policy takes the spec's weights
+            return Router(KvPolicy(s.fleet, s.kv_params), s.fleet)
+        return Router.named(s.policy, s.fleet)  # the peers' policies run at their published defaults
 
     async def _start_http(self, frontend: Frontend) -> int:
         import uvicorn

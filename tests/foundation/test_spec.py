@@ -123,3 +123,18 @@ def test_spec_is_frozen() -> None:
     spec = parse_spec(_local())
     with pytest.raises(Exception, match="frozen"):
         spec.name = "other"  # type: ignore[misc]
+
+
+def test_router_settings_carry_the_spec_weights_and_real_block_bytes() -> None:
+    from orchestrator.worker_plan import model_config, router_settings
+    from workers.kv.geometry import KvGeometry
+    from workers.kv.presets import kv_shape
+
+    data = _local()
+    data["router"]["weights"] = {"kv_usage": 0.25, "running": 2.0, "dp_balance": 0.0, "reuse_credit": 0.5}
+    spec = parse_spec(data)
+    cfg = model_config(spec)
+    s = router_settings(spec, cfg)
+    assert (s.kv_params.w_kv, s.kv_params.w_running, s.kv_params.w_dp, s.kv_params.reuse_credit) == (0.25, 2.0, 0.0, 0.5)
+    assert s.fleet.kv_bytes_per_block == KvGeometry.of(kv_shape(cfg, with_mtp=False)).block.nbytes
+    assert s.limits.max_context == 4096 and s.host == "127.0.0.1"
