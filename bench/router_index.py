@@ -24,9 +24,11 @@ import json
 import platform
 import random
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from orchestrator.router.kv_index import KvIndex
 
@@ -282,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--rounds", type=int, default=5, help="alternating rounds per side")
     ap.add_argument("--json", metavar="PATH", help="write the results here as JSON")
+    ap.add_argument("--quality-requests", type=int, default=400,
+                    help="trace requests for the routing-quality table (0 skips it)")
     args = ap.parse_args(argv)
 
     t0 = time.perf_counter()
@@ -319,7 +323,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{label:<34}{fmt(tandem[key]):>16}{shown:>18}{ratio:>15}{verdict:>8}")
     if mismatches is not None:
         print(f"\nanswers compared: {2 * len(wl.queries)} queries, {mismatches} differ")
+    quality = routing_quality(args.quality_requests) if args.quality_requests else None
     result = {
+        "routing_quality": quality,
         "config": vars(args) | {"stored_blocks": wl.total_blocks},
         "machine": {"python": sys.version.split()[0], "platform": platform.platform()},
         "tandem": tandem,
@@ -333,6 +339,29 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
     return 1 if mismatches else 0
+
+
+TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "mooncake-synthetic.jsonl"
+QUALITY_SPEC = Path(__file__).resolve().parents[1] / "deploy" / "b300-v4-flash.yaml"
+
+
+def routing_quality(requests: int) -> list[dict] | None:
+    """Hit rate and TTFT per policy from the planner's simulator (the real KvIndex and policies in
+    the loop) on the first `requests` of the shared Mooncake trace, on the B300 V4-Flash spec."""
+    if not TRACE.is_file():
+        print(f"\nrouting quality: trace {TRACE} not found; table skipped")
+        return None
+    cmd = [sys.executable, "-P", "-m", "orchestrator.cli", "simulate", "--trace", str(TRACE), "--spec",
+           str(QUALITY_SPEC), "--model", "v4-flash", "--limit", str(requests), "--json"]
+    for policy in ("kv", "round-robin", "sglang", "dynamo"):
+        cmd += ["--policy", policy]
+    rows = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+    print(f"\nrouting quality: planner simulator, first {requests} requests of {TRACE.name}, {QUALITY_SPEC.name}")
+    print(f"{'policy':<14}{'hit rate':>10}{'TTFT p50 s':>12}{'TTFT p99 s':>12}{'TPOT p99 s':>12}{'goodput rps':>13}")
+    for r in rows:
+        print(f"{r['policy']:<14}{r['hit_rate']:>10.3f}{r['ttft_p50']:>12.3f}{r['ttft_p99']:>12.3f}"
+              f"{r['tpot_p99']:>12.4f}{r['goodput_rps']:>13.2f}")
+    return rows
 
 
 if __name__ == "__main__":
