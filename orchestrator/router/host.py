@@ -97,10 +97,11 @@ class RouterHost:
         if self._started is not None:
             return self._started
         s = self.settings
-        self.gateway = RayGateway(self.index, s.rank_limits, report_interval_s=s.report_interval_s)
+        metrics = RouterMetrics(self.registry)
+        self.gateway = RayGateway(self.index, s.rank_limits, report_interval_s=s.report_interval_s,
+                                  metrics=metrics)
         frontend = Frontend(tokenizer=load_tokenizer(s.checkpoint), limits=s.limits,
-                            router=self._router(), index=self.index,
-                            gateway=self.gateway, metrics=RouterMetrics(self.registry))
+                            router=self._router(), index=self.index, gateway=self.gateway, metrics=metrics)
         self._grpc, grpc_port = await start_server(frontend, host=s.host, port=s.grpc_port, token=s.token,
                                                    tls=s.tls.for_grpc() if s.tls else None)
         http_port = await self._start_http(frontend)

@@ -33,6 +33,12 @@ class RouterMetrics:
         self.kv_transfer_bytes = Counter("tandem_router_kv_transfer_bytes",
                                          "KV bytes moved prefill -> decode, as the decode reported",
                                          registry=registry)
+        self.worker_queue = Gauge("tandem_router_worker_queue_depth",
+                                  "Requests waiting on a worker at its last report", ["worker"],
+                                  registry=registry)
+        self.worker_queued_tokens = Gauge("tandem_router_worker_queued_prefill_tokens",
+                                          "Prompt tokens waiting on a worker at its last report", ["worker"],
+                                          registry=registry)
         self.output_tokens = Counter("tandem_router_output_tokens", "Tokens streamed to clients",
                                      registry=registry)
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from orchestrator.router.frontend import WorkerGone
 from orchestrator.router.inputs import Role, WorkerId, WorkerState
 from orchestrator.router.kv_index import ApplyResult, KvEvent, KvEventKind, KvIndex
+from orchestrator.router.metrics import RouterMetrics
 from tandem.request import GenerationRequest
 from tandem.stream import Finish, PrefillResult, RequestSummary, StepBatch, TokenDelta
 from tandem.v1 import worker_pb2
@@ -76,8 +77,9 @@ class RayGateway:
     """Implements orchestrator.router.frontend.Gateway over PrefillWorker / DecodeWorker actors."""
 
     def __init__(self, index: KvIndex, limits: RankLimits, *, report_interval_s: float = 0.25,
-                 clock: Callable[[], float] | None = None) -> None:
+                 clock: Callable[[], float] | None = None, metrics: RouterMetrics | None = None) -> None:
         self.index = index
+        self.metrics = metrics
         self.limits = limits
         self.report_interval_s = report_interval_s
         self._ranks: dict[WorkerId, _Rank] = {}
@@ -172,6 +174,9 @@ class RayGateway:
             async for ref in rank.handle.reports.remote(self.report_interval_s):
                 stats, events = await ref
                 rank.state = _worker_state(rank.wid, rank.role, stats, self.limits, self._clock())
+                if self.metrics is not None:
+                    self.metrics.worker_queue.labels(str(rank.wid)).set(stats.queued_requests)
+                    self.metrics.worker_queued_tokens.labels(str(rank.wid)).set(stats.queued_prefill_tokens)
                 if rank.draining:
                     continue
                 for ev in events.events:

@@ -157,3 +157,12 @@ def test_drain_removes_the_instance(deployment, ray_session) -> None:  # noqa: A
     st = ray_session.get(ctl.drain.remote("decode-2", 10.0))
     assert [i["id"] for i in st["instances"]] == ["prefill-0", "decode-0"]
     assert len(_stream(deployment, prompt="after drain", max_tokens=2, ignore_eos=True)) >= 1
+
+
+def test_router_metrics_show_requests_hits_and_worker_queues(deployment) -> None:  # noqa: ANN001
+    import httpx
+
+    text = httpx.get(deployment["status"]["http_address"] + "/metrics", timeout=30).text
+    assert 'tandem_router_requests_total{code="OK"}' in text
+    assert 'tandem_router_worker_queue_depth{worker="decode-0/0"}' in text
+    assert "tandem_router_kv_transfer_bytes_total" in text and "tandem_router_ttft_seconds_count" in text
