@@ -11,6 +11,7 @@ under its deployment, so `down` removes exactly what it started.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import socket
 import time
@@ -65,6 +66,7 @@ class Controller:
         self.health_interval_s = health_interval_s
         self.instances: dict[str, Instance] = {}
         self.router = None
+        self.replicas: list = []  # more router processes fed by the same workers and events
         self.addresses: RouterAddresses | None = None
         self.settings = router_settings(self.spec, self.model_cfg)
         self._next = {Role.PREFILL: 0, Role.DECODE: 0}
@@ -116,7 +118,8 @@ class Controller:
             inst.ranks.append(cls.options(**opts).remote(*args))
         await asyncio.gather(*(r.ready.remote() for r in inst.ranks))
         for cfg, handle in zip(plan.configs, inst.ranks, strict=True):
-            await self.router.add_worker.remote(cfg.instance, cfg.rank, inst.role_name, handle)
+            for r in self._routers():
+                await r.add_worker.remote(cfg.instance, cfg.rank, inst.role_name, handle)
         inst.state = "ready"
         log.info("instance %s ready (%d ranks)", instance_id, len(inst.ranks))
         return inst
@@ -125,7 +128,8 @@ class Controller:
         """Drain: leave the router, wait for running requests to end (or the timeout), then go."""
         inst.state = "draining"
         for cfg in inst.plan.configs:
-            await self.router.drain_worker.remote(cfg.instance, cfg.rank)
+            for r in self._routers():
+                await r.drain_worker.remote(cfg.instance, cfg.rank)
         deadline = time.monotonic() + drain_timeout_s
         while time.monotonic() < deadline:
             try:
@@ -136,7 +140,8 @@ class Controller:
                 break
             await asyncio.sleep(0.1)
         for cfg in inst.plan.configs:
-            await self.router.remove_worker.remote(cfg.instance, cfg.rank)
+            for r in self._routers():
+                await r.remove_worker.remote(cfg.instance, cfg.rank)
         self._kill(inst)
 
     def _kill(self, inst: Instance) -> None:
@@ -146,6 +151,24 @@ class Controller:
             ray.kill(r, no_restart=True)
         remove_placement_group(inst.pg)
         self.instances.pop(inst.plan.instance, None)
+
+    def _routers(self) -> list:
+        return [r for r in (self.router, *self.replicas) if r is not None]
+
+    async def add_router(self) -> dict:
+        """Start one more router process (free ports) serving the same workers; returns its addresses.
+        Each router follows every rank's token stream and KV events on its own."""
+        async with self._lock:
+            settings = dataclasses.replace(self.settings, grpc_port=0, http_port=0)
+            me = ray.get_runtime_context().current_actor
+            replica = ray.remote(RouterHost).options(num_cpus=0, max_concurrency=1000).remote(settings, me)
+            addresses = await replica.start.remote()
+            for inst in self.instances.values():
+                if inst.state == "ready":
+                    for cfg, handle in zip(inst.plan.configs, inst.ranks, strict=True):
+                        await replica.add_worker.remote(cfg.instance, cfg.rank, inst.role_name, handle)
+            self.replicas.append(replica)
+        return {"router_address": addresses.grpc, "http_address": addresses.http}
 
     # --- operator calls ------------------------------------------------------------------------
     async def scale(self, prefill: int | None, decode: int | None, drain_timeout_s: float = 60.0) -> dict:
@@ -181,12 +204,17 @@ class Controller:
             return
         if self._health is not None:
             self._health.cancel()
+        for replica in self.replicas:
+            await replica.stop.remote()
+            ray.kill(replica, no_restart=True)
+        self.replicas = []
         if self.router is not None:
             try:
                 await self.router.stop.remote()
             finally:
                 ray.kill(self.router, no_restart=True)
                 self.router = None
+        self.replicas: list = []  # more router processes fed by the same workers and events
         for inst in list(self.instances.values()):
             self._kill(inst)
 
@@ -235,7 +263,8 @@ class Controller:
                               inst.plan.instance, exc)
                     async with self._lock:
                         for cfg in inst.plan.configs:
-                            await self.router.remove_worker.remote(cfg.instance, cfg.rank)
+                            for r in self._routers():
+                                await r.remove_worker.remote(cfg.instance, cfg.rank)
                         self._kill(inst)
                         await self._add(inst.plan.role)
 

@@ -1,16 +1,24 @@
 """What every rank actor offers besides its role's own calls: start, cancel, stats, KV events,
-the per-step stream and periodic reports. `PrefillWorker` and `DecodeWorker` extend it."""
+the per-step stream and periodic reports. `PrefillWorker` and `DecodeWorker` extend it.
+
+KV events are kept in a bounded log that every reader reads from its own position, so several
+routers (replicas) can each follow the same events; a reader that falls behind the log's window
+sees a sequence gap and resyncs from `kv_snapshot`."""
 
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import AsyncIterator
 
 from tandem.stream import StepBatch
 from tandem.v1 import worker_pb2
 from workers.actor_common import BuiltRank, WorkerConfig, events_proto, stats_proto
+from workers.kv.events import KvEvent
 from workers.kv.space import PagedKvSpace
 from workers.worker_loop import EngineLoop
+
+EVENT_LOG_LIMIT = 8192
 
 
 class RankActor:
@@ -21,6 +29,7 @@ class RankActor:
     _built: BuiltRank
     _loop: EngineLoop | None = None
     _draining: bool = False
+    _event_log: deque[KvEvent] | None = None
 
     def _housekeeping(self) -> None:
         """Runs under the engine lock once per loop iteration; nothing by default."""
@@ -56,10 +65,14 @@ class RankActor:
         st = await loop.call(self._built.engine.stats)
         return stats_proto(self.config, st, *loop.rates(), draining=self._draining)
 
-    async def kv_events(self) -> worker_pb2.KvEventBatch:
-        """The KV events since the last call."""
-        events = await self._started().call(self._built.engine.kv.flush_events)
-        return events_proto(self.config, events)
+    async def kv_events(self, after_seq: int = -1) -> worker_pb2.KvEventBatch:
+        """The KV events numbered after `after_seq` that the log still holds (its last
+        EVENT_LOG_LIMIT); each reader passes the last seq it saw."""
+        new = await self._started().call(self._built.engine.kv.flush_events)
+        if self._event_log is None:
+            self._event_log = deque(maxlen=EVENT_LOG_LIMIT)
+        self._event_log.extend(new)
+        return events_proto(self.config, tuple(e for e in self._event_log if e.seq > after_seq))
 
     async def kv_snapshot(self) -> worker_pb2.KvSnapshot:
         """Every block hash this rank can serve as a prefix hit, as of its last KV event (for a router
@@ -79,9 +92,14 @@ class RankActor:
 
     async def reports(self, interval_s: float = 0.5
                       ) -> AsyncIterator[tuple[worker_pb2.WorkerStats, worker_pb2.KvEventBatch]]:
-        """Stats and the KV events since the last report, every `interval_s` (for the router)."""
+        """Stats and the KV events since this stream's last report, every `interval_s`; one stream
+        per router, each with its own position in the event log."""
+        last = -1
         while True:
-            yield await self.stats(), await self.kv_events()
+            stats, events = await self.stats(), await self.kv_events(last)
+            if events.events:
+                last = events.events[-1].seq
+            yield stats, events
             await asyncio.sleep(interval_s)
 
     async def bytes_dispatched(self) -> int:

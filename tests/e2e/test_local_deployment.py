@@ -166,3 +166,22 @@ def test_router_metrics_show_requests_hits_and_worker_queues(deployment) -> None
     assert 'tandem_router_requests_total{code="OK"}' in text
     assert 'tandem_router_worker_queue_depth{worker="decode-0/0"}' in text
     assert "tandem_router_kv_transfer_bytes_total" in text and "tandem_router_ttft_seconds_count" in text
+
+
+def test_a_second_router_serves_the_same_workers_and_sees_the_same_events(deployment, ray_session) -> None:  # noqa: ANN001
+    replica = ray_session.get(deployment["ctl"].add_router.remote())
+    assert replica["router_address"] != deployment["status"]["router_address"]
+    prompt = ByteTokenizer().encode("replicas follow the same KV events " * 10)  # > 256 tokens: one full block
+    for address in (deployment["status"]["router_address"], replica["router_address"]):
+        with open_channel(address) as ch:
+            chunks = list(generate(ch, make_request(token_ids=prompt, max_tokens=3, ignore_eos=True),
+                                   token=deployment["token"], timeout_s=120))
+        assert sum(len(c.token_ids) for c in chunks) == 3
+        time.sleep(1.0)  # workers report KV events every 0.25 s
+    # The replica's own index knew, from the prefill's KV events, that the prefill held the prompt's
+    # block (its routing counted it as a cached block), and the prefill indeed served it from cache.
+    assert chunks[-1].usage.cached_tokens == 256
+    import httpx
+
+    metrics = httpx.get(replica["http_address"] + "/metrics", timeout=30).text
+    assert "tandem_router_cached_blocks_total 1.0" in metrics

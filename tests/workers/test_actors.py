@@ -173,6 +173,11 @@ def test_paged_actor_serves_prefix_hits_and_reports_kv_events(ray_session, tiny_
         events = ray.get(actor.kv_events.remote())
         stored = [h for ev in events.events if ev.WhichOneof("kind") == "stored" for h in ev.stored.block_hashes]
         assert block_hashes(prompts[0])[0] in stored
+        # Reading is not destructive: a second router from the start sees the same events; one that
+        # read up to the last seq sees nothing new.
+        assert ray.get(actor.kv_events.remote()) == events
+        assert list(ray.get(actor.kv_events.remote(events.events[-1].seq)).events) == []
+        assert [e.seq for e in events.events] == list(range(len(events.events)))
     finally:
         ray.kill(actor)
 
