@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from orchestrator.adopt import find_instances, find_router
 from orchestrator.placement import group_requests, place
 from orchestrator.router.host import RouterAddresses, RouterHost
 from orchestrator.spec import CpuTopology, DeploymentSpec, parse_spec
@@ -78,6 +79,8 @@ class Controller:
         """Start the router and every instance of the spec; returns the status."""
         async with self._lock:
             if self.router is None:
+                await self._adopt()
+            if self.router is None:
                 me = ray.get_runtime_context().current_actor
                 self.router = ray.remote(RouterHost).options(
                     name=ROUTER_NAME, namespace=NAMESPACE, num_cpus=0, lifetime="detached",
@@ -89,6 +92,23 @@ class Controller:
             if self._health is None:
                 self._health = asyncio.ensure_future(self._health_loop())
         return await self.status()
+
+    async def _adopt(self) -> None:
+        """Rebuild state from what a previous controller of this deployment left running."""
+        router = find_router(ROUTER_NAME, NAMESPACE)
+        if router is None:
+            return
+        self.router = router
+        self.addresses = await router.start.remote()  # idempotent: the addresses it serves on
+        await router.set_controller.remote(ray.get_runtime_context().current_actor)
+        for found in find_instances(NAMESPACE, self.spec.name):
+            role = Role.PREFILL if found.role == "prefill" else Role.DECODE
+            local = isinstance(self.spec.topology, CpuTopology)
+            plan = instance_plan(self.spec, role, found.instance,
+                                 nvlink_domain="local" if local else found.instance)
+            self.instances[found.instance] = Instance(plan, found.placement_group, list(found.ranks), "ready")
+            self._next[role] = max(self._next[role], found.index + 1)
+        log.info("adopted router and %d instances", len(self.instances))
 
     def _count(self, role: Role) -> int:
         return sum(1 for i in self.instances.values() if i.plan.role is role and i.state != "draining")

@@ -88,6 +88,7 @@ class RouterHost:
         self.registry = CollectorRegistry()
         self.index = KvIndex()
         self._started: RouterAddresses | None = None
+        self._admin = None
         self._grpc = None
         self._http = None
         self.gateway: RayGateway | None = None
@@ -124,6 +125,7 @@ class RouterHost:
 
         s = self.settings
         admin = ControllerAdmin(self.admin_actor) if self.admin_actor is not None else None
+        self._admin = admin
         app = create_app(frontend, model_name=s.model_name, auth=Auth(s.token, s.admin_token),
                          registry=self.registry, admin=admin)
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -139,6 +141,12 @@ class RouterHost:
                 break
             await asyncio.sleep(0.01)
         return port
+
+    async def set_controller(self, controller: object) -> None:
+        """A restarted controller takes over the admin routes."""
+        self.admin_actor = controller
+        if self._admin is not None:
+            self._admin.controller = controller
 
     async def add_worker(self, instance: str, rank: int, role: str, handle: object) -> None:
         """Route to a ready rank from now on (role: "prefill" or "decode")."""

@@ -31,11 +31,12 @@ def deployment(ray_session):  # noqa: ANN001, ANN201
     spec = load_spec(SPEC)
     ctl, status = controller_for(spec, placement_timeout_s=60)
     tokens = ray_session.get(ctl.tokens.remote())
-    yield {"ctl": ctl, "status": status, **tokens}
-    try:
-        ray_session.get(ctl.down.remote(), timeout=60)
+    dep = {"ctl": ctl, "status": status, **tokens}
+    yield dep
+    try:  # dep["ctl"]: a test may have replaced the controller
+        ray_session.get(dep["ctl"].down.remote(), timeout=60)
     finally:
-        ray_session.kill(ctl)
+        ray_session.kill(dep["ctl"])
 
 
 @pytest.fixture(scope="module")
@@ -185,3 +186,18 @@ def test_a_second_router_serves_the_same_workers_and_sees_the_same_events(deploy
 
     metrics = httpx.get(replica["http_address"] + "/metrics", timeout=30).text
     assert "tandem_router_cached_blocks_total 1.0" in metrics
+
+
+def test_a_restarted_controller_adopts_the_running_deployment(deployment, ray_session) -> None:  # noqa: ANN001
+    before = ray_session.get(deployment["ctl"].status.remote())
+    ray_session.kill(deployment["ctl"], no_restart=True)
+    ctl, status = controller_for(load_spec(SPEC), placement_timeout_s=60)
+    deployment["ctl"] = ctl  # the module's teardown takes down what the new controller runs
+    assert [i["id"] for i in status["instances"]] == [i["id"] for i in before["instances"]]
+    assert status["ready"] and status["router_address"] == before["router_address"]
+    assert sum(len(c.token_ids) for c in _stream(deployment, prompt="adopted", max_tokens=3, ignore_eos=True)) == 3
+    import httpx
+
+    r = httpx.get(status["http_address"] + "/v1/status", headers={"authorization": f"Bearer {deployment['admin_token']}"},
+                  timeout=30)
+    assert r.status_code == 200 and r.json()["ready"] is True  # the admin routes reach the new controller
