@@ -1,6 +1,6 @@
 """The cached KV entry as kernels see it: one uint8 row per token / compressed entry.
 
-Layout (the same as workers/kv/entry.py's EntryLayout; 584 bytes in DeepSeek-V4):
+Layout (THE one definition: workers/kv/entry.py's EntryLayout delegates to it; 584 bytes in V4):
   bytes [0, nope)                     nope dims, FP8 e4m3
   bytes [nope, nope + 2 * rope)       rope dims, bf16 (little-endian)
   bytes [.., .. + nope / group)       one UE8M0 exponent per `group` nope dims (scale 2**(e - 127))
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.quant import fp8_e4m3_dequantize
+from kernels.quant import fp8_e4m3_dequantize, fp8_e4m3_quantize
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,18 @@ class EntryFormat:
                 f"{what}: want a uint8 [pages, slots, {self.nbytes}] view with stride(2) == 1, "
                 f"got {pool.dtype} {tuple(pool.shape)} strides {pool.stride()}"
             )
+
+    def encode(self, kv: torch.Tensor) -> torch.Tensor:
+        """Reference encode: kv [..., head_dim] (any float dtype) -> uint8 [..., nbytes]."""
+        if kv.shape[-1] != self.head_dim:
+            raise ValueError(f"EntryFormat.encode: last dim of {tuple(kv.shape)} must be {self.head_dim}")
+        q, e = fp8_e4m3_quantize(kv[..., : self.nope_dim], self.group)
+        rope = kv[..., self.nope_dim :].to(torch.bfloat16).contiguous()
+        out = torch.zeros(*kv.shape[:-1], self.nbytes, dtype=torch.uint8, device=kv.device)
+        out[..., : self.nope_dim] = q.view(torch.uint8)
+        out[..., self.nope_dim : self.scale_offset] = rope.view(torch.uint8)
+        out[..., self.scale_offset : self.scale_offset + self.nope_dim // self.group] = e
+        return out
 
     def decode(self, raw: torch.Tensor) -> torch.Tensor:
         """Reference decode: uint8 [..., nbytes] -> float32 [..., head_dim]."""

@@ -120,9 +120,8 @@ def _summary(rows: list) -> None:
                f"TPOT median {statistics.median(c.timing.tpot_s for _, c, _ in rows) * 1e3:.1f} ms, "
                f"prefix hit rate {cached / prompt:.0%} of prompt tokens, KV bytes over NIXL {moved}")
     if moved == 0:
-        _out.print("[yellow]note:[/] in this build the decode takes the prefilled KV from the prefill worker "
-                   "through Ray's object store; the NIXL pull (workers/transfer/) is not wired into the "
-                   "workers yet, so no bytes moved over NIXL.")
+        _out.print("[yellow]note:[/] no KV moved over NIXL: every request ended at its prefill or was "
+                   "prefilled on its decode worker (see router.disaggregation in the spec).")
 
 
 if __name__ == "__main__":

@@ -15,11 +15,9 @@ from orchestrator.router.policy import PolicyName
 from orchestrator.router.policy_kv import KvParams
 from orchestrator.router.ray_gateway import RankLimits
 from orchestrator.spec import (
-    B300HgxTopology,
     ComputeDtype,
     CpuTopology,
     DeploymentSpec,
-    Gb200Nvl72Topology,
     PoolSpec,
 )
 from workers.actor_common import ModelSource, PagedPoolsConfig, WorkerConfig
@@ -144,7 +142,3 @@ def router_settings(spec: DeploymentSpec, cfg: ModelConfig) -> RouterSettings:
                            reuse_credit=w.reuse_credit),
     )
 
-
-def topology_domains(topo: CpuTopology | B300HgxTopology | Gb200Nvl72Topology) -> str:
-    """A human name of the topology's NVLink domain kind (for status output)."""
-    return {"cpu": "local", "b300-hgx": "node", "gb200-nvl72": "rack"}[topo.kind]

@@ -164,14 +164,6 @@ class RouterHost:
         if self.gateway is not None:
             self.gateway.remove(WorkerId(instance, rank), "removed by the controller")
 
-    async def workers(self) -> list[str]:
-        return [str(w) for w in self.gateway.workers()] if self.gateway else []
-
-    async def metrics_text(self) -> str:
-        from prometheus_client import generate_latest
-
-        return generate_latest(self.registry).decode()
-
     async def stop(self) -> None:
         if self._http is not None:
             self._http.should_exit = True

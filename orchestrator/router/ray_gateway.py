@@ -115,9 +115,6 @@ class RayGateway:
         for rid, q in rank.waiting.items():
             q.put_nowait(TokenDelta(rid, (), "", Finish.ABORTED, RequestSummary(0, 0, error=f"{wid} {why}")))
 
-    def workers(self) -> list[WorkerId]:
-        return list(self._ranks)
-
     # --- Gateway -------------------------------------------------------------------------------
     def reports(self) -> Sequence[WorkerState]:
         return [r.state for r in self._ranks.values() if r.state is not None and not r.draining]

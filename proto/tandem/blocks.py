@@ -65,7 +65,3 @@ def block_hashes(
         out.append(int.from_bytes(parent, "little"))
     return out
 
-
-def num_full_blocks(num_tokens: int, block_size: int = BLOCK_SIZE) -> int:
-    """How many full blocks num_tokens tokens fill."""
-    return num_tokens // block_size

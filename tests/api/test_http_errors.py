@@ -8,35 +8,22 @@ from collections.abc import Sequence
 import httpx
 import pytest
 from prometheus_client import CollectorRegistry
-from support.gateways import ReportsOnly
+from support.gateways import full_worker, refusing_frontend
 
 from orchestrator.api.app import create_app
 from orchestrator.api.auth import Auth
-from orchestrator.router.admission import Limits
-from orchestrator.router.frontend import Frontend
-from orchestrator.router.inputs import FleetParams, Link, Role, Topology, WorkerId, WorkerState
-from orchestrator.router.kv_index import KvIndex
-from orchestrator.router.metrics import RouterMetrics
-from orchestrator.router.policy import PolicyName
-from orchestrator.router.router import Router
-from tandem.tokenizer import ByteTokenizer
+from orchestrator.router.inputs import Role, WorkerState
 
 pytestmark = pytest.mark.router
 
-FLEET = FleetParams(kv_bytes_per_block=256 * 3584, topology=Topology(Link(8e9, 1e-5), Link(8e9, 1e-5)))
 
 
-def _full(instance: str, role: Role) -> WorkerState:
-    return WorkerState(WorkerId(instance), role, "local", prefill_rate_tps=1000.0, queue_length=4,
-                       queue_limit=4, running_requests=8, max_running_requests=8)
 
 
 def _call(method: str, path: str, *, reports: Sequence[WorkerState] = (), json: dict | None = None,
           token: str | None = None, client_token: str | None = None) -> httpx.Response:
     registry = CollectorRegistry()
-    frontend = Frontend(tokenizer=ByteTokenizer(), limits=Limits(1024, 16, 512),
-                        router=Router.named(PolicyName.KV, FLEET), index=KvIndex(),
-                        gateway=ReportsOnly(reports), metrics=RouterMetrics(registry))
+    frontend = refusing_frontend(reports, registry)
     app = create_app(frontend, model_name="tiny", auth=Auth(client_token, None), registry=registry)
     headers = {"authorization": f"Bearer {token}"} if token else {}
 
@@ -65,7 +52,7 @@ def test_models_lists_the_served_model() -> None:
     ],
 )
 def test_bad_completion_bodies(body: dict, status: int, param: str) -> None:
-    r = _call("POST", "/v1/completions", reports=[_full("decode-0", Role.DECODE)], json=body)
+    r = _call("POST", "/v1/completions", reports=[full_worker("decode-0", Role.DECODE)], json=body)
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert err["message"] and (param == "" or err["param"] == param)
@@ -74,7 +61,7 @@ def test_bad_completion_bodies(body: dict, status: int, param: str) -> None:
 def test_no_workers_is_503_and_full_queues_429() -> None:
     body = {"model": "tiny", "messages": [{"role": "user", "content": "hello"}]}
     assert _call("POST", "/v1/chat/completions", json=body).status_code == 503
-    full = [_full("decode-0", Role.DECODE), _full("prefill-0", Role.PREFILL)]
+    full = [full_worker("decode-0", Role.DECODE), full_worker("prefill-0", Role.PREFILL)]
     assert _call("POST", "/v1/chat/completions", reports=full, json=body).status_code == 429
 
 

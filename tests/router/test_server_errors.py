@@ -14,36 +14,22 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client import CollectorRegistry
-from support.gateways import ReportsOnly
+from support.gateways import full_worker, refusing_frontend
 
-from orchestrator.router.admission import Limits
-from orchestrator.router.frontend import Frontend
-from orchestrator.router.inputs import FleetParams, Link, Role, Topology, WorkerId, WorkerState
-from orchestrator.router.kv_index import KvIndex
-from orchestrator.router.metrics import RouterMetrics
-from orchestrator.router.policy import PolicyName
-from orchestrator.router.router import Router
+from orchestrator.router.inputs import Role, WorkerState
 from orchestrator.router.server import start_server
-from tandem.tokenizer import ByteTokenizer
 from tandem.v1 import generate_pb2, generate_pb2_grpc
 
 pytestmark = pytest.mark.router
 
 
-def _full(instance: str, role: Role) -> WorkerState:
-    return WorkerState(WorkerId(instance), role, "local", prefill_rate_tps=1000.0, queue_length=4,
-                       queue_limit=4, running_requests=8, max_running_requests=8)
 
 
-FLEET = FleetParams(kv_bytes_per_block=256 * 3584, topology=Topology(Link(8e9, 1e-5), Link(8e9, 1e-5)))
 
 
 def _run(reports: Sequence[WorkerState], calls, token: str | None = None):  # noqa: ANN001, ANN202
     async def go():  # noqa: ANN202
-        frontend = Frontend(tokenizer=ByteTokenizer(), limits=Limits(max_context=1024, default_max_tokens=16,
-                                                                     max_tokens=512),
-                            router=Router.named(PolicyName.KV, FLEET), index=KvIndex(),
-                            gateway=ReportsOnly(reports), metrics=RouterMetrics(CollectorRegistry()))
+        frontend = refusing_frontend(reports, CollectorRegistry())
         server, port = await start_server(frontend, port=0, token=token)
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
@@ -79,7 +65,7 @@ BAD = [
 
 @pytest.mark.parametrize(("what", "req", "detail"), BAD, ids=[b[0] for b in BAD])
 def test_bad_request_is_invalid_argument_naming_the_field(what: str, req, detail: str) -> None:  # noqa: ANN001
-    code, msg = _run([_full("decode-0", Role.DECODE)], lambda ch: _status(ch, req))
+    code, msg = _run([full_worker("decode-0", Role.DECODE)], lambda ch: _status(ch, req))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert detail in msg
 
@@ -90,7 +76,7 @@ def test_no_workers_is_unavailable() -> None:
 
 
 def test_full_queues_are_resource_exhausted_at_once() -> None:
-    reports = [_full("decode-0", Role.DECODE), _full("prefill-0", Role.PREFILL)]
+    reports = [full_worker("decode-0", Role.DECODE), full_worker("prefill-0", Role.PREFILL)]
     code, msg = _run(reports, lambda ch: _status(ch, generate_pb2.GenerateRequest(prompt="hello" * 100)))
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "limit" in msg
 

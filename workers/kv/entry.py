@@ -24,20 +24,15 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels.entry_format import EntryFormat
 from kernels.quant import (
     fp4_e2m1_dequantize,
     fp4_e2m1_quantize,
-    fp8_e4m3_dequantize,
     fp8_e4m3_quantize,
     ue8m0_scale,
 )
 
 FP4_SCALE_GROUP = 32
-_ALIGN = 8
-
-
-def _round_up(n: int, to: int) -> int:
-    return -(-n // to) * to
 
 
 def _check_last(x: torch.Tensor, want: int, what: str) -> None:
@@ -62,6 +57,11 @@ class EntryLayout:
             )
 
     @property
+    def format(self) -> EntryFormat:
+        """The one definition of the byte codec (kernels read the same bytes through it)."""
+        return EntryFormat(self.nope_dim, self.rope_dim, self.scale_group)
+
+    @property
     def head_dim(self) -> int:
         return self.nope_dim + self.rope_dim
 
@@ -75,32 +75,21 @@ class EntryLayout:
 
     @property
     def scale_offset(self) -> int:
-        return self.nope_dim + 2 * self.rope_dim
+        return self.format.scale_offset
 
     @property
     def nbytes(self) -> int:
-        return _round_up(self.scale_offset + self.num_scales, _ALIGN)
+        return self.format.nbytes
 
     def pack(self, kv: torch.Tensor) -> torch.Tensor:
         """kv [..., head_dim] (any float dtype) -> uint8 [..., nbytes] in THE layout."""
         _check_last(kv, self.head_dim, "EntryLayout.pack kv")
-        q, e = fp8_e4m3_quantize(kv[..., : self.nope_dim], self.scale_group)
-        rope = kv[..., self.nope_dim :].to(torch.bfloat16).contiguous()
-        out = torch.zeros(*kv.shape[:-1], self.nbytes, dtype=torch.uint8, device=kv.device)
-        out[..., : self.nope_dim] = q.view(torch.uint8)
-        out[..., self.rope_offset : self.scale_offset] = rope.view(torch.uint8)
-        out[..., self.scale_offset : self.scale_offset + self.num_scales] = e
-        return out
+        return self.format.encode(kv)
 
     def unpack(self, raw: torch.Tensor) -> torch.Tensor:
         """uint8 [..., nbytes] -> float32 [..., head_dim]: the dequantised entry."""
         _check_last(raw, self.nbytes, "EntryLayout.unpack raw")
-        raw = raw.contiguous()
-        q = raw[..., : self.nope_dim].view(torch.float8_e4m3fn)
-        e = raw[..., self.scale_offset : self.scale_offset + self.num_scales]
-        nope = fp8_e4m3_dequantize(q, e, self.scale_group)
-        rope = raw[..., self.rope_offset : self.scale_offset].contiguous().view(torch.bfloat16).float()
-        return torch.cat([nope, rope], dim=-1)
+        return self.format.decode(raw)
 
 
 class KeyFormat(enum.Enum):
