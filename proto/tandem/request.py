@@ -15,6 +15,7 @@ from tandem.v1 import generate_pb2
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
 MAX_STOP_TOKEN_IDS = 64
+MAX_TOP_LOGPROBS = 20
 
 
 class RequestError(ValueError):
@@ -37,6 +38,8 @@ class SamplingConfig:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    logprobs: bool = False  # return each chosen token's logprob
+    top_logprobs: int = 0  # and the n most likely alternatives (needs logprobs)
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.temperature) and 0.0 <= self.temperature <= 100.0):
@@ -58,6 +61,11 @@ class SamplingConfig:
         if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
             n = len(self.stop_token_ids)
             raise RequestError("sampling.stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS}, got {n}")
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            n = self.top_logprobs
+            raise RequestError("sampling.top_logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}], got {n}")
+        if self.top_logprobs and not self.logprobs:
+            raise RequestError("sampling.top_logprobs", "needs sampling.logprobs to be set")
 
     @property
     def greedy(self) -> bool:
@@ -102,6 +110,8 @@ def sampling_from_proto(msg: generate_pb2.SamplingParams, *, default_max_tokens:
         stop=tuple(msg.stop),
         stop_token_ids=tuple(msg.stop_token_ids),
         ignore_eos=msg.ignore_eos,
+        logprobs=msg.logprobs,
+        top_logprobs=msg.top_logprobs,
     )
 
 

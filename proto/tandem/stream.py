@@ -36,6 +36,19 @@ class RequestSummary:
     transfer_s: float = 0.0  # KV handoff on the decode: claim to release
     kv_transfer_bytes: int = 0  # bytes pulled over NIXL for this request
     error: str = ""  # why, when Finish.ABORTED
+    drafted_tokens: int = 0  # speculative decoding: draft tokens proposed for this request
+    accepted_tokens: int = 0  # ... and accepted by the verifying step
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """The natural-log probability of a chosen token under the distribution it was sampled from
+    (after temperature; before top-k/top-p truncation), and the `top` most likely (id, logprob) pairs,
+    most likely first, when the request asked for them."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -47,10 +60,14 @@ class TokenDelta:
     text: str
     finish: Finish | None = None
     summary: RequestSummary | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token_ids entry when the request asked; else ()
 
     def __post_init__(self) -> None:
         if (self.finish is None) != (self.summary is None):
             raise ValueError(f"TokenDelta({self.request_id!r}): finish and summary come together")
+        if self.logprobs and len(self.logprobs) != len(self.token_ids):
+            raise ValueError(f"TokenDelta({self.request_id!r}): {len(self.logprobs)} logprobs for "
+                             f"{len(self.token_ids)} tokens")
 
 
 @dataclass(frozen=True)

@@ -35,9 +35,11 @@ def _fields(msg: type) -> set[str]:
 
 def test_generate_request_and_chunk_fields() -> None:
     assert _fields(generate_pb2.GenerateRequest) == {
-        "request_id", "prompt", "token_ids", "sampling", "deadline_ms", "session_id", "cache_salt"}
+        "request_id", "prompt", "token_ids", "sampling", "deadline_ms", "session_id", "cache_salt", "messages",
+        "chat"}
     assert _fields(generate_pb2.SamplingParams) == {
-        "temperature", "top_p", "top_k", "seed", "max_tokens", "stop", "stop_token_ids", "ignore_eos"}
+        "temperature", "top_p", "top_k", "seed", "max_tokens", "stop", "stop_token_ids", "ignore_eos", "logprobs",
+        "top_logprobs"}
     assert {"token_ids", "text", "finish_reason", "usage", "timing", "prefill_worker", "decode_worker",
             "kv_transfer_bytes"} <= _fields(generate_pb2.GenerateChunk)
     assert {"ttft_s", "queue_s", "transfer_s"} <= _fields(generate_pb2.Timing)
