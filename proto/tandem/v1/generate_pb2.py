@@ -24,15 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18tandem/v1/generate.proto\x12\ttandem.v1\"\xf8\x01\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x01\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x05 \x01(\rH\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x10\n\x08logprobs\x18\t \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\n \x01(\rB\x08\n\x06_top_pB\x07\n\x05_seedB\r\n\x0b_max_tokens\"B\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x17\n\x0fparameters_json\x18\x03 \x01(\t\"<\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x16\n\x0e\x61rguments_json\x18\x03 \x01(\t\"\x94\x01\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x19\n\x11reasoning_content\x18\x03 \x01(\t\x12\'\n\ntool_calls\x18\x04 \x03(\x0b\x32\x13.tandem.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x05 \x01(\t\x12\x0c\n\x04name\x18\x06 \x01(\t\"?\n\x0b\x43hatOptions\x12\x10\n\x08thinking\x18\x01 \x01(\x08\x12\x1e\n\x05tools\x18\x02 \x03(\x0b\x32\x0f.tandem.v1.Tool\"\x82\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\x05 \x01(\r\x12\x12\n\nsession_id\x18\x06 \x01(\t\x12\x12\n\ncache_salt\x18\x07 \x01(\t\x12(\n\x08messages\x18\x08 \x03(\x0b\x32\x16.tandem.v1.ChatMessage\x12$\n\x04\x63hat\x18\t \x01(\x0b\x32\x16.tandem.v1.ChatOptions\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"U\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\"\n\x03top\x18\x03 \x03(\x0b\x32\x15.tandem.v1.TopLogprob\">\n\x0bSpeculation\x12\x16\n\x0e\x64rafted_tokens\x18\x01 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x02 \x01(\r\"q\n\x06Timing\x12\x0e\n\x06ttft_s\x18\x01 \x01(\x01\x12\x0f\n\x07queue_s\x18\x02 \x01(\x01\x12\x11\n\tprefill_s\x18\x03 \x01(\x01\x12\x12\n\ntransfer_s\x18\x04 \x01(\x01\x12\x0e\n\x06tpot_s\x18\x05 \x01(\x01\x12\x0f\n\x07total_s\x18\x06 \x01(\x01\"\xad\x03\n\rGenerateChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12.\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x17.tandem.v1.FinishReason\x12\x1f\n\x05usage\x18\x04 \x01(\x0b\x32\x10.tandem.v1.Usage\x12!\n\x06timing\x18\x05 \x01(\x0b\x32\x11.tandem.v1.Timing\x12\x16\n\x0eprefill_worker\x18\x06 \x01(\t\x12\x15\n\rdecode_worker\x18\x07 \x01(\t\x12\x19\n\x11kv_transfer_bytes\x18\x08 \x01(\x04\x12\x12\n\nrequest_id\x18\t \x01(\t\x12\x10\n\x08trace_id\x18\n \x01(\t\x12)\n\x08logprobs\x18\x0b \x03(\x0b\x32\x17.tandem.v1.TokenLogprob\x12\x16\n\x0ereasoning_text\x18\x0c \x01(\t\x12\'\n\ntool_calls\x18\r \x03(\x0b\x32\x13.tandem.v1.ToolCall\x12+\n\x0bspeculation\x18\x0e \x01(\x0b\x32\x16.tandem.v1.Speculation*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x32L\n\x06Router\x12\x42\n\x08Generate\x12\x1a.tandem.v1.GenerateRequest\x1a\x18.tandem.v1.GenerateChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18tandem/v1/generate.proto\x12\ttandem.v1\"\xf8\x01\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x01\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x05 \x01(\rH\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x10\n\x08logprobs\x18\t \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\n \x01(\rB\x08\n\x06_top_pB\x07\n\x05_seedB\r\n\x0b_max_tokens\"B\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x17\n\x0fparameters_json\x18\x03 \x01(\t\"<\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x16\n\x0e\x61rguments_json\x18\x03 \x01(\t\"\x94\x01\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x19\n\x11reasoning_content\x18\x03 \x01(\t\x12\'\n\ntool_calls\x18\x04 \x03(\x0b\x32\x13.tandem.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x05 \x01(\t\x12\x0c\n\x04name\x18\x06 \x01(\t\"u\n\x0b\x43hatOptions\x12\x10\n\x08thinking\x18\x01 \x01(\x08\x12\x1e\n\x05tools\x18\x02 \x03(\x0b\x32\x0f.tandem.v1.Tool\x12\x34\n\x10reasoning_effort\x18\x03 \x01(\x0e\x32\x1a.tandem.v1.ReasoningEffort\"\x82\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\x05 \x01(\r\x12\x12\n\nsession_id\x18\x06 \x01(\t\x12\x12\n\ncache_salt\x18\x07 \x01(\t\x12(\n\x08messages\x18\x08 \x03(\x0b\x32\x16.tandem.v1.ChatMessage\x12$\n\x04\x63hat\x18\t \x01(\x0b\x32\x16.tandem.v1.ChatOptions\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"U\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\"\n\x03top\x18\x03 \x03(\x0b\x32\x15.tandem.v1.TopLogprob\">\n\x0bSpeculation\x12\x16\n\x0e\x64rafted_tokens\x18\x01 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x02 \x01(\r\"q\n\x06Timing\x12\x0e\n\x06ttft_s\x18\x01 \x01(\x01\x12\x0f\n\x07queue_s\x18\x02 \x01(\x01\x12\x11\n\tprefill_s\x18\x03 \x01(\x01\x12\x12\n\ntransfer_s\x18\x04 \x01(\x01\x12\x0e\n\x06tpot_s\x18\x05 \x01(\x01\x12\x0f\n\x07total_s\x18\x06 \x01(\x01\"\xad\x03\n\rGenerateChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12.\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x17.tandem.v1.FinishReason\x12\x1f\n\x05usage\x18\x04 \x01(\x0b\x32\x10.tandem.v1.Usage\x12!\n\x06timing\x18\x05 \x01(\x0b\x32\x11.tandem.v1.Timing\x12\x16\n\x0eprefill_worker\x18\x06 \x01(\t\x12\x15\n\rdecode_worker\x18\x07 \x01(\t\x12\x19\n\x11kv_transfer_bytes\x18\x08 \x01(\x04\x12\x12\n\nrequest_id\x18\t \x01(\t\x12\x10\n\x08trace_id\x18\n \x01(\t\x12)\n\x08logprobs\x18\x0b \x03(\x0b\x32\x17.tandem.v1.TokenLogprob\x12\x16\n\x0ereasoning_text\x18\x0c \x01(\t\x12\'\n\ntool_calls\x18\r \x03(\x0b\x32\x13.tandem.v1.ToolCall\x12+\n\x0bspeculation\x18\x0e \x01(\x0b\x32\x16.tandem.v1.Speculation*h\n\x0fReasoningEffort\x12 \n\x1cREASONING_EFFORT_UNSPECIFIED\x10\x00\x12\x19\n\x15REASONING_EFFORT_HIGH\x10\x01\x12\x18\n\x14REASONING_EFFORT_MAX\x10\x02*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x32L\n\x06Router\x12\x42\n\x08Generate\x12\x1a.tandem.v1.GenerateRequest\x1a\x18.tandem.v1.GenerateChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tandem.v1.generate_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1726
-  _globals['_FINISHREASON']._serialized_end=1850
+  _globals['_REASONINGEFFORT']._serialized_start=1780
+  _globals['_REASONINGEFFORT']._serialized_end=1884
+  _globals['_FINISHREASON']._serialized_start=1886
+  _globals['_FINISHREASON']._serialized_end=2010
   _globals['_SAMPLINGPARAMS']._serialized_start=40
   _globals['_SAMPLINGPARAMS']._serialized_end=288
   _globals['_TOOL']._serialized_start=290
@@ -42,21 +44,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHATMESSAGE']._serialized_start=421
   _globals['_CHATMESSAGE']._serialized_end=569
   _globals['_CHATOPTIONS']._serialized_start=571
-  _globals['_CHATOPTIONS']._serialized_end=634
-  _globals['_GENERATEREQUEST']._serialized_start=637
-  _globals['_GENERATEREQUEST']._serialized_end=895
-  _globals['_USAGE']._serialized_start=897
-  _globals['_USAGE']._serialized_end=977
-  _globals['_TOPLOGPROB']._serialized_start=979
-  _globals['_TOPLOGPROB']._serialized_end=1026
-  _globals['_TOKENLOGPROB']._serialized_start=1028
-  _globals['_TOKENLOGPROB']._serialized_end=1113
-  _globals['_SPECULATION']._serialized_start=1115
-  _globals['_SPECULATION']._serialized_end=1177
-  _globals['_TIMING']._serialized_start=1179
-  _globals['_TIMING']._serialized_end=1292
-  _globals['_GENERATECHUNK']._serialized_start=1295
-  _globals['_GENERATECHUNK']._serialized_end=1724
-  _globals['_ROUTER']._serialized_start=1852
-  _globals['_ROUTER']._serialized_end=1928
+  _globals['_CHATOPTIONS']._serialized_end=688
+  _globals['_GENERATEREQUEST']._serialized_start=691
+  _globals['_GENERATEREQUEST']._serialized_end=949
+  _globals['_USAGE']._serialized_start=951
+  _globals['_USAGE']._serialized_end=1031
+  _globals['_TOPLOGPROB']._serialized_start=1033
+  _globals['_TOPLOGPROB']._serialized_end=1080
+  _globals['_TOKENLOGPROB']._serialized_start=1082
+  _globals['_TOKENLOGPROB']._serialized_end=1167
+  _globals['_SPECULATION']._serialized_start=1169
+  _globals['_SPECULATION']._serialized_end=1231
+  _globals['_TIMING']._serialized_start=1233
+  _globals['_TIMING']._serialized_end=1346
+  _globals['_GENERATECHUNK']._serialized_start=1349
+  _globals['_GENERATECHUNK']._serialized_end=1778
+  _globals['_ROUTER']._serialized_start=2012
+  _globals['_ROUTER']._serialized_end=2088
 # @@protoc_insertion_point(module_scope)
