@@ -20,12 +20,12 @@ from dataclasses import dataclass
 import torch
 
 from tandem.request import GenerationRequest
-from tandem.stream import Finish, RequestSummary, TokenDelta
+from tandem.stream import Finish, RequestSummary, TokenDelta, TokenLogprob
 from tandem.tokenizer import Tokenizer
 from workers.engine.handoff import SequenceKv, export_kv, import_kv
 from workers.engine.kv import KvSpace
 from workers.engine.runner import ModelRunner
-from workers.engine.sampler import sample_batch
+from workers.engine.sampler import sample_batch, token_logprobs
 from workers.engine.scheduler import Scheduler, SchedulerConfig, StepPlan
 from workers.engine.state import Phase, RequestState
 from workers.model.config import ModelConfig
@@ -273,10 +273,13 @@ class Engine:
         states = [plan.chunks[i].state for i in rows]
         params = [s.request.sampling for s in states]
         tokens = sample_batch(logits[rows], params, [len(s.tokens) for s in states])
+        # A token keeps its logprob even when a stop string cuts its text or it is a stop token:
+        # logprobs follow token_ids, one each.
+        logprobs = token_logprobs(logits[rows], params, tokens)
         self._decode_tokens += len(tokens)
         deltas = []
         now = time.monotonic()
-        for state, tok in zip(states, tokens, strict=True):
+        for state, tok, lp in zip(states, tokens, logprobs, strict=True):
             state.tokens.append(tok)
             if state.first_token_at is None:
                 state.first_token_at = now
@@ -285,19 +288,19 @@ class Engine:
                 self._states.pop(state.request_id)
                 self.scheduler.remove(state)
                 state.phase = Phase.FINISHED
-                deltas.append(self._final(state, (tok,), piece.text, piece.finish))
+                deltas.append(self._final(state, (tok,), piece.text, piece.finish, lp))
             elif self.role is Role.PREFILL:
                 self._states.pop(state.request_id)
                 self.scheduler.detach(state)
                 state.phase = Phase.FINISHED
                 self._handoffs[state.request_id] = state
-                deltas.append(TokenDelta(state.request_id, (tok,), piece.text))
+                deltas.append(TokenDelta(state.request_id, (tok,), piece.text, logprobs=lp))
             else:
-                deltas.append(TokenDelta(state.request_id, (tok,), piece.text))
+                deltas.append(TokenDelta(state.request_id, (tok,), piece.text, logprobs=lp))
         return tuple(deltas)
 
-    def _final(self, state: RequestState, toks: tuple[int, ...], text: str, reason: Finish
-               ) -> TokenDelta:
+    def _final(self, state: RequestState, toks: tuple[int, ...], text: str, reason: Finish,
+               logprobs: tuple[TokenLogprob, ...] = ()) -> TokenDelta:
         start = state.started if state.started is not None else state.arrival
         first = state.first_token_at if state.first_token_at is not None else start
         summary = RequestSummary(
@@ -306,7 +309,7 @@ class Engine:
             prefill_s=0.0 if state.cached_tokens >= state.num_prompt else max(0.0, first - start),
             transfer_s=state.transfer_s, kv_transfer_bytes=state.kv_transfer_bytes,
         )
-        return TokenDelta(state.request_id, toks, text, reason, summary)
+        return TokenDelta(state.request_id, toks, text, reason, summary, logprobs)
 
     def stats(self) -> EngineStats:
         sched = self.scheduler

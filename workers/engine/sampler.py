@@ -6,6 +6,10 @@ SplitMix64 mix of the seed and p, read as a 53-bit float in [0, 1). Sampling the
 the filtered distribution: logits / temperature in float64, top-k, softmax, top-p over tokens sorted
 by probability (ties broken by token id, lower first), renormalise, and pick the first token whose
 cumulative probability exceeds u. Greedy (temperature 0) is argmax with ties to the lowest id.
+
+Logprobs (`token_logprobs`, only for the rows whose request asked): log_softmax of logits /
+temperature in float64 (greedy: temperature 1, the raw softmax), before top-k / top-p, so they do
+not depend on the truncation; the top list is the n largest, ties to the lower id like sampling.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from collections.abc import Sequence
 import torch
 
 from tandem.request import SamplingConfig
+from tandem.stream import TokenLogprob
 
 _MASK64 = (1 << 64) - 1
 
@@ -82,4 +87,47 @@ def sample_batch(
     for i, p in enumerate(params):
         if not p.greedy:
             out[i] = sample_one(logits[i], p, positions[i])
+    return out
+
+
+def token_logprobs(
+    logits: torch.Tensor, params: Sequence[SamplingConfig], tokens: Sequence[int]
+) -> list[tuple[TokenLogprob, ...]]:
+    """Per row of logits [B, vocab]: `()` when params[i].logprobs is off, else one `TokenLogprob`
+    of the chosen tokens[i] with params[i].top_logprobs alternatives (at most vocab), most likely
+    first. Rows that did not ask cost nothing; the others share one log_softmax."""
+    if logits.dim() != 2 or not logits.shape[0] == len(params) == len(tokens):
+        raise ValueError(
+            f"token_logprobs: logits {tuple(logits.shape)}, {len(params)} params, {len(tokens)} tokens"
+        )
+    out: list[tuple[TokenLogprob, ...]] = [()] * len(params)
+    rows = [i for i, p in enumerate(params) if p.logprobs]
+    if not rows:
+        return out
+    temps = torch.tensor([1.0 if params[i].greedy else params[i].temperature for i in rows],
+                         dtype=torch.float64)
+    lp = torch.log_softmax(logits[rows].double() / temps[:, None], dim=1)
+    chosen = lp[torch.arange(len(rows)), torch.tensor([tokens[i] for i in rows])].tolist()
+    tops = _top(lp, [min(params[i].top_logprobs, lp.shape[1]) for i in rows])
+    for j, i in enumerate(rows):
+        out[i] = (TokenLogprob(tokens[i], chosen[j], tops[j]),)
+    return out
+
+
+def _top(lp: torch.Tensor, ns: Sequence[int]) -> list[tuple[tuple[int, float], ...]]:
+    """The ns[r] largest (id, logprob) of each row of lp [R, vocab], ties to the lower id: topk
+    finds each row's n-th value, then the ids at or above it are ordered exactly (few beyond n)."""
+    k = max(ns)
+    if k == 0:
+        return [()] * len(ns)
+    kth = torch.topk(lp, k, dim=1).values
+    out: list[tuple[tuple[int, float], ...]] = []
+    for r, n in enumerate(ns):
+        if n == 0:
+            out.append(())
+            continue
+        ids = torch.nonzero(lp[r] >= kth[r, n - 1]).flatten()  # ascending ids
+        vals = lp[r, ids]
+        order = torch.sort(vals, descending=True, stable=True).indices[:n]
+        out.append(tuple(zip(ids[order].tolist(), vals[order].tolist(), strict=True)))
     return out
