@@ -25,6 +25,7 @@ from orchestrator.router.admission import Limits, admit
 from orchestrator.router.decision import Refusal, RefusalReason, RouteDecision
 from orchestrator.router.inputs import RouteRequest, WorkerId, WorkerState
 from orchestrator.router.kv_index import KvIndex
+from orchestrator.router.logprobs import logprobs_to_proto
 from orchestrator.router.metrics import RouterMetrics
 from orchestrator.router.router import Router
 from tandem.request import GenerationRequest, RequestError
@@ -213,7 +214,8 @@ class Frontend:
             self.metrics.ttft.observe(now - progress.arrival)
         progress.tokens += len(delta.token_ids)
         self.metrics.output_tokens.inc(len(delta.token_ids))
-        return generate_pb2.GenerateChunk(token_ids=delta.token_ids, text=delta.text)
+        return generate_pb2.GenerateChunk(token_ids=delta.token_ids, text=delta.text,
+                                          logprobs=logprobs_to_proto(delta.logprobs))
 
     def _last(self, req: GenerationRequest, d: RouteDecision, progress: _Progress,
               delta: TokenDelta) -> generate_pb2.GenerateChunk:
