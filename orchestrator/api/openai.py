@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from orchestrator.api.auth import Auth
 from orchestrator.api.chat import render
+from orchestrator.api.logprobs import LogprobsWriter
 from orchestrator.api.schemas import ChatRequest, CompletionRequest, SamplingBody
 from orchestrator.router.frontend import ErrorCode, Frontend, RouterError
 from tandem.v1 import generate_pb2
@@ -47,6 +48,7 @@ def _to_proto(
 ) -> generate_pb2.GenerateRequest:
     sampling = generate_pb2.SamplingParams(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
                                            stop=body.stop_list, ignore_eos=body.ignore_eos)
+    sampling.logprobs, sampling.top_logprobs = body.logprob_request
     if body.limit is not None:
         sampling.max_tokens = body.limit
     if body.seed is not None:
@@ -76,6 +78,7 @@ def make_openai_router(frontend: Frontend, model_name: str, auth: Auth) -> APIRo
                                   "invalid_request_error", "model")
         rid = ("chatcmpl-" if chat else "cmpl-") + msg.request_id
         created = int(time.time())
+        writer = LogprobsWriter(frontend.tokenizer, chat=chat) if body.logprob_request[0] else None
         stream = frontend.generate(msg)
         try:
             first = await anext(stream)  # errors before the first token become a plain HTTP error
@@ -85,18 +88,21 @@ def make_openai_router(frontend: Frontend, model_name: str, auth: Auth) -> APIRo
             return error_response(500, "the router ended the stream without a chunk", "internal")
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(_sse(first, stream, rid, created, model_name, chat, include_usage),
-                                     media_type="text/event-stream")
-        text, last = first.text, first
+            events = _sse(first, stream, rid, created, model_name, chat, include_usage, writer)
+            return StreamingResponse(events, media_type="text/event-stream")
+        text, last, logprobs = first.text, first, [first.logprobs]
         try:
             async for chunk in stream:
                 text += chunk.text
                 last = chunk
+                logprobs.append(chunk.logprobs)
         except RouterError as exc:
             return router_error_response(exc)
         finish = _FINISH.get(last.finish_reason, "stop")
-        choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
-                  if chat else {"index": 0, "text": text, "finish_reason": finish, "logprobs": None})
+        lp = writer.merged(logprobs) if writer else None
+        choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": lp,
+                   "finish_reason": finish}
+                  if chat else {"index": 0, "text": text, "finish_reason": finish, "logprobs": lp})
         return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
                 "model": model_name, "choices": [choice], "usage": _usage(last)}
 
@@ -114,14 +120,16 @@ def make_openai_router(frontend: Frontend, model_name: str, auth: Auth) -> APIRo
 
 
 async def _sse(first: generate_pb2.GenerateChunk, rest: AsyncIterator[generate_pb2.GenerateChunk], rid: str,
-               created: int, model: str, chat: bool, include_usage: bool) -> AsyncIterator[bytes]:
+               created: int, model: str, chat: bool, include_usage: bool,
+               writer: LogprobsWriter | None) -> AsyncIterator[bytes]:
     def event(chunk: generate_pb2.GenerateChunk, role: bool) -> bytes:
         finish = _FINISH.get(chunk.finish_reason) if chunk.finish_reason else None
+        lp = writer.chunk(chunk.logprobs) if writer else None
         if chat:
             delta = {"role": "assistant", "content": chunk.text} if role else {"content": chunk.text}
-            choice = {"index": 0, "delta": delta, "finish_reason": finish}
+            choice = {"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish}
         else:
-            choice = {"index": 0, "text": chunk.text, "finish_reason": finish, "logprobs": None}
+            choice = {"index": 0, "text": chunk.text, "finish_reason": finish, "logprobs": lp}
         body = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
                 "created": created, "model": model, "choices": [choice]}
         if include_usage:

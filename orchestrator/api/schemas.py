@@ -10,6 +10,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from tandem.request import MAX_TOP_LOGPROBS
+
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -46,19 +48,28 @@ class SamplingBody(_Body):
     def limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
+    @property
+    def logprob_request(self) -> tuple[bool, int]:
+        """(return the chosen tokens' logprobs, how many alternatives); each endpoint says how."""
+        return False, 0
+
 
 class CompletionRequest(SamplingBody):
     """POST /v1/completions."""
 
     prompt: str | list[int]
     echo: Literal[False] = False
-    logprobs: None = None
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)  # legacy: n alternatives
 
     @model_validator(mode="after")
     def _non_empty(self) -> CompletionRequest:
         if not self.prompt:
             raise ValueError("prompt must not be empty")
         return self
+
+    @property
+    def logprob_request(self) -> tuple[bool, int]:
+        return self.logprobs is not None, self.logprobs or 0
 
 
 class ChatMessage(_Body):
@@ -71,4 +82,9 @@ class ChatRequest(SamplingBody):
     """POST /v1/chat/completions."""
 
     messages: list[ChatMessage] = Field(min_length=1)
-    logprobs: Literal[False] | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)  # needs logprobs
+
+    @property
+    def logprob_request(self) -> tuple[bool, int]:
+        return bool(self.logprobs), self.top_logprobs or 0

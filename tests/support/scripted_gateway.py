@@ -1,9 +1,10 @@
 """An in-memory gateway that answers every request with a scripted token stream.
 
 For tests of what the router and the HTTP API make of workers' deltas (formats, streaming), with
-no model behind them: each request gets the same `Step`s; the last one ends it (LENGTH). With
-`split` the router always disaggregates (a prefill worker must be reported): the prefill answers
-with the first step, the decode streams the rest after it; without, decode workers do it all.
+no model behind them: each request gets the same `Step`s (their logprobs only when it asked, cut
+to its top_logprobs); the last one ends it (LENGTH). With `split` the router always disaggregates
+(a prefill worker must be reported): the prefill answers with the first step, the decode streams
+the rest after it; without, decode workers do it all.
 """
 
 from __future__ import annotations
@@ -58,11 +59,15 @@ class ScriptedGateway:
 
     def _delta(self, request: GenerationRequest, i: int) -> TokenDelta:
         s = self.steps[i]
+        # As a worker does: logprobs only when asked, and at most the alternatives asked for.
+        n = request.sampling.top_logprobs
+        lps = tuple(TokenLogprob(lp.token_id, lp.logprob, lp.top[:n]) for lp in s.logprobs
+                    ) if request.sampling.logprobs else ()
         if i < len(self.steps) - 1:
-            return TokenDelta(request.request_id, s.token_ids, s.text, logprobs=s.logprobs)
-        n = sum(len(x.token_ids) for x in self.steps)
-        summary = RequestSummary(prompt_tokens=len(request.prompt_ids), completion_tokens=n)
-        return TokenDelta(request.request_id, s.token_ids, s.text, Finish.LENGTH, summary, s.logprobs)
+            return TokenDelta(request.request_id, s.token_ids, s.text, logprobs=lps)
+        total = sum(len(x.token_ids) for x in self.steps)
+        summary = RequestSummary(prompt_tokens=len(request.prompt_ids), completion_tokens=total)
+        return TokenDelta(request.request_id, s.token_ids, s.text, Finish.LENGTH, summary, lps)
 
     async def prefill(self, worker: WorkerId, decode: WorkerId, request: GenerationRequest) -> PrefillResult:
         self.requests.append(request)
