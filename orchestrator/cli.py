@@ -69,15 +69,18 @@ def generate(
     seed: int | None = typer.Option(None, "--seed", min=0, help="Sampling seed."),
     ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Keep going past end-of-sequence."),
     session: str = typer.Option("", "--session", help="Session id: a conversation's turns stick together."),
+    logprobs: int | None = typer.Option(None, "--logprobs", min=0, max=20, metavar="N",
+                                        help="Each token's logprob and the N most likely alternatives."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per streamed chunk."),
     address: str | None = typer.Option(None, "--address", envvar="TANDEM_ADDRESS", help="Router host:port."),
     token: str | None = typer.Option(None, "--token", envvar="TANDEM_TOKEN", help="Bearer token."),
     timeout: float = typer.Option(600.0, "--timeout", min=0.1, help="Seconds before giving up."),
 ) -> None:
-    """Stream a generation from the router; text to stdout, or JSON lines with --json."""
+    """Stream a generation from the router; text to stdout, or JSON lines with --json. With
+    --logprobs the text is followed by one line per token: id, logprob, then the alternatives."""
     import grpc
 
-    from orchestrator.router.client import chunk_to_json, make_request, open_channel
+    from orchestrator.router.client import chunk_to_json, logprob_line, make_request, open_channel
     from orchestrator.router.client import generate as stream
     from orchestrator.state import ServeState
 
@@ -90,7 +93,8 @@ def generate(
     tok = token or (state.token if state else None)
     request = make_request(prompt=prompt, token_ids=_token_ids(token_ids) if token_ids else None,
                            max_tokens=max_tokens, temperature=temperature, seed=seed,
-                           ignore_eos=ignore_eos, session_id=session)
+                           ignore_eos=ignore_eos, session_id=session, logprobs=logprobs)
+    lines: list[str] = []
     try:
         with open_channel(addr) as channel:
             for chunk in stream(channel, request, token=tok, timeout_s=timeout):
@@ -99,10 +103,13 @@ def generate(
                 else:
                     sys.stdout.write(chunk.text)
                     sys.stdout.flush()
+                    lines += [logprob_line(lp) for lp in chunk.logprobs]
     except grpc.RpcError as exc:
         _fail(f"{exc.code().name}: {exc.details()}")
     if not as_json:
         typer.echo()
+        for line in lines:
+            typer.echo(line)
 
 
 def _fail(message: str) -> None:

@@ -2,7 +2,8 @@
 
 Bearer tokens travel as `authorization: Bearer <token>` metadata; TLS uses the given CA bundle
 (and a client certificate for mutual TLS). `chunk_to_json` is the one JSON shape the CLI prints:
-proto field names at the top level, integers as numbers, the summary fields only on the last chunk.
+proto field names at the top level, integers as numbers, `logprobs` only when the request asked for
+them, the summary fields only on the last chunk.
 """
 
 from __future__ import annotations
@@ -52,11 +53,15 @@ def make_request(
     request_id: str = "",
     deadline_ms: int = 0,
     cache_salt: str = "",
+    logprobs: int | None = None,
 ) -> generate_pb2.GenerateRequest:
-    """A GenerateRequest from keyword arguments; exactly one of prompt and token_ids."""
+    """A GenerateRequest from keyword arguments; exactly one of prompt and token_ids. `logprobs` n
+    asks for each chosen token's logprob and the n most likely alternatives (0: none)."""
     if (prompt is None) == (token_ids is None):
         raise ValueError("give exactly one of prompt and token_ids")
     sampling = generate_pb2.SamplingParams(temperature=temperature, ignore_eos=ignore_eos, stop=list(stop))
+    if logprobs is not None:
+        sampling.logprobs, sampling.top_logprobs = True, logprobs
     if max_tokens is not None:
         sampling.max_tokens = max_tokens
     if seed is not None:
@@ -80,9 +85,22 @@ def generate(
     yield from stub.Generate(request, metadata=metadata, timeout=timeout_s)
 
 
+def logprob_to_json(lp: generate_pb2.TokenLogprob) -> dict:
+    """{"token_id", "logprob", "top": [[id, logprob], ...]} (top most likely first)."""
+    return {"token_id": lp.token_id, "logprob": lp.logprob, "top": [[t.token_id, t.logprob] for t in lp.top]}
+
+
+def logprob_line(lp: generate_pb2.TokenLogprob) -> str:
+    """One token's logprobs as a text line: `id logprob | id:logprob ...` (the alternatives)."""
+    top = " ".join(f"{t.token_id}:{t.logprob:.4f}" for t in lp.top)
+    return f"{lp.token_id}\t{lp.logprob:.4f}" + (f"\t| {top}" if top else "")
+
+
 def chunk_to_json(chunk: generate_pb2.GenerateChunk) -> dict:
     """The CLI's JSON object for a chunk (one per line with --json)."""
     out: dict = {"token_ids": list(chunk.token_ids), "text": chunk.text}
+    if chunk.logprobs:
+        out["logprobs"] = [logprob_to_json(lp) for lp in chunk.logprobs]
     if chunk.finish_reason == generate_pb2.FINISH_REASON_UNSPECIFIED:
         return out
     t, u = chunk.timing, chunk.usage
