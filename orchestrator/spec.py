@@ -15,6 +15,8 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from orchestrator.spec_limits import LimitsSpec, TenantSpec, check_tenants
+
 
 class SpecError(ValueError):
     """A deployment spec that cannot be used; str() lists one problem per line."""
@@ -172,8 +174,15 @@ class SecuritySpec(_Strict):
     tls: TlsSpec | None = None
     # Bearer token for generation clients; unset = a random token written to the state file.
     token_file: str | None = Field(default=None, min_length=1)
-    # Separate bearer token for admin endpoints (scale, drain, down).
+    # Separate bearer token for admin endpoints (scale, drain, down); it does not generate.
     admin_token_file: str | None = Field(default=None, min_length=1)
+    # More tenants besides "default" (token_file's): each with its own token, cache salt, budget.
+    tenants: tuple[TenantSpec, ...] = ()
+
+    @model_validator(mode="after")
+    def _tenants(self) -> SecuritySpec:
+        check_tenants(self.tenants)
+        return self
 
 
 class DeploymentSpec(_Strict):
@@ -185,6 +194,7 @@ class DeploymentSpec(_Strict):
     router: RouterSpec = RouterSpec()
     transfer: TransferSpec = TransferSpec()
     security: SecuritySpec = SecuritySpec()
+    limits: LimitsSpec = LimitsSpec()
 
     @model_validator(mode="after")
     def _fits_topology(self) -> DeploymentSpec:

@@ -13,7 +13,9 @@ from orchestrator.router.host import RouterSettings, TlsPaths
 from orchestrator.router.inputs import DisaggMode, DisaggThresholds, FleetParams, Link, Topology
 from orchestrator.router.policy import PolicyName
 from orchestrator.router.policy_kv import KvParams
+from orchestrator.router.quotas import RequestLimits
 from orchestrator.router.ray_gateway import RankLimits
+from orchestrator.router.tenancy import Tenant, TenantToken
 from orchestrator.spec import (
     ComputeDtype,
     CpuTopology,
@@ -121,8 +123,14 @@ def router_settings(spec: DeploymentSpec, cfg: ModelConfig) -> RouterSettings:
                                 d.max_local_uncached_fraction),
     )
     max_context = min(spec.model.max_context, cfg.max_position)
-    limits = Limits(max_context=max_context, max_tokens=max_context - 1,
-                    default_max_tokens=min(spec.router.default_max_tokens, max_context - 1))
+    lim = spec.limits
+    max_tokens = min(lim.max_tokens or max_context - 1, max_context - 1)
+    limits = Limits(max_context=max_context, max_tokens=max_tokens,
+                    default_max_tokens=min(spec.router.default_max_tokens, max_tokens))
+    quotas = RequestLimits(max_prompt_tokens=lim.max_prompt_tokens, max_stop_strings=lim.max_stop_strings,
+                           max_stop_token_ids=lim.max_stop_token_ids, max_request_bytes=lim.max_request_bytes,
+                           max_streams_per_client=lim.max_streams_per_client,
+                           max_streams_per_tenant=lim.max_streams_per_tenant)
     rank_limits = RankLimits(max_running=spec.decode.max_batch,
                              queue_limit=spec.router.max_queued_requests_per_worker,
                              initial_prefill_rate_tps=_INITIAL_PREFILL_TPS[topo.kind])
@@ -140,5 +148,9 @@ def router_settings(spec: DeploymentSpec, cfg: ModelConfig) -> RouterSettings:
         admin_token=_read_token(sec.admin_token_file, "security.admin_token_file"), tls=tls,
         kv_params=KvParams(w_kv=w.kv_usage, w_running=w.running, w_dp=w.dp_balance,
                            reuse_credit=w.reuse_credit),
+        tenants=tuple(TenantToken(Tenant(t.name, t.max_concurrent_streams),
+                                  _read_token(t.token_file, f"security.tenants[{i}].token_file"))
+                      for i, t in enumerate(sec.tenants)),
+        quotas=quotas,
     )
 

@@ -9,14 +9,18 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from orchestrator.api.admin import Admin, make_admin_router
 from orchestrator.api.auth import Auth
+from orchestrator.api.body_limit import BodyLimit
 from orchestrator.api.openai import error_response, make_openai_router
 from orchestrator.router.frontend import Frontend
+from orchestrator.router.quotas import DEFAULT_MAX_REQUEST_BYTES
 
 
 def create_app(frontend: Frontend, *, model_name: str, auth: Auth, registry: CollectorRegistry,
-               admin: Admin | None = None) -> FastAPI:
-    """The app; admin routes only when an Admin (the controller) is given."""
+               admin: Admin | None = None, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:
+    """The app; admin routes only when an Admin (the controller) is given. Bodies over
+    max_request_bytes are refused with 413 before they reach a route."""
     app = FastAPI(title="Tandem", summary="DeepSeek-V4 serving with disaggregated prefill and decode")
+    app.add_middleware(BodyLimit, max_bytes=max_request_bytes)
 
     @app.exception_handler(RequestValidationError)
     async def _bad_body(request: Request, exc: RequestValidationError) -> JSONResponse:

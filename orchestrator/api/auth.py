@@ -1,34 +1,47 @@
-"""Bearer-token checks for the HTTP API: one token for clients, a separate one for admin calls."""
+"""Bearer-token checks for the HTTP API, over the router's `Credentials` (tenants' client tokens and
+a separate admin token).
+
+Generation endpoints need a tenant's client token: 401 without a known token, 403 for the admin
+token alone (it does not generate). Admin endpoints need the admin token: 401 without a known
+token, 403 for a client token. With no tokens configured every door is open (development only).
+"""
 
 from __future__ import annotations
 
-import hmac
-
 from fastapi import HTTPException, Request
+
+from orchestrator.router.tenancy import Caller, Credentials, Forbidden, Unauthenticated
+
+
+def _client_host(request: Request) -> str:
+    return request.client.host if request.client is not None else "unknown"
 
 
 class Auth:
-    """FastAPI dependencies; a None token means that door is open (local development only)."""
+    """FastAPI dependencies. `client_token`/`admin_token` are shorthand for `Credentials.simple`;
+    give those or `credentials`, not both."""
 
-    def __init__(self, client_token: str | None, admin_token: str | None) -> None:
-        self._client = client_token
-        self._admin = admin_token
+    def __init__(self, client_token: str | None = None, admin_token: str | None = None, *,
+                 credentials: Credentials | None = None) -> None:
+        if credentials is not None and (client_token is not None or admin_token is not None):
+            raise ValueError("Auth: give client_token/admin_token or credentials, not both")
+        self.credentials = credentials if credentials is not None else Credentials.simple(client_token,
+                                                                                          admin_token)
 
-    @staticmethod
-    def _check(request: Request, want: str | None, what: str) -> None:
-        if want is None:
-            return
-        got = request.headers.get("authorization", "")
-        if not hmac.compare_digest(got.encode(), f"Bearer {want}".encode()):
-            raise HTTPException(401, f"missing or wrong {what} bearer token",
-                                headers={"WWW-Authenticate": "Bearer"})
-
-    async def client(self, request: Request) -> None:
-        """Generation endpoints: the client token (the admin token is accepted too)."""
-        if self._admin is not None and request.headers.get("authorization") == f"Bearer {self._admin}":
-            return
-        self._check(request, self._client, "client")
+    async def client(self, request: Request) -> Caller:
+        """Generation endpoints: the caller (tenant, client host) of a tenant's client token."""
+        try:
+            return self.credentials.caller(request.headers.get("authorization"), _client_host(request))
+        except Unauthenticated as exc:
+            raise HTTPException(401, str(exc), headers={"WWW-Authenticate": "Bearer"}) from None
+        except Forbidden as exc:
+            raise HTTPException(403, str(exc)) from None
 
     async def admin(self, request: Request) -> None:
         """Admin endpoints: the admin token only."""
-        self._check(request, self._admin, "admin")
+        try:
+            self.credentials.require_admin(request.headers.get("authorization"))
+        except Unauthenticated as exc:
+            raise HTTPException(401, str(exc), headers={"WWW-Authenticate": "Bearer"}) from None
+        except Forbidden as exc:
+            raise HTTPException(403, str(exc)) from None

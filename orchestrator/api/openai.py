@@ -21,6 +21,7 @@ from orchestrator.api.chat import render
 from orchestrator.api.logprobs import LogprobsWriter
 from orchestrator.api.schemas import ChatRequest, CompletionRequest, SamplingBody
 from orchestrator.router.frontend import ErrorCode, Frontend, RouterError
+from orchestrator.router.tenancy import Caller
 from tandem.v1 import generate_pb2
 
 HTTP_STATUS = {
@@ -72,14 +73,15 @@ def make_openai_router(frontend: Frontend, model_name: str, auth: Auth) -> APIRo
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
                                             "owned_by": "tandem"}]}
 
-    async def run(body: SamplingBody, msg: generate_pb2.GenerateRequest, chat: bool):  # noqa: ANN202
+    async def run(body: SamplingBody, msg: generate_pb2.GenerateRequest, chat: bool,  # noqa: ANN202
+                  caller: Caller):
         if body.model != model_name:
             return error_response(404, f"model {body.model!r} is not served here (serving {model_name!r})",
                                   "invalid_request_error", "model")
         rid = ("chatcmpl-" if chat else "cmpl-") + msg.request_id
         created = int(time.time())
         writer = LogprobsWriter(frontend.tokenizer, chat=chat) if body.logprob_request[0] else None
-        stream = frontend.generate(msg)
+        stream = frontend.generate(msg, caller)
         try:
             first = await anext(stream)  # errors before the first token become a plain HTTP error
         except RouterError as exc:
@@ -107,14 +109,15 @@ def make_openai_router(frontend: Frontend, model_name: str, auth: Auth) -> APIRo
                 "model": model_name, "choices": [choice], "usage": _usage(last)}
 
     @api.post("/v1/completions")
-    async def completions(body: CompletionRequest):  # noqa: ANN202
+    async def completions(body: CompletionRequest, caller: Caller = Depends(auth.client)):  # noqa: ANN202
         text = body.prompt if isinstance(body.prompt, str) else None
         ids = body.prompt if isinstance(body.prompt, list) else None
-        return await run(body, _to_proto(body, prompt=text, token_ids=ids), chat=False)
+        return await run(body, _to_proto(body, prompt=text, token_ids=ids), chat=False, caller=caller)
 
     @api.post("/v1/chat/completions")
-    async def chat_completions(body: ChatRequest):  # noqa: ANN202
-        return await run(body, _to_proto(body, prompt=render(body.messages), token_ids=None), chat=True)
+    async def chat_completions(body: ChatRequest, caller: Caller = Depends(auth.client)):  # noqa: ANN202
+        msg = _to_proto(body, prompt=render(body.messages), token_ids=None)
+        return await run(body, msg, chat=True, caller=caller)
 
     return api
 

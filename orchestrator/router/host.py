@@ -21,9 +21,11 @@ from orchestrator.router.kv_index import KvIndex
 from orchestrator.router.metrics import RouterMetrics
 from orchestrator.router.policy import PolicyName
 from orchestrator.router.policy_kv import KvParams, KvPolicy
+from orchestrator.router.quotas import RequestLimits
 from orchestrator.router.ray_gateway import RankLimits, RayGateway
 from orchestrator.router.router import Router
 from orchestrator.router.server import ServerTls, start_server
+from orchestrator.router.tenancy import Credentials, Tenant, TenantToken
 from tandem.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -71,6 +73,13 @@ class RouterSettings:
     tls: TlsPaths | None = None
     report_interval_s: float = 0.25
     kv_params: KvParams = KvParams()  # the `kv` policy's weights (spec router.weights)
+    tenants: tuple[TenantToken, ...] = ()  # besides "default" (whose token is `token`)
+    quotas: RequestLimits = RequestLimits()  # the spec's limits: section
+
+    def credentials(self) -> Credentials:
+        """Who may call: `token` is the "default" tenant's, then the spec's tenants, and the admin token."""
+        default = [TenantToken(Tenant("default"), self.token)] if self.token is not None else []
+        return Credentials([*default, *self.tenants], self.admin_token)
 
 
 @dataclass(frozen=True)
@@ -102,9 +111,12 @@ class RouterHost:
         self.gateway = RayGateway(self.index, s.rank_limits, report_interval_s=s.report_interval_s,
                                   metrics=metrics)
         frontend = Frontend(tokenizer=load_tokenizer(s.checkpoint), limits=s.limits,
-                            router=self._router(), index=self.index, gateway=self.gateway, metrics=metrics)
-        self._grpc, grpc_port = await start_server(frontend, host=s.host, port=s.grpc_port, token=s.token,
-                                                   tls=s.tls.for_grpc() if s.tls else None)
+                            router=self._router(), index=self.index, gateway=self.gateway, metrics=metrics,
+                            quotas=s.quotas)
+        self._grpc, grpc_port = await start_server(frontend, host=s.host, port=s.grpc_port,
+                                                   credentials=s.credentials(),
+                                                   tls=s.tls.for_grpc() if s.tls else None,
+                                                   max_request_bytes=s.quotas.max_request_bytes)
         http_port = await self._start_http(frontend)
         scheme = "https" if s.tls else "http"
         self._started = RouterAddresses(f"{s.host}:{grpc_port}", f"{scheme}://{s.host}:{http_port}")
@@ -126,8 +138,8 @@ class RouterHost:
         s = self.settings
         admin = ControllerAdmin(self.admin_actor) if self.admin_actor is not None else None
         self._admin = admin
-        app = create_app(frontend, model_name=s.model_name, auth=Auth(s.token, s.admin_token),
-                         registry=self.registry, admin=admin)
+        app = create_app(frontend, model_name=s.model_name, auth=Auth(credentials=s.credentials()),
+                         registry=self.registry, admin=admin, max_request_bytes=s.quotas.max_request_bytes)
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((s.host, s.http_port))
