@@ -1,7 +1,8 @@
 """From a client's GenerateRequest to a validated, tokenised GenerationRequest.
 
 Every refusal is a `RequestError` naming the field (the server answers INVALID_ARGUMENT with it):
-neither or both of prompt and token_ids, an empty prompt, a prompt at or over the model's context,
+not exactly one of prompt, token_ids and messages, a conversation that breaks the chat encoding's
+rules (`messages[i].role`, ...), an empty prompt, a prompt at or over the model's context,
 token ids outside the vocabulary, bad sampling values, a request id that is too long.
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 
-from orchestrator.router.tenancy import tenant_salt
+from orchestrator.router.chat.encoding import prompt_of
 from tandem.blocks import block_hashes
 from tandem.request import GenerationRequest, RequestError, sampling_from_proto
 from tandem.tokenizer import Tokenizer
@@ -34,18 +35,24 @@ class Limits:
                              f"<= max_tokens ({self.max_tokens})")
 
 
-def admit(msg: generate_pb2.GenerateRequest, tokenizer: Tokenizer, limits: Limits, *,
-          tenant: str) -> GenerationRequest:
-    """Validate and tokenise; raises RequestError naming the bad field. The blocks are hashed with
-    the tenant's salt (`tenancy.tenant_salt`: the tenant part first, then the client's cache_salt)."""
+def admit(msg: generate_pb2.GenerateRequest, tokenizer: Tokenizer, limits: Limits) -> GenerationRequest:
+    """Validate and tokenise; raises RequestError naming the bad field."""
     for field in ("request_id", "session_id", "cache_salt"):
         if len(getattr(msg, field)) > MAX_ID_CHARS:
             raise RequestError(field, f"at most {MAX_ID_CHARS} characters, got {len(getattr(msg, field))}")
-    has_text, has_ids = bool(msg.prompt), bool(msg.token_ids)
-    if has_text == has_ids:
-        which = "both are set" if has_text else "neither is set"
-        raise RequestError("prompt", f"give exactly one of prompt and token_ids ({which})")
-    if has_text:
+    given = [name for name, value in (("prompt", msg.prompt), ("token_ids", msg.token_ids),
+                                      ("messages", msg.messages)) if value]
+    if len(given) != 1:
+        which = " and ".join(given) + " are set" if given else "none is set"
+        raise RequestError("prompt", f"give exactly one of prompt, token_ids and messages ({which})")
+    if msg.HasField("chat") and not msg.messages:
+        raise RequestError("chat", "chat options apply to a request in its messages form only")
+    if msg.messages:
+        text = prompt_of(msg)  # the model's chat encoding; RequestError names messages[i].field
+        if len(text) > MAX_PROMPT_CHARS:
+            raise RequestError("messages", f"rendered to {len(text)} characters; at most {MAX_PROMPT_CHARS}")
+        ids = tuple(tokenizer.encode(text))
+    elif msg.prompt:
         if len(msg.prompt) > MAX_PROMPT_CHARS:
             raise RequestError("prompt", f"at most {MAX_PROMPT_CHARS} characters, got {len(msg.prompt)}")
         ids = tuple(tokenizer.encode(msg.prompt))
@@ -63,7 +70,7 @@ def admit(msg: generate_pb2.GenerateRequest, tokenizer: Tokenizer, limits: Limit
         msg.sampling, default_max_tokens=min(limits.default_max_tokens, room),
         max_tokens_limit=min(limits.max_tokens, room), vocab_size=tokenizer.vocab_size, request_id=request_id,
     )
-    salt = tenant_salt(tenant, msg.cache_salt)
+    salt = msg.cache_salt or None
     return GenerationRequest(
         request_id=request_id,
         prompt_ids=ids,

@@ -52,8 +52,8 @@ async def _status(ch: grpc.aio.Channel, req: generate_pb2.GenerateRequest,
 
 
 BAD = [
-    ("empty", generate_pb2.GenerateRequest(), "prompt: give exactly one of prompt and token_ids (neither is set)"),
-    ("both", generate_pb2.GenerateRequest(prompt="a", token_ids=[1]), "(both are set)"),
+    ("empty", generate_pb2.GenerateRequest(), "prompt: give exactly one of prompt, token_ids and messages (none is set)"),
+    ("both", generate_pb2.GenerateRequest(prompt="a", token_ids=[1]), "(prompt and token_ids are set)"),
     ("over context", generate_pb2.GenerateRequest(token_ids=[1] * 1024), "prompt: 1024 tokens; the model's context is 1024"),
     ("token outside vocab", generate_pb2.GenerateRequest(token_ids=[1, 259]), "token_ids[1]: 259 is not below the vocabulary size 259"),
     ("temperature", generate_pb2.GenerateRequest(prompt="a", sampling=generate_pb2.SamplingParams(temperature=-0.5)), "sampling.temperature"),
