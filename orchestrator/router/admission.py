@@ -12,6 +12,7 @@ import uuid
 from dataclasses import dataclass
 
 from orchestrator.router.chat.encoding import prompt_of
+from orchestrator.router.tenancy import tenant_salt
 from tandem.blocks import block_hashes
 from tandem.request import GenerationRequest, RequestError, sampling_from_proto
 from tandem.tokenizer import Tokenizer
@@ -35,8 +36,10 @@ class Limits:
                              f"<= max_tokens ({self.max_tokens})")
 
 
-def admit(msg: generate_pb2.GenerateRequest, tokenizer: Tokenizer, limits: Limits) -> GenerationRequest:
-    """Validate and tokenise; raises RequestError naming the bad field."""
+def admit(msg: generate_pb2.GenerateRequest, tokenizer: Tokenizer, limits: Limits, *,
+          tenant: str) -> GenerationRequest:
+    """Validate and tokenise; raises RequestError naming the bad field. The blocks are hashed with
+    the tenant's salt (`tenancy.tenant_salt`: the tenant part first, then the client's cache_salt)."""
     for field in ("request_id", "session_id", "cache_salt"):
         if len(getattr(msg, field)) > MAX_ID_CHARS:
             raise RequestError(field, f"at most {MAX_ID_CHARS} characters, got {len(getattr(msg, field))}")
@@ -70,7 +73,7 @@ def admit(msg: generate_pb2.GenerateRequest, tokenizer: Tokenizer, limits: Limit
         msg.sampling, default_max_tokens=min(limits.default_max_tokens, room),
         max_tokens_limit=min(limits.max_tokens, room), vocab_size=tokenizer.vocab_size, request_id=request_id,
     )
-    salt = msg.cache_salt or None
+    salt = tenant_salt(tenant, msg.cache_salt)
     return GenerationRequest(
         request_id=request_id,
         prompt_ids=ids,

@@ -28,7 +28,9 @@ from orchestrator.router.inputs import RouteRequest, WorkerId, WorkerState
 from orchestrator.router.kv_index import KvIndex
 from orchestrator.router.logprobs import logprobs_to_proto
 from orchestrator.router.metrics import RouterMetrics
+from orchestrator.router.quotas import QuotaExceeded, RequestLimits, StreamSlots, check_request
 from orchestrator.router.router import Router
+from orchestrator.router.tenancy import ANONYMOUS, Caller
 from tandem.request import GenerationRequest, RequestError
 from tandem.stream import Finish, PrefillResult, TokenDelta
 from tandem.tokenizer import Tokenizer
@@ -116,7 +118,8 @@ class Frontend:
 
     def __init__(self, *, tokenizer: Tokenizer, limits: Limits, router: Router, index: KvIndex,
                  gateway: Gateway, metrics: RouterMetrics,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 quotas: RequestLimits = RequestLimits()) -> None:
         self.tokenizer = tokenizer
         self.limits = limits
         self.router = router
@@ -124,14 +127,25 @@ class Frontend:
         self.gateway = gateway
         self.metrics = metrics
         self.clock = clock
+        self.quotas = quotas
+        self.slots = StreamSlots(quotas)
 
-    async def generate(self, msg: generate_pb2.GenerateRequest) -> AsyncIterator[generate_pb2.GenerateChunk]:
-        """The chunks of one request; raises RouterError for a non-OK ending."""
+    async def generate(self, msg: generate_pb2.GenerateRequest,
+                       caller: Caller = ANONYMOUS) -> AsyncIterator[generate_pb2.GenerateChunk]:
+        """The chunks of one request; raises RouterError for a non-OK ending.
+
+        `caller` is the authenticated tenant and client (the servers pass it; ANONYMOUS when auth is
+        off): its tenant salts the prefix cache, and the stream holds one of its slots until it ends."""
         arrival = self.clock()
         try:
-            req = admit(msg, self.tokenizer, self.limits)
+            req = admit(msg, self.tokenizer, self.limits, tenant=caller.tenant.name)
+            check_request(req, self.quotas)
         except RequestError as exc:
             raise RouterError(ErrorCode.INVALID_ARGUMENT, str(exc)) from None
+        try:
+            slot = self.slots.take(caller)
+        except QuotaExceeded as exc:
+            raise RouterError(ErrorCode.RESOURCE_EXHAUSTED, str(exc)) from None
         self.metrics.in_flight.inc()
         try:
             stream = self._attempts(req, _Progress(arrival))
@@ -142,6 +156,7 @@ class Frontend:
             async for chunk in stream:
                 yield chunk
         finally:
+            slot.release()
             self.metrics.in_flight.dec()
 
     async def _attempts(self, req: GenerationRequest,
