@@ -145,7 +145,7 @@ class ClaimReply(_message.Message):
     def __init__(self, status: _Optional[_Union[ClaimStatus, str]] = ...) -> None: ...
 
 class WorkerStats(_message.Message):
-    __slots__ = ("worker", "role", "queued_requests", "queued_prefill_tokens", "running_requests", "kv_blocks_used", "kv_blocks_free", "prefix_hit_rate", "prefill_tok_s", "decode_tok_s", "draining", "nvlink_domain")
+    __slots__ = ("worker", "role", "queued_requests", "queued_prefill_tokens", "running_requests", "kv_blocks_used", "kv_blocks_free", "prefix_hit_rate", "prefill_tok_s", "decode_tok_s", "draining", "nvlink_domain", "kv_transfer_bytes", "kv_transfer_seconds", "kv_transfers", "kv_transfer_failures")
     WORKER_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     QUEUED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
@@ -158,6 +158,10 @@ class WorkerStats(_message.Message):
     DECODE_TOK_S_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
     NVLINK_DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    KV_TRANSFER_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_TRANSFER_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    KV_TRANSFERS_FIELD_NUMBER: _ClassVar[int]
+    KV_TRANSFER_FAILURES_FIELD_NUMBER: _ClassVar[int]
     worker: WorkerId
     role: Role
     queued_requests: int
@@ -170,4 +174,8 @@ class WorkerStats(_message.Message):
     decode_tok_s: float
     draining: bool
     nvlink_domain: str
-    def __init__(self, worker: _Optional[_Union[WorkerId, _Mapping]] = ..., role: _Optional[_Union[Role, str]] = ..., queued_requests: _Optional[int] = ..., queued_prefill_tokens: _Optional[int] = ..., running_requests: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., prefix_hit_rate: _Optional[float] = ..., prefill_tok_s: _Optional[float] = ..., decode_tok_s: _Optional[float] = ..., draining: _Optional[bool] = ..., nvlink_domain: _Optional[str] = ...) -> None: ...
+    kv_transfer_bytes: int
+    kv_transfer_seconds: float
+    kv_transfers: int
+    kv_transfer_failures: int
+    def __init__(self, worker: _Optional[_Union[WorkerId, _Mapping]] = ..., role: _Optional[_Union[Role, str]] = ..., queued_requests: _Optional[int] = ..., queued_prefill_tokens: _Optional[int] = ..., running_requests: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., prefix_hit_rate: _Optional[float] = ..., prefill_tok_s: _Optional[float] = ..., decode_tok_s: _Optional[float] = ..., draining: _Optional[bool] = ..., nvlink_domain: _Optional[str] = ..., kv_transfer_bytes: _Optional[int] = ..., kv_transfer_seconds: _Optional[float] = ..., kv_transfers: _Optional[int] = ..., kv_transfer_failures: _Optional[int] = ...) -> None: ...
