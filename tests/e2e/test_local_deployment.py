@@ -88,6 +88,33 @@ def test_openai_client_completions_and_chat(deployment) -> None:  # noqa: ANN001
         openai.OpenAI(base_url=deployment["status"]["http_address"] + "/v1", api_key="wrong").models.list()
 
 
+def test_logprobs_over_grpc_and_http_equal_the_model_run_straight(deployment, reference_model) -> None:  # noqa: ANN001
+    import openai
+
+    prompt = ByteTokenizer().encode("Tandem serves DeepSeek-V4 with disaggregated prefill and decode. " * 2)
+    chunks = _stream(deployment, token_ids=prompt, max_tokens=5, ignore_eos=True, logprobs=3)
+    toks = [t for c in chunks for t in c.token_ids]
+    lps = [lp for c in chunks for lp in c.logprobs]
+    assert [lp.token_id for lp in lps] == toks and len(toks) == 5 and chunks[-1].decode_worker == "decode-0/r0"
+    with torch.no_grad():  # one forward pass over prompt + tokens: every generated position's logits
+        logits = reference_model.prefill(0, torch.tensor(prompt + toks[:-1]), reference_model.new_cache())
+    ref = torch.log_softmax(logits[len(prompt) - 1:].double(), dim=1)
+    for pos, lp in enumerate(lps):  # the first from the prefill worker, the rest from the decode
+        assert lp.logprob == pytest.approx(float(ref[pos].max()), abs=1e-3)  # greedy: the top-1
+        assert [t.token_id for t in lp.top][0] == lp.token_id == int(ref[pos].argmax())
+        assert [t.logprob for t in lp.top] == pytest.approx(torch.topk(ref[pos], 3).values.tolist(), abs=1e-3)
+    client = openai.OpenAI(base_url=deployment["status"]["http_address"] + "/v1", api_key=deployment["token"])
+    # The same request over HTTP (the text re-encodes to the same ids): the same logprobs.
+    comp = client.completions.create(model="local", prompt=ByteTokenizer().decode(prompt), max_tokens=5,
+                                     temperature=0, logprobs=3, extra_body={"ignore_eos": True})
+    assert comp.choices[0].logprobs.token_logprobs == pytest.approx([lp.logprob for lp in lps], abs=1e-3)
+    chat = list(client.chat.completions.create(model="local", messages=[{"role": "user", "content": "hi"}],
+                                               max_tokens=3, logprobs=True, top_logprobs=2, stream=True,
+                                               extra_body={"ignore_eos": True}))
+    entries = [e for c in chat if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert len(entries) == 3 and all(len(e.top_logprobs) == 2 and e.logprob <= 0 for e in entries)
+
+
 def test_generic_client_finds_generate_by_reflection(deployment) -> None:  # noqa: ANN001
     from google.protobuf import descriptor_pool, message_factory
     from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
