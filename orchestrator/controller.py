@@ -2,9 +2,11 @@
 
 It places each worker instance in its own placement group (one NVLink domain), creates one actor
 per rank, starts the router process and registers ready ranks with it, checks the ranks' health
-every `health_interval_s` and replaces an instance whose rank died, scales pools up and down
-(scale-down drains: the instance leaves the router first, then goes when its running requests have
-finished or the drain timeout has passed), and answers status. Everything it creates is named
+every `health_interval_s` and replaces an instance whose rank died (and the router when it died:
+same ports, every ready rank registered again, its KV index rebuilt from their snapshots), scales
+pools up and down (scale-down drains: the instance leaves the router first, then goes when its
+running requests have finished; past the drain timeout it goes anyway and the router migrates the
+requests it still ran), and answers status. Everything it creates is named
 under its deployment, so `down` removes exactly what it started.
 """
 
@@ -271,9 +273,38 @@ class Controller:
         return {"token": self.settings.token, "admin_token": self.settings.admin_token}
 
     # --- health --------------------------------------------------------------------------------
+    async def _check_router(self) -> None:
+        """Restart the router if its actor died; a router that failed to start is retried next round."""
+        if self.router is None:
+            return
+        try:
+            await asyncio.wait_for(self.router.start.remote(), max(5.0, 5 * self.health_interval_s))
+            return
+        except ray.exceptions.RayActorError as exc:
+            log.error("the router died (%s): restarting it", type(exc).__name__)
+        async with self._lock:
+            old = self.addresses
+            settings = self.settings
+            if old is not None:  # the same listeners: clients reconnect where they were
+                settings = dataclasses.replace(settings, grpc_port=int(old.grpc.rsplit(":", 1)[1]),
+                                               http_port=int(old.http.rsplit(":", 1)[1]))
+            me = ray.get_runtime_context().current_actor
+            self.router = ray.remote(RouterHost).options(
+                name=ROUTER_NAME, namespace=NAMESPACE, num_cpus=0, lifetime="detached",
+                max_concurrency=1000).remote(settings, me)
+            self.addresses = await self.router.start.remote()
+            for inst in [i for i in self.instances.values() if i.state == "ready"]:
+                for cfg, handle in zip(inst.plan.configs, inst.ranks, strict=True):
+                    await self.router.add_worker.remote(cfg.instance, cfg.rank, inst.role_name, handle)
+            log.info("router restarted at %s", self.addresses.grpc)
+
     async def _health_loop(self) -> None:
         while True:
             await asyncio.sleep(self.health_interval_s)
+            try:
+                await self._check_router()
+            except (ray.exceptions.RayError, TimeoutError) as exc:
+                log.error("router check failed (%s): trying again in %.1f s", exc, self.health_interval_s)
             for inst in [i for i in self.instances.values() if i.state == "ready"]:
                 try:
                     await asyncio.wait_for(asyncio.gather(*(r.stats.remote() for r in inst.ranks)),

@@ -15,6 +15,7 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from orchestrator.spec_faults import FaultsSpec
 from orchestrator.spec_limits import LimitsSpec, TenantSpec, check_tenants
 
 
@@ -149,6 +150,9 @@ class RouterSpec(_Strict):
     max_queued_requests_per_worker: int = Field(default=256, ge=1)
     max_queued_prefill_tokens_per_worker: int = Field(default=1_048_576, ge=1)
     default_max_tokens: int = Field(default=256, ge=1)
+    # A request whose worker is lost (died, removed) moves to another this many times at most;
+    # one more loss ends it UNAVAILABLE.
+    max_migrations: int = Field(default=2, ge=0, le=16)
 
 
 class TransferBackend(StrEnum):
@@ -194,6 +198,7 @@ class DeploymentSpec(_Strict):
     router: RouterSpec = RouterSpec()
     transfer: TransferSpec = TransferSpec()
     security: SecuritySpec = SecuritySpec()
+    faults: FaultsSpec = FaultsSpec()  # TEST ONLY fault injection (orchestrator/spec_faults.py)
     limits: LimitsSpec = LimitsSpec()
 
     @model_validator(mode="after")

@@ -22,10 +22,12 @@ from orchestrator.spec import (
     DeploymentSpec,
     PoolSpec,
 )
+from orchestrator.spec_faults import FaultPickSpec, FaultsSpec
 from workers.actor_common import ModelSource, PagedPoolsConfig, WorkerConfig
 from workers.engine.engine import Role
 from workers.engine.scheduler import SchedulerConfig
 from workers.ep.group import Backend, EpConfig
+from workers.faults import FaultConfig, FaultPick
 from workers.kv.geometry import KvGeometry
 from workers.kv.presets import kv_shape
 from workers.model.config import ModelConfig, load_config
@@ -92,11 +94,21 @@ def instance_plan(spec: DeploymentSpec, role: Role, instance: str, *, nvlink_dom
             kv=paged_pools(pool),
             ep=EpConfig(r, n, master_addr, master_port, backend) if n > 1 else None,
             handoff_lease_s=spec.transfer.lease_s, handoff_timeout_s=spec.transfer.timeout_s,
-            nvlink_domain=nvlink_domain,
+            nvlink_domain=nvlink_domain, faults=fault_config(spec.faults),
         )
         for r in range(n)
     )
     return InstancePlan(instance, role, configs)
+
+
+def fault_config(faults: FaultsSpec) -> FaultConfig:
+    """The ranks' frozen form of the spec's test-only `faults:` section."""
+    def pick(p: FaultPickSpec) -> FaultPick:
+        return FaultPick(p.skip, p.count, p.probability, p.seed)
+
+    t = faults.transfer
+    return FaultConfig(fail_reads=pick(t.fail), delay_reads=pick(t.delay), read_delay_s=t.delay_s,
+                       drop_kv_events=pick(faults.kv_events.drop))
 
 
 def _read_token(path: str | None, field: str) -> str:
@@ -146,6 +158,7 @@ def router_settings(spec: DeploymentSpec, cfg: ModelConfig) -> RouterSettings:
         model_name=spec.name, checkpoint=spec.model.checkpoint,
         token=_read_token(sec.token_file, "security.token_file"),
         admin_token=_read_token(sec.admin_token_file, "security.admin_token_file"), tls=tls,
+        max_migrations=spec.router.max_migrations,
         kv_params=KvParams(w_kv=w.kv_usage, w_running=w.running, w_dp=w.dp_balance,
                            reuse_credit=w.reuse_credit),
         tenants=tuple(TenantToken(Tenant(t.name, t.max_concurrent_streams),

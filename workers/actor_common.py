@@ -26,6 +26,7 @@ from workers.engine.scheduler import SchedulerConfig
 from workers.ep.dispatch import Dispatcher, PaddedAllToAll, VariableAllToAll
 from workers.ep.group import EpConfig, EpGroup
 from workers.ep.runner import EpRunner
+from workers.faults import FaultConfig
 from workers.kv.events import KvCleared, KvEvent, KvRemoved, KvStored
 from workers.kv.geometry import KvGeometry
 from workers.kv.manager import KvCacheManager, KvCapacity
@@ -117,6 +118,7 @@ class WorkerConfig:
     handoff_timeout_s: float = 30.0  # a claimed handoff's pin (prefill) and a pull's budget (decode)
     nvlink_domain: str = "local"
     torch_threads: int = 1
+    faults: FaultConfig = field(default_factory=FaultConfig)  # tests only; none by default
 
     def __post_init__(self) -> None:
         if self.ep is not None and self.ep.rank != self.rank:

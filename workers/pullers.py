@@ -89,7 +89,7 @@ class NixlPuller:
             raise ValueError(f"NixlPuller for {config.name}: the engine's KV is {type(kv).__name__}, "
                              "not the paged pools NIXL pulls into")
         self._engine = built.engine
-        self._rank = DecodeTransfer(config.name, kv.cache, config.handoff_timeout_s)
+        self._rank = DecodeTransfer(config.name, kv.cache, config.handoff_timeout_s, faults=config.faults)
 
     @property
     def transfer(self) -> DecodeTransfer:

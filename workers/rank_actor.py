@@ -8,12 +8,14 @@ sees a sequence gap and resyncs from `kv_snapshot`."""
 from __future__ import annotations
 
 import asyncio
+import os
 from collections import deque
 from collections.abc import AsyncIterator
 
 from tandem.stream import StepBatch
 from tandem.v1 import worker_pb2
 from workers.actor_common import BuiltRank, WorkerConfig, events_proto, stats_proto
+from workers.faults import EventDropper
 from workers.kv.events import KvEvent
 from workers.kv.space import PagedKvSpace
 from workers.worker_loop import EngineLoop
@@ -30,6 +32,7 @@ class RankActor:
     _loop: EngineLoop | None = None
     _draining: bool = False
     _event_log: deque[KvEvent] | None = None
+    _dropper: EventDropper | None = None
 
     def _housekeeping(self) -> None:
         """Runs under the engine lock once per loop iteration; nothing by default."""
@@ -69,6 +72,10 @@ class RankActor:
         """The KV events numbered after `after_seq` that the log still holds (its last
         EVENT_LOG_LIMIT); each reader passes the last seq it saw."""
         new = await self._started().call(self._built.engine.kv.flush_events)
+        if self.config.faults.drop_kv_events.enabled:  # tests only: these events are lost for good
+            if self._dropper is None:
+                self._dropper = EventDropper(self.config.faults.drop_kv_events)
+            new = self._dropper.keep(new)
         if self._event_log is None:
             self._event_log = deque(maxlen=EVENT_LOG_LIMIT)
         self._event_log.extend(new)
@@ -90,17 +97,22 @@ class RankActor:
         async for batch in self._started().subscribe():
             yield batch
 
-    async def reports(self, interval_s: float = 0.5
+    async def reports(self, interval_s: float = 0.5, after_seq: int = -1
                       ) -> AsyncIterator[tuple[worker_pb2.WorkerStats, worker_pb2.KvEventBatch]]:
-        """Stats and the KV events since this stream's last report, every `interval_s`; one stream
-        per router, each with its own position in the event log."""
-        last = -1
+        """Stats and the KV events since this stream's last report (the first: those after
+        `after_seq`, e.g. the seq of the snapshot a router started from), every `interval_s`; one
+        stream per router, each with its own position in the event log."""
+        last = after_seq
         while True:
             stats, events = await self.stats(), await self.kv_events(last)
             if events.events:
                 last = events.events[-1].seq
             yield stats, events
             await asyncio.sleep(interval_s)
+
+    async def pid(self) -> int:
+        """This rank's process id (fault tests kill it with SIGKILL)."""
+        return os.getpid()
 
     async def bytes_dispatched(self) -> int:
         """Expert-parallel bytes this rank sent to other ranks (0 without EP)."""

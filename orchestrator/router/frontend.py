@@ -9,6 +9,11 @@
 4. release: the booking is released when the first token is back (prefill part) and when the
    stream ends however it ends; a request that ends early (client gone, deadline) is cancelled on
    the workers that hold it.
+A worker that fails after it took the request (WorkerLost, or an ABORTED delta: its process died,
+its stream broke, it was removed) does not end the request: it migrates. It is routed again
+without the lost workers; when tokens were already streamed the new decode re-prefills prompt +
+those tokens (`Gateway.resume`) and continues after them, so the client sees the tokens a
+fault-free run gives, none twice, none missing. Past `max_migrations` losses: UNAVAILABLE.
 The `Gateway` is the router's hands on the workers (Ray actors in a deployment).
 """
 
@@ -60,7 +65,16 @@ class WorkerGone(LookupError):
     """The chosen worker left (drained, removed, dead) before it took the request."""
 
 
-MAX_ROUTE_ATTEMPTS = 3
+class WorkerLost(RuntimeError):
+    """A worker failed while it held the request (its process died or its call broke)."""
+
+    def __init__(self, worker: WorkerId, message: str) -> None:
+        self.worker = worker
+        super().__init__(message)
+
+
+MAX_ROUTE_ATTEMPTS = 3  # routes to workers that left before taking the request
+DEFAULT_MAX_MIGRATIONS = 2
 
 
 class Gateway(Protocol):
@@ -73,7 +87,7 @@ class Gateway(Protocol):
     async def prefill(self, worker: WorkerId, decode: WorkerId, request: GenerationRequest) -> PrefillResult:
         """Prefill on `worker` for a decode on `decode`; returns the first token and the handoff.
 
-        Raises WorkerGone when `worker` no longer takes requests."""
+        Raises WorkerGone when `worker` no longer takes requests, WorkerLost when it failed."""
         ...
 
     def decode(
@@ -83,8 +97,15 @@ class Gateway(Protocol):
 
         With `prefilled` the worker pulls the KV by its handoff and continues after its first token;
         without it the worker prefills the prompt itself. Raises WorkerGone (before any delta) when
-        `worker` no longer takes requests.
+        `worker` no longer takes requests, WorkerLost when it failed taking it; a worker lost later
+        ends the stream with a Finish.ABORTED delta.
         """
+        ...
+
+    def resume(self, worker: WorkerId, request: GenerationRequest,
+               generated: Sequence[int]) -> AsyncIterator[TokenDelta]:
+        """Like `decode` for a request migrated after `generated` tokens were streamed: `worker`
+        prefills prompt + generated and yields only the deltas after them."""
         ...
 
     async def cancel(self, worker: WorkerId, request_id: str) -> None:
@@ -105,12 +126,18 @@ class _Progress:
 
     arrival: float
     first_token_at: float | None = None
-    tokens: int = 0
+    streamed: list[int] = field(default_factory=list)  # token ids sent to the client, in order
     prefilled: PrefillResult | None = None  # kept across a re-route of the decode
     prefill_worker: WorkerId | None = None
-    decoding: bool = False  # the decode worker took the request
     done: bool = False  # the request ended normally: nothing to cancel
     holders: list[WorkerId] = field(default_factory=list)
+    migrations: int = 0
+    resume: bool = False  # a worker was lost after tokens were streamed: the next decode resumes
+    lost: set[WorkerId] = field(default_factory=set)
+
+    @property
+    def tokens(self) -> int:
+        return len(self.streamed)
 
 
 class Frontend:
@@ -119,7 +146,11 @@ class Frontend:
     def __init__(self, *, tokenizer: Tokenizer, limits: Limits, router: Router, index: KvIndex,
                  gateway: Gateway, metrics: RouterMetrics,
                  clock: Callable[[], float] = time.monotonic,
+                 max_migrations: int = DEFAULT_MAX_MIGRATIONS,
                  quotas: RequestLimits = RequestLimits()) -> None:
+        if max_migrations < 0:
+            raise ValueError(f"Frontend.max_migrations must be >= 0, got {max_migrations}")
+        self.max_migrations = max_migrations
         self.tokenizer = tokenizer
         self.limits = limits
         self.router = router
@@ -161,29 +192,49 @@ class Frontend:
 
     async def _attempts(self, req: GenerationRequest,
                         progress: _Progress) -> AsyncIterator[generate_pb2.GenerateChunk]:
-        """Route and serve. A worker that left before taking the request is routed around: a
-        prefill again from scratch, a decode again with the prefill's handoff (it is still held)."""
+        """Route and serve. A worker that left before taking the request is routed around (a prefill
+        again from scratch, a decode again with the prefill's handoff, which is still held); a
+        worker lost while holding it is a migration (see the module docstring)."""
+        gone = 0
         try:
-            for attempt in range(MAX_ROUTE_ATTEMPTS):
-                decision = self._route(req, self.clock())
+            while True:
+                decision = self._route(req, self.clock(), progress.lost)
                 try:
                     async for chunk in self._serve(req, decision, progress):
                         yield chunk
                     return
                 except WorkerGone as exc:
-                    if progress.decoding or attempt == MAX_ROUTE_ATTEMPTS - 1:
+                    gone += 1
+                    if gone >= MAX_ROUTE_ATTEMPTS:
                         raise RouterError(ErrorCode.UNAVAILABLE, f"{exc}; none took over") from None
+                except WorkerLost as exc:
+                    self._migrate(req, progress, exc)
                 finally:
                     self.router.finish(req.request_id)
         finally:
             if not progress.done:
                 for w in progress.holders:
-                    await asyncio.shield(self.gateway.cancel(w, req.request_id))
+                    if w not in progress.lost:
+                        await asyncio.shield(self.gateway.cancel(w, req.request_id))
 
-    def _route(self, req: GenerationRequest, now: float) -> RouteDecision:
+    def _migrate(self, req: GenerationRequest, progress: _Progress, exc: WorkerLost) -> None:
+        """Count a lost worker; UNAVAILABLE past the limit, else the next route takes over."""
+        progress.migrations += 1
+        progress.lost.add(exc.worker)
+        if progress.migrations > self.max_migrations:
+            raise RouterError(ErrorCode.UNAVAILABLE, f"request {req.request_id} lost its worker "
+                                                     f"{progress.migrations} times: {exc}") from None
+        self.metrics.migrations.inc()
+        if progress.streamed:
+            progress.resume = True
+        elif progress.prefilled is None:
+            progress.prefill_worker = None
+
+    def _route(self, req: GenerationRequest, now: float, lost: set[WorkerId]) -> RouteDecision:
         route_req = RouteRequest(req.request_id, len(req.prompt_ids), req.block_hashes, req.session_id)
         matches = self.index.match(req.block_hashes)
-        outcome = self.router.route(route_req, self.gateway.reports(), matches, now)
+        reports = [w for w in self.gateway.reports() if w.worker not in lost]
+        outcome = self.router.route(route_req, reports, matches, now)
         if isinstance(outcome, Refusal):
             code = (ErrorCode.RESOURCE_EXHAUSTED if outcome.reason is RefusalReason.QUEUES_FULL
                     else ErrorCode.UNAVAILABLE)
@@ -196,31 +247,34 @@ class Frontend:
 
     async def _serve(self, req: GenerationRequest, d: RouteDecision,
                      progress: _Progress) -> AsyncIterator[generate_pb2.GenerateChunk]:
-        if progress.prefilled is None and d.prefill is not None:
-            progress.holders.append(d.prefill)
-            progress.prefill_worker = d.prefill
-            progress.prefilled = await self.gateway.prefill(d.prefill, d.decode, req)
-            self.router.prefill_done(req.request_id)
-            first = progress.prefilled.first
-            if first.finish is not None:
-                progress.done = True
-                yield self._last(req, d, progress, first)
-                return
-            yield self._chunk(progress, first)
-        stream = self.gateway.decode(d.decode, req, progress.prefilled)
+        if progress.resume:  # the decode re-prefills prompt + streamed tokens; any prefill is skipped
+            stream = self.gateway.resume(d.decode, req, tuple(progress.streamed))
+        else:
+            if progress.prefilled is None and d.prefill is not None:
+                progress.holders.append(d.prefill)
+                progress.prefill_worker = d.prefill
+                progress.prefilled = await self.gateway.prefill(d.prefill, d.decode, req)
+                self.router.prefill_done(req.request_id)
+                first = progress.prefilled.first
+                if first.finish is not None:
+                    progress.done = True
+                    yield self._last(req, d, progress, first)
+                    return
+                yield self._chunk(progress, first)
+            stream = self.gateway.decode(d.decode, req, progress.prefilled)
+        took = False
         async for delta in stream:
-            if not progress.decoding:
-                progress.decoding = True
+            if not took:
+                took = True
                 progress.holders.append(d.decode)
                 self.router.prefill_done(req.request_id)
             if delta.finish is None:
                 yield self._chunk(progress, delta)
                 continue
-            progress.done = True
             if delta.finish is Finish.ABORTED:
                 assert delta.summary is not None
-                raise RouterError(ErrorCode.UNAVAILABLE, f"worker {d.decode} aborted the request: "
-                                                         f"{delta.summary.error}")
+                raise WorkerLost(d.decode, f"worker {d.decode} aborted the request: {delta.summary.error}")
+            progress.done = True
             yield self._last(req, d, progress, delta)
             return
         raise RouterError(ErrorCode.INTERNAL, f"worker {d.decode} ended the stream without a finish")
@@ -230,7 +284,7 @@ class Frontend:
         if progress.first_token_at is None and delta.token_ids:
             progress.first_token_at = now
             self.metrics.ttft.observe(now - progress.arrival)
-        progress.tokens += len(delta.token_ids)
+        progress.streamed.extend(delta.token_ids)
         self.metrics.output_tokens.inc(len(delta.token_ids))
         return generate_pb2.GenerateChunk(token_ids=delta.token_ids, text=delta.text,
                                           logprobs=logprobs_to_proto(delta.logprobs))
@@ -291,4 +345,4 @@ async def _with_deadline(stream: AsyncIterator[generate_pb2.GenerateChunk],
         await stream.aclose()  # type: ignore[attr-defined]
 
 
-__all__ = ["ErrorCode", "Frontend", "Gateway", "RouterError"]
+__all__ = ["ErrorCode", "Frontend", "Gateway", "RouterError", "WorkerGone", "WorkerLost"]

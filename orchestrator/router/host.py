@@ -75,6 +75,7 @@ class RouterSettings:
     kv_params: KvParams = KvParams()  # the `kv` policy's weights (spec router.weights)
     tenants: tuple[TenantToken, ...] = ()  # besides "default" (whose token is `token`)
     quotas: RequestLimits = RequestLimits()  # the spec's limits: section
+    max_migrations: int = 2  # worker losses a request survives (spec router.max_migrations)
 
     def credentials(self) -> Credentials:
         """Who may call: `token` is the "default" tenant's, then the spec's tenants, and the admin token."""
@@ -112,7 +113,7 @@ class RouterHost:
                                   metrics=metrics)
         frontend = Frontend(tokenizer=load_tokenizer(s.checkpoint), limits=s.limits,
                             router=self._router(), index=self.index, gateway=self.gateway, metrics=metrics,
-                            quotas=s.quotas)
+                            max_migrations=s.max_migrations, quotas=s.quotas)
         self._grpc, grpc_port = await start_server(frontend, host=s.host, port=s.grpc_port,
                                                    credentials=s.credentials(),
                                                    tls=s.tls.for_grpc() if s.tls else None,
@@ -161,10 +162,16 @@ class RouterHost:
             self._admin.controller = controller
 
     async def add_worker(self, instance: str, rank: int, role: str, handle: object) -> None:
-        """Route to a ready rank from now on (role: "prefill" or "decode")."""
+        """Route to a ready rank from now on (role: "prefill" or "decode"). Its KV index entries
+        start from its snapshot, so a restarted router routes cached prefixes as before."""
         assert self.gateway is not None, "start() first"
         stats = await handle.stats.remote()
-        self.gateway.add(WorkerId(instance, rank), Role(role), handle, stats)
+        snapshot = await handle.kv_snapshot.remote()
+        self.gateway.add(WorkerId(instance, rank), Role(role), handle, stats, snapshot)
+
+    async def kv_holdings(self, instance: str, rank: int) -> frozenset[int]:
+        """The block hashes this router's KV index holds for a rank (operators, tests)."""
+        return frozenset(self.index.holdings(WorkerId(instance, rank)))
 
     async def drain_worker(self, instance: str, rank: int) -> None:
         """No new requests for a rank; its running ones finish."""

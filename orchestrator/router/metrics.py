@@ -41,6 +41,12 @@ class RouterMetrics:
                                           registry=registry)
         self.output_tokens = Counter("tandem_router_output_tokens", "Tokens streamed to clients",
                                      registry=registry)
+        self.migrations = Counter("tandem_router_migrations",
+                                  "Requests routed again after a worker holding them was lost",
+                                  registry=registry)
+        self.kv_resyncs = Counter("tandem_router_kv_resyncs",
+                                  "KV index rebuilds of a worker from its snapshot (start, event gap)",
+                                  registry=registry)
 
     def prefix_hit_rate(self) -> float:
         """Cached / routed prompt blocks since start (0 before any block was routed)."""

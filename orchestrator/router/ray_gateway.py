@@ -8,7 +8,9 @@ Per registered rank the gateway keeps two Ray streams open:
 Draining a rank takes it out of the reports (no new routes) and out of the index, but keeps its
 streams open until the controller removes it, so its running requests finish normally.
 A rank whose streams fail is dropped (its index entries too) and its waiting requests end with
-Finish.ABORTED, so a client never hangs on a dead worker.
+Finish.ABORTED, so a client never hangs on a dead worker; a call to a dead rank raises WorkerLost.
+Both tell the frontend to migrate the request. A rank added with its `kv_snapshot` starts in the
+index from that snapshot (a new or restarted router) and reads only the events after it.
 """
 
 from __future__ import annotations
@@ -16,10 +18,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
-from orchestrator.router.frontend import WorkerGone
+import ray
+
+from orchestrator.router.frontend import WorkerGone, WorkerLost
 from orchestrator.router.inputs import Role, WorkerId, WorkerState
 from orchestrator.router.kv_index import ApplyResult, KvEvent, KvEventKind, KvIndex
 from orchestrator.router.metrics import RouterMetrics
@@ -86,16 +90,24 @@ class RayGateway:
         self._clock = clock or time.monotonic
 
     # --- membership ----------------------------------------------------------------------------
-    def add(self, wid: WorkerId, role: Role, handle: object, stats: worker_pb2.WorkerStats) -> None:
-        """Start serving through a ready rank actor, from its first stats (so it is routable at once)."""
+    def add(self, wid: WorkerId, role: Role, handle: object, stats: worker_pb2.WorkerStats,
+            snapshot: worker_pb2.KvSnapshot | None = None) -> None:
+        """Start serving through a ready rank actor, from its first stats (so it is routable at once)
+        and, when given, its KV snapshot (its index entries; later events follow from there)."""
         if wid in self._ranks:
             raise ValueError(f"worker {wid} is already registered")
+        after_seq = -1
+        if snapshot is not None:
+            self.index.resync(wid, tuple(snapshot.block_hashes), snapshot.seq)
+            after_seq = snapshot.seq
+            if self.metrics is not None:
+                self.metrics.kv_resyncs.inc()
         rank = _Rank(wid, role, handle)
         rank.state = _worker_state(wid, role, stats, self.limits, self._clock())
         self._ranks[wid] = rank
         if role is Role.DECODE:
             rank.tasks.append(asyncio.ensure_future(self._pump_tokens(rank)))
-        rank.tasks.append(asyncio.ensure_future(self._pump_reports(rank)))
+        rank.tasks.append(asyncio.ensure_future(self._pump_reports(rank, after_seq)))
 
     def drain(self, wid: WorkerId) -> None:
         """No new requests for this rank; the ones it runs go on. Unknown ranks are ignored."""
@@ -120,15 +132,33 @@ class RayGateway:
         return [r.state for r in self._ranks.values() if r.state is not None and not r.draining]
 
     async def prefill(self, worker: WorkerId, decode: WorkerId, request: GenerationRequest) -> PrefillResult:
-        return await self._rank(worker).handle.prefill.remote(request)
+        handle = self._rank(worker).handle
+        try:
+            return await handle.prefill.remote(request)
+        except ray.exceptions.RayActorError as exc:
+            raise WorkerLost(worker, f"prefill worker {worker} lost request {request.request_id}: "
+                                     f"{type(exc).__name__}") from None
 
-    async def decode(self, worker: WorkerId, request: GenerationRequest,
-                     prefilled: PrefillResult | None) -> AsyncIterator[TokenDelta]:
+    def decode(self, worker: WorkerId, request: GenerationRequest,
+               prefilled: PrefillResult | None) -> AsyncIterator[TokenDelta]:
+        return self._deltas(worker, request, lambda h: h.submit.remote(request, prefilled))
+
+    def resume(self, worker: WorkerId, request: GenerationRequest,
+               generated: Sequence[int]) -> AsyncIterator[TokenDelta]:
+        return self._deltas(worker, request, lambda h: h.resume.remote(request, list(generated)))
+
+    async def _deltas(self, worker: WorkerId, request: GenerationRequest,
+                      send: Callable[[object], Awaitable[None]]) -> AsyncIterator[TokenDelta]:
+        """Send the request with `send(handle)`, then yield its deltas until the finished one."""
         rank = self._rank(worker)
         q: asyncio.Queue[TokenDelta] = asyncio.Queue()
         rank.waiting[request.request_id] = q  # before submit: no delta can be missed
         try:
-            await rank.handle.submit.remote(request, prefilled)
+            try:
+                await send(rank.handle)
+            except ray.exceptions.RayActorError as exc:
+                raise WorkerLost(worker, f"decode worker {worker} failed taking request "
+                                         f"{request.request_id}: {type(exc).__name__}") from None
             while True:
                 delta = await q.get()
                 yield delta
@@ -166,9 +196,9 @@ class RayGateway:
             log.error("token stream of %s failed: %s", rank.wid, exc)
             self.remove(rank.wid, f"token stream failed: {exc}")
 
-    async def _pump_reports(self, rank: _Rank) -> None:
+    async def _pump_reports(self, rank: _Rank, after_seq: int) -> None:
         try:
-            async for ref in rank.handle.reports.remote(self.report_interval_s):
+            async for ref in rank.handle.reports.remote(self.report_interval_s, after_seq):
                 stats, events = await ref
                 rank.state = _worker_state(rank.wid, rank.role, stats, self.limits, self._clock())
                 if self.metrics is not None:
@@ -183,6 +213,8 @@ class RayGateway:
                 if rank.wid in self.index.needs_resync():
                     snap = await rank.handle.kv_snapshot.remote()
                     self.index.resync(rank.wid, tuple(snap.block_hashes), snap.seq)
+                    if self.metrics is not None:
+                        self.metrics.kv_resyncs.inc()
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001

@@ -47,7 +47,7 @@ class FakeRank:
         await asyncio.sleep(3600)
         yield
 
-    async def _reports(self, interval_s: float):  # noqa: ANN202
+    async def _reports(self, interval_s: float, after_seq: int = -1):  # noqa: ANN202
         batches = [
             [worker_pb2.KvEvent(seq=0, cleared=worker_pb2.KvCleared()), _stored(1, 11, 12)],
             [_stored(3, 99)],  # seq 2 (which removed 12 and stored 13) was lost

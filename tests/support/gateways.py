@@ -34,6 +34,10 @@ class ReportsOnly:
                prefilled: PrefillResult | None) -> AsyncIterator[TokenDelta]:
         raise AssertionError("a refused request reached a decode worker")
 
+    def resume(self, worker: WorkerId, request: GenerationRequest,
+               generated: Sequence[int]) -> AsyncIterator[TokenDelta]:
+        raise AssertionError("a refused request reached a decode worker")
+
     async def cancel(self, worker: WorkerId, request_id: str) -> None:
         raise AssertionError("nothing to cancel")
 

@@ -10,11 +10,13 @@ claim refused, READ failed) is logged and counted, and the engine recomputes the
 from __future__ import annotations
 
 import logging
+from collections import deque
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry
 
 from workers.engine.engine import FillKv, PulledKv
+from workers.faults import FaultConfig
 from workers.kv.paged_cache import PagedModelCache
 from workers.transfer.agent import AgentConfig, AgentInfo, TransferAgent
 from workers.transfer.handoff import HandoffDescriptor
@@ -23,11 +25,12 @@ from workers.transfer.messages import Inbox
 from workers.transfer.metrics import TransferMetrics
 from workers.transfer.pages import sequence_pages
 from workers.transfer.pull import ClaimRefused, EpochMismatch, HandoffExpired, Puller, PullResult
-from workers.transfer.transport import NixlTransport, TransferFailed
+from workers.transfer.transport import FaultHooks, FaultyTransport, NixlTransport, TransferFailed, Transport
 
 log = logging.getLogger(__name__)
 
 RECOMPUTE_ERRORS = (HandoffExpired, EpochMismatch, ClaimRefused, TransferFailed)
+RECORDS_KEPT = 1024
 
 
 @dataclass(frozen=True)
@@ -43,7 +46,8 @@ class DecodeTransfer:
     """One decode rank's pulls over NIXL. Not thread-safe: the engine's lock serialises it."""
 
     def __init__(
-        self, name: str, cache: PagedModelCache, timeout_s: float, *, hugepages: bool = True
+        self, name: str, cache: PagedModelCache, timeout_s: float, *, hugepages: bool = True,
+        faults: FaultConfig | None = None,
     ) -> None:
         if timeout_s <= 0:
             raise ValueError(f"DecodeTransfer({name!r}).timeout_s must be positive, got {timeout_s}")
@@ -52,8 +56,14 @@ class DecodeTransfer:
         self.agent = TransferAgent(AgentConfig(name, hugepages=hugepages), self.manager.pools, layout)
         self.metrics = TransferMetrics(CollectorRegistry())
         self.transport = NixlTransport(self.agent)
-        self.puller = Puller(Inbox(self.agent), self.transport, self.metrics)
-        self.records: list[PullRecord] = []  # every handoff taken, oldest first
+        # Test-only faults wrap the transport: a READ fails or hangs where a real one would.
+        self.fault_hooks = FaultHooks(plan=faults) if faults is not None and faults.reads_enabled else None
+        reads: Transport = self.transport
+        if self.fault_hooks is not None:
+            reads = FaultyTransport(self.transport, self.fault_hooks)
+        self.puller = Puller(Inbox(self.agent), reads, self.metrics)
+        # The last RECORDS_KEPT handoffs taken, oldest first: bounded, a rank takes millions.
+        self.records: deque[PullRecord] = deque(maxlen=RECORDS_KEPT)
         self._info = self.agent.info()
 
     def info(self) -> AgentInfo:

@@ -1,4 +1,5 @@
-"""Posting READs over NIXL, and a wrapper that injects faults (off unless a test turns it on).
+"""Posting READs over NIXL, and a wrapper that injects faults (off unless a test or a
+deployment's test-only `faults:` config turns it on).
 
 `NixlTransport.prepare` turns a ReadPlan into one NIXL READ request, which the caller posts (so
 the READ can be timed from its posting). With few runs it builds the coalesced (address, length)
@@ -19,6 +20,7 @@ from typing import Protocol
 
 from nixl._api import nixl_agent
 
+from workers.faults import FaultConfig
 from workers.transfer.agent import TransferAgent
 from workers.transfer.descriptors import ReadPlan, descriptor_arrays, page_indices, split_plan
 
@@ -185,21 +187,39 @@ class FaultHooks:
 
     fail_next: the next N READs raise TransferFailed when posted (no byte moves).
     delay_s: every read reports done only this many seconds after it really finished.
+    plan: faults by READ number (a deployment's `faults:` config, workers/faults.py): a READ its
+        `fail_reads` picks fails when posted; one its `delay_reads` picks is late by `read_delay_s`.
+    reads / failed / delayed: READs prepared, failed and delayed so far (what was injected).
     """
 
     fail_next: int = 0
     delay_s: float = 0.0
+    plan: FaultConfig | None = None
+    reads: int = 0
+    failed: int = 0
+    delayed: int = 0
 
 
 class _FaultyRead:
     def __init__(self, inner: PendingRead, hooks: FaultHooks, peer: str, clock: Callable[[], float]) -> None:
         self._inner, self._hooks, self._peer, self._clock = inner, hooks, peer, clock
-        self._delay = hooks.delay_s
+        self._number = hooks.reads
+        hooks.reads += 1
+        plan = hooks.plan
+        self._planned_failure = plan is not None and plan.fail_reads.hits(self._number)
+        planned_delay = plan is not None and plan.delay_reads.hits(self._number)
+        self._delay = plan.read_delay_s if plan is not None and planned_delay else hooks.delay_s
+        if self._delay > 0:
+            hooks.delayed += 1
         self._landed: float | None = None
 
     def post(self) -> None:
+        if self._planned_failure:
+            self._hooks.failed += 1
+            raise TransferFailed(f"READ #{self._number} from {self._peer!r}: injected failure (fault plan)")
         if self._hooks.fail_next > 0:
             self._hooks.fail_next -= 1
+            self._hooks.failed += 1
             raise TransferFailed(f"READ from {self._peer!r}: injected failure (FaultHooks.fail_next)")
         self._inner.post()
 
