@@ -7,6 +7,8 @@ free their KV at once. In the PREFILL role a request leaves after its first toke
 held as a handoff until `release_handoff` (the NIXL handoff table freed it) or `take_handoff` (the
 object-store test mode). A DECODE engine takes a prefilled request with `add_pulled` (its prompt's
 pages filled by a NIXL pull, workers/transfer/decode_side.py) or `add_prefilled` (tensors).
+With a `Speculator` (workers/engine/speculate.py) the run and sampling are its step instead: a
+decoding request may then get several tokens in one delta (accepted MTP drafts + one more).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from workers.engine.kv import KvSpace
 from workers.engine.runner import ModelRunner
 from workers.engine.sampler import sample_batch, token_logprobs
 from workers.engine.scheduler import Scheduler, SchedulerConfig, StepPlan
+from workers.engine.speculate import Picked, Speculator
 from workers.engine.state import Phase, RequestState
 from workers.model.config import ModelConfig
 
@@ -76,15 +79,17 @@ class EngineStats:
     decode_tokens: int  # cumulative tokens sampled
     preemptions: int
     steps: int
+    drafted_tokens: int = 0  # cumulative MTP draft tokens proposed (speculation)
+    accepted_tokens: int = 0  # ... and accepted
 
 
 class Engine:
     """Scheduler + runner + sampler for one rank (see the module docstring)."""
 
     def __init__(self, role: Role, model_cfg: ModelConfig, sched: SchedulerConfig, kv: KvSpace,
-                 runner: ModelRunner, tokenizer: Tokenizer) -> None:
+                 runner: ModelRunner, tokenizer: Tokenizer, speculator: Speculator | None = None) -> None:
         self.role, self.model_cfg, self.kv = role, model_cfg, kv
-        self.runner, self.tokenizer = runner, tokenizer
+        self.runner, self.tokenizer, self.speculator = runner, tokenizer, speculator
         self.scheduler = Scheduler(sched, kv)
         self._states: dict[str, RequestState] = {}
         self._handoffs: dict[str, RequestState] = {}
@@ -93,6 +98,7 @@ class Engine:
         self._seq_ids = itertools.count()
         self._order = itertools.count()
         self._steps = self._prefill_tokens = self._decode_tokens = self._preemptions = 0
+        self._drafted = self._accepted = 0
 
     # --- intake --------------------------------------------------------------------------------
     def _new_state(self, request: GenerationRequest) -> RequestState:
@@ -255,8 +261,12 @@ class Engine:
                 import_kv(self.kv.cache, self.model_cfg, state.seq, kv)
         for state in plan.preempted:
             self._incoming.pop(state.request_id, None)  # recomputed from its tokens now
-        logits = self.runner.run([(c.state.seq, c.tokens) for c in plan.chunks], self.kv.cache)
-        deltas = self._postprocess(plan, logits)
+        if self.speculator is None:
+            logits = self.runner.run([(c.state.seq, c.tokens) for c in plan.chunks], self.kv.cache)
+            picks = self._sample(plan, logits)
+        else:
+            picks = self.speculator.step(plan, self.kv)
+        deltas = self._postprocess(plan, picks)
         self._steps += 1
         self._preemptions += len(plan.preempted)
         pending, self._pending = self._pending, []
@@ -264,39 +274,65 @@ class Engine:
         all_deltas = tuple(pending) + deltas
         return StepOutput(self._steps, all_deltas, handoffs, plan.num_tokens, len(plan.preempted))
 
-    def _postprocess(self, plan: StepPlan, logits: torch.Tensor) -> tuple[TokenDelta, ...]:
+    @staticmethod
+    def _sample(plan: StepPlan, logits: torch.Tensor) -> list[Picked]:
+        """One pick per chunk that reaches its end, from the runner's last-token logits."""
         rows = [i for i, c in enumerate(plan.chunks) if c.samples]
+        states = [plan.chunks[i].state for i in rows]
+        params = [s.request.sampling for s in states]
+        tokens = sample_batch(logits[rows], params, [len(s.tokens) for s in states])
+        return [Picked((tok,), logits[i : i + 1]) for i, tok in zip(rows, tokens, strict=True)]
+
+    def _postprocess(self, plan: StepPlan, picks: Sequence[Picked]) -> tuple[TokenDelta, ...]:
+        """Emit each sampling chunk's picks (several with speculation: the KV of all but the last
+        is already in the cache), cutting at the first that ends the request."""
         for c in plan.chunks:
             c.state.computed += len(c.tokens)
             if not c.samples or len(c.tokens) > 1:
                 self._prefill_tokens += len(c.tokens)
-        states = [plan.chunks[i].state for i in rows]
-        params = [s.request.sampling for s in states]
-        tokens = sample_batch(logits[rows], params, [len(s.tokens) for s in states])
+        states = [c.state for c in plan.chunks if c.samples]
         # A token keeps its logprob even when a stop string cuts its text or it is a stop token:
         # logprobs follow token_ids, one each.
-        logprobs = token_logprobs(logits[rows], params, tokens)
-        self._decode_tokens += len(tokens)
+        params = [s.request.sampling for s, p in zip(states, picks, strict=True) for _ in p.tokens]
+        tokens = [tok for p in picks for tok in p.tokens]
+        logprobs = iter(token_logprobs(torch.cat([p.logits for p in picks]), params, tokens)
+                        if any(p.logprobs for p in params) else [()] * len(tokens))
         deltas = []
         now = time.monotonic()
-        for state, tok, lp in zip(states, tokens, logprobs, strict=True):
-            state.tokens.append(tok)
+        for state, pick in zip(states, picks, strict=True):
+            state.computed += len(pick.tokens) - 1
+            state.drafted, state.accepted = state.drafted + pick.drafted, state.accepted + pick.accepted
+            self._drafted, self._accepted = self._drafted + pick.drafted, self._accepted + pick.accepted
             if state.first_token_at is None:
                 state.first_token_at = now
-            piece = state.tracker.push(tok)
-            if piece.finish is not None:
+            toks: list[int] = []
+            lps: list[TokenLogprob] = []
+            text, finish = "", None
+            for tok in pick.tokens:
+                toks.append(tok)
+                lps += next(logprobs)
+                state.tokens.append(tok)
+                piece = state.tracker.push(tok)
+                text += piece.text
+                if piece.finish is not None:
+                    finish = piece.finish
+                    break
+            for _ in pick.tokens[len(toks):]:
+                next(logprobs)
+            self._decode_tokens += len(toks)
+            if finish is not None:
                 self._states.pop(state.request_id)
                 self.scheduler.remove(state)
                 state.phase = Phase.FINISHED
-                deltas.append(self._final(state, (tok,), piece.text, piece.finish, lp))
+                deltas.append(self._final(state, tuple(toks), text, finish, tuple(lps)))
             elif self.role is Role.PREFILL:
                 self._states.pop(state.request_id)
                 self.scheduler.detach(state)
                 state.phase = Phase.FINISHED
                 self._handoffs[state.request_id] = state
-                deltas.append(TokenDelta(state.request_id, (tok,), piece.text, logprobs=lp))
+                deltas.append(TokenDelta(state.request_id, tuple(toks), text, logprobs=tuple(lps)))
             else:
-                deltas.append(TokenDelta(state.request_id, (tok,), piece.text, logprobs=lp))
+                deltas.append(TokenDelta(state.request_id, tuple(toks), text, logprobs=tuple(lps)))
         return tuple(deltas)
 
     def _final(self, state: RequestState, toks: tuple[int, ...], text: str, reason: Finish,
@@ -308,6 +344,7 @@ class Engine:
             cached_tokens=state.cached_tokens, queue_s=start - state.arrival,
             prefill_s=0.0 if state.cached_tokens >= state.num_prompt else max(0.0, first - start),
             transfer_s=state.transfer_s, kv_transfer_bytes=state.kv_transfer_bytes,
+            drafted_tokens=state.drafted, accepted_tokens=state.accepted,
         )
         return TokenDelta(state.request_id, toks, text, reason, summary, logprobs)
 
@@ -320,4 +357,5 @@ class Engine:
             prefix_hit_rate=self.kv.prefix_hit_rate,
             prefill_tokens=self._prefill_tokens, decode_tokens=self._decode_tokens,
             preemptions=self._preemptions, steps=self._steps,
+            drafted_tokens=self._drafted, accepted_tokens=self._accepted,
         )

@@ -5,6 +5,8 @@ from __future__ import annotations
 import enum
 import time
 
+import torch
+
 from tandem.request import GenerationRequest
 from tandem.tokenizer import Tokenizer
 from workers.engine.stop import StopTracker
@@ -38,6 +40,13 @@ class RequestState:
         self.arrival = time.monotonic()
         self.started: float | None = None  # first scheduled
         self.first_token_at: float | None = None
+        # Speculative decoding (workers/engine/speculate.py): the MTP layer's output streams at
+        # position `draft_at` (the next drafts come from them while draft_at == computed - 1), and
+        # the draft tokens proposed / accepted so far.
+        self.draft_hidden: torch.Tensor | None = None
+        self.draft_at = -1
+        self.drafted = 0
+        self.accepted = 0
 
     @property
     def request_id(self) -> str:

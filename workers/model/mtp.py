@@ -44,8 +44,24 @@ class MTPBlock(Block):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits [N, vocab] float32, MTP streams [N, n, d]) from main streams [N, n, d] and the
         embeddings [N, d] of the next tokens (ids [N])."""
+        x = self.forward_streams(streams, next_emb, next_ids, segments, layer, cache)
+        return self.logits(x, head), x
+
+    def forward_streams(
+        self,
+        streams: torch.Tensor,
+        next_emb: torch.Tensor,
+        next_ids: torch.Tensor,
+        segments: Sequence[Segment],
+        layer: int,
+        cache: ModelCache,
+    ) -> torch.Tensor:
+        """The MTP streams [N, n, d] alone (writing the layer's window like `predict`), for callers
+        that need the logits of only some rows (`logits`)."""
         e = self.e_proj(self.enorm(next_emb)).unsqueeze(1)
         x = e + self.h_proj(self.hnorm(streams))
-        x = super().forward(x, next_ids, segments, layer, cache)
-        logits = F.linear(wide(self.norm(self.hc_head(x))), wide(head))
-        return logits, x
+        return super().forward(x, next_ids, segments, layer, cache)
+
+    def logits(self, x: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
+        """Logits [N, vocab] float32 of MTP streams x [N, n, d] (head: the main model's)."""
+        return F.linear(wide(self.norm(self.hc_head(x))), wide(head))
