@@ -1,31 +1,64 @@
-"""Rendering chat messages into one prompt string.
+"""/v1/chat/completions <-> the router's Generate in its `messages` form.
 
-The DeepSeek conversation markers: a system prompt first, then each user turn after `<｜User｜>` and
-each assistant turn after `<｜Assistant｜>`, ending with `<｜Assistant｜>` so the model answers. With
-thinking off the assistant's turn opens with an empty reasoning block `</think>`. (The full V4
-encoding, tool calls and thinking mode arrive with the chat issue.)
+The API does not render prompts: it passes the conversation, tools and thinking switch on, and the
+router renders them with the model's chat encoding (`orchestrator.router.chat`) and splits the
+model's output into answer, reasoning and tool calls. Here: the body's messages and options into
+the proto, and the chunks back into OpenAI's message and delta shapes (`reasoning_content`,
+`tool_calls` with id, type "function" and function {name, arguments JSON text}).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 
-from orchestrator.api.schemas import ChatMessage
+from orchestrator.api.chat_schemas import ChatFields
+from tandem.v1 import generate_pb2
 
-USER = "<｜User｜>"
-ASSISTANT = "<｜Assistant｜>"
-END_OF_TURN = "<｜end▁of▁sentence｜>"
-THINK_END = "</think>"
+_EFFORT = {None: generate_pb2.REASONING_EFFORT_UNSPECIFIED, "high": generate_pb2.REASONING_EFFORT_HIGH,
+           "max": generate_pb2.REASONING_EFFORT_MAX}
 
 
-def render(messages: Sequence[ChatMessage]) -> str:
-    """The prompt text for messages, ready for the model to write the next assistant turn."""
-    system = "\n\n".join(m.content for m in messages if m.role in ("system", "developer"))
-    parts = [system]
-    for m in messages:
-        if m.role == "user":
-            parts.append(USER + m.content)
-        elif m.role == "assistant":
-            parts.append(ASSISTANT + THINK_END + m.content + END_OF_TURN)
-    parts.append(ASSISTANT + THINK_END)
-    return "".join(parts)
+def fill_chat(msg: generate_pb2.GenerateRequest, body: ChatFields) -> None:
+    """Put the body's conversation and chat options on `msg` (which has neither prompt nor ids)."""
+    for m in body.messages:
+        calls = [generate_pb2.ToolCall(id=c.id, name=c.function.name, arguments_json=c.function.arguments)
+                 for c in m.tool_calls or []]
+        msg.messages.append(generate_pb2.ChatMessage(
+            role=m.role, content=m.text, reasoning_content=m.reasoning_content or "", tool_calls=calls,
+            tool_call_id=m.tool_call_id or "", name=m.name or ""))
+    tools = [generate_pb2.Tool(name=t.function.name, description=t.function.description or "",
+                               parameters_json=json.dumps(t.function.parameters)
+                               if t.function.parameters is not None else "")
+             for t in body.offered_tools]
+    msg.chat.CopyFrom(generate_pb2.ChatOptions(thinking=body.thinking_on, tools=tools,
+                                               reasoning_effort=_EFFORT[body.reasoning_effort]))
+
+
+def _calls(calls: Sequence[generate_pb2.ToolCall], indexed: bool) -> list[dict]:
+    return [{**({"index": i} if indexed else {}), "id": c.id, "type": "function",
+             "function": {"name": c.name, "arguments": c.arguments_json}} for i, c in enumerate(calls)]
+
+
+def assistant_message(text: str, reasoning: str, calls: Sequence[generate_pb2.ToolCall],
+                      thinking: bool) -> dict:
+    """The response's message: content null when the turn is only tool calls; reasoning_content
+    (possibly empty) in thinking mode."""
+    out: dict = {"role": "assistant", "content": text if text or not calls else None}
+    if thinking:
+        out["reasoning_content"] = reasoning
+    if calls:
+        out["tool_calls"] = _calls(calls, indexed=False)
+    return out
+
+
+def chat_delta(chunk: generate_pb2.GenerateChunk, first: bool) -> dict:
+    """A streamed delta: the role on the first, content always, reasoning_content and tool_calls
+    (with their index, as OpenAI streams them) when the chunk has some."""
+    delta: dict = {"role": "assistant"} if first else {}
+    delta["content"] = chunk.text
+    if chunk.reasoning_text:
+        delta["reasoning_content"] = chunk.reasoning_text
+    if chunk.tool_calls:
+        delta["tool_calls"] = _calls(chunk.tool_calls, indexed=True)
+    return delta

@@ -17,7 +17,7 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from orchestrator.api.auth import Auth
-from orchestrator.api.chat import render
+from orchestrator.api.chat import assistant_message, chat_delta, fill_chat
 from orchestrator.api.logprobs import LogprobsWriter
 from orchestrator.api.schemas import ChatRequest, CompletionRequest, SamplingBody
 from orchestrator.router.frontend import ErrorCode, Frontend, RouterError
@@ -92,17 +92,19 @@ def make_openai_router(frontend: Frontend, model_name: str, auth: Auth) -> APIRo
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             events = _sse(first, stream, rid, created, model_name, chat, include_usage, writer)
             return StreamingResponse(events, media_type="text/event-stream")
-        text, last, logprobs = first.text, first, [first.logprobs]
+        text, reasoning, last, logprobs = first.text, first.reasoning_text, first, [first.logprobs]
         try:
             async for chunk in stream:
                 text += chunk.text
+                reasoning += chunk.reasoning_text
                 last = chunk
                 logprobs.append(chunk.logprobs)
         except RouterError as exc:
             return router_error_response(exc)
-        finish = _FINISH.get(last.finish_reason, "stop")
+        finish = "tool_calls" if last.tool_calls else _FINISH.get(last.finish_reason, "stop")
         lp = writer.merged(logprobs) if writer else None
-        choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": lp,
+        message = assistant_message(text, reasoning, last.tool_calls, msg.chat.thinking) if chat else None
+        choice = ({"index": 0, "message": message, "logprobs": lp,
                    "finish_reason": finish}
                   if chat else {"index": 0, "text": text, "finish_reason": finish, "logprobs": lp})
         return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
@@ -116,7 +118,8 @@ def make_openai_router(frontend: Frontend, model_name: str, auth: Auth) -> APIRo
 
     @api.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, caller: Caller = Depends(auth.client)):  # noqa: ANN202
-        msg = _to_proto(body, prompt=render(body.messages), token_ids=None)
+        msg = _to_proto(body, prompt=None, token_ids=None)
+        fill_chat(msg, body)
         return await run(body, msg, chat=True, caller=caller)
 
     return api
@@ -126,10 +129,11 @@ async def _sse(first: generate_pb2.GenerateChunk, rest: AsyncIterator[generate_p
                created: int, model: str, chat: bool, include_usage: bool,
                writer: LogprobsWriter | None) -> AsyncIterator[bytes]:
     def event(chunk: generate_pb2.GenerateChunk, role: bool) -> bytes:
-        finish = _FINISH.get(chunk.finish_reason) if chunk.finish_reason else None
+        finish = None if not chunk.finish_reason else ("tool_calls" if chunk.tool_calls
+                                                       else _FINISH.get(chunk.finish_reason))
         lp = writer.chunk(chunk.logprobs) if writer else None
         if chat:
-            delta = {"role": "assistant", "content": chunk.text} if role else {"content": chunk.text}
+            delta = chat_delta(chunk, role)
             choice = {"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish}
         else:
             choice = {"index": 0, "text": chunk.text, "finish_reason": finish, "logprobs": lp}

@@ -10,6 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from orchestrator.api.chat_schemas import ChatFields
 from tandem.request import MAX_TOP_LOGPROBS
 
 
@@ -72,16 +73,8 @@ class CompletionRequest(SamplingBody):
         return self.logprobs is not None, self.logprobs or 0
 
 
-class ChatMessage(_Body):
-    role: Literal["system", "user", "assistant", "developer"]
-    content: str
-    name: str | None = None
-
-
-class ChatRequest(SamplingBody):
-    """POST /v1/chat/completions."""
-
-    messages: list[ChatMessage] = Field(min_length=1)
+class ChatRequest(SamplingBody, ChatFields):
+    """POST /v1/chat/completions; the conversation, tools and thinking fields are in ChatFields."""
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)  # needs logprobs
 
