@@ -6,19 +6,26 @@ LRU order and evicted, oldest first, when a reservation needs room. Every block 
 present is announced to the router's `KvIndex` (`stored`) and every eviction too (`removed`),
 exactly the events a real worker sends; blocks count as present only once computed (`complete`).
 
-Speed: a request touches tens of blocks per step, so every per-block step runs in C loops
-(map / filterfalse / compress over dicts). `present` maps a block to its holders (0 = cached);
-the LRU is a plain dict in recency order (dict operations run in C, OrderedDict's update does
-not) and lazy: a block held again stays in it and is skipped at eviction, and a released block
-moves to its end.
+LRU order: a block's place is its latest release; the blocks one `release` frees are ordered as
+the request lists them (prompt order). A block that is held again keeps no place until it is
+released again.
+
+Speed (a request touches tens of blocks at a time; every per-block step runs in C loops, map /
+compress / dict.update, and Python code runs per call or per release, never per block):
+- one dict, `present`, says everything about a block: value v > 0 = held by v live requests;
+  v < 0 = cached, freed by the release numbered -v;
+- the LRU is a queue of releases (release number, the blocks it freed), not of blocks: an entry
+  whose block was held again, released again later (its value names a newer release) or evicted
+  is stale and skipped at eviction, so holding and releasing never search the queue.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Sequence
-from itertools import compress, filterfalse, repeat, takewhile
-from operator import not_, sub
+from itertools import accumulate, compress, repeat, takewhile
+from operator import add, eq, lt, not_, sub
 
 from orchestrator.router.inputs import WorkerId
 from orchestrator.router.kv_index import KvIndex
@@ -27,7 +34,7 @@ from orchestrator.router.kv_index import KvIndex
 class PrefixCache:
     """Mutable simulation state of one worker's KV pool (one simulator owns it)."""
 
-    __slots__ = ("capacity", "cached", "index", "lru", "present", "reserved", "worker")
+    __slots__ = ("capacity", "cached", "index", "present", "releases", "reserved", "seq", "worker")
 
     def __init__(self, worker: WorkerId, capacity_blocks: int, index: KvIndex) -> None:
         if capacity_blocks < 1:
@@ -35,8 +42,9 @@ class PrefixCache:
         self.worker = worker
         self.capacity = capacity_blocks
         self.index = index
-        self.present: dict[int, int] = {}  # block -> live requests holding it (0: cached only)
-        self.lru: dict[int, None] = {}  # cached blocks, oldest first (lazy)
+        self.present: dict[int, int] = {}  # block -> holders (> 0), or -(release number) when cached
+        self.releases: deque[tuple[int, Sequence[int]]] = deque()  # the LRU: (release number, blocks)
+        self.seq = 0  # releases so far
         self.cached = 0  # blocks with no holder
         self.reserved = 0
 
@@ -46,6 +54,15 @@ class PrefixCache:
         if not hashes or hashes[0] not in present:
             return 0
         return len(list(takewhile(present.__contains__, hashes)))
+
+    def acquire_leading(self, hashes: Sequence[int]) -> int:
+        """Hold the leading present blocks of `hashes`; how many there are (`leading` + `acquire`)."""
+        present = self.present
+        if not hashes or hashes[0] not in present:
+            return 0
+        counts = list(takewhile(bool, map(present.get, hashes, repeat(0))))
+        self._hold(hashes[: len(counts)], counts)
+        return len(counts)
 
     def held(self) -> int:
         """Blocks some live request holds."""
@@ -65,23 +82,29 @@ class PrefixCache:
             raise ValueError(f"PrefixCache({self.worker}).unreserve({blocks}): only {self.reserved} reserved")
         self.reserved -= blocks
 
-    def _hold(self, hashes: Sequence[int]) -> None:
-        """Add one holder to blocks that are all present."""
-        present = self.present
-        counts = list(map(present.__getitem__, hashes))
-        self.cached -= counts.count(0)
-        present.update(zip(hashes, [c + 1 for c in counts], strict=True))
+    def _hold(self, hashes: Sequence[int], counts: list[int]) -> None:
+        """Add one holder to present blocks whose current values are `counts`."""
+        cached = sum(map(lt, counts, repeat(0)))
+        if cached:
+            self.cached -= cached
+            counts = [c if c > 0 else 0 for c in counts]
+        self.present.update(zip(hashes, map(add, counts, repeat(1)), strict=True))
 
     def acquire(self, hashes: Sequence[int]) -> None:
         """Hold blocks that are present (the caller checked with `leading`)."""
-        self._hold(hashes)
+        self._hold(hashes, list(map(self.present.__getitem__, hashes)))
 
     def complete(self, hashes: Sequence[int]) -> None:
         """The request computed (or received) these blocks: hold them, announcing new ones."""
         present = self.present
-        fresh = list(filterfalse(present.__contains__, hashes))
-        if len(fresh) < len(hashes):
-            self._hold(list(filter(present.__contains__, hashes)))
+        counts = list(map(present.get, hashes, repeat(0)))
+        if counts.count(0) == len(counts):  # the usual case: every block is new here
+            present.update(zip(hashes, repeat(1)))
+            self.index.stored(self.worker, hashes)
+            return
+        known = list(map(bool, counts))
+        self._hold(list(compress(hashes, known)), list(filter(None, counts)))
+        fresh = list(compress(hashes, map(not_, counts)))
         if fresh:
             present.update(zip(fresh, repeat(1)))
             self.index.stored(self.worker, fresh)
@@ -89,26 +112,36 @@ class PrefixCache:
     def release(self, hashes: Sequence[int]) -> None:
         """The request no longer needs these held blocks: unheld ones become cached (newest in the
         LRU). Room for them comes out of the request's reservation, released with `unreserve`."""
-        present, lru = self.present, self.lru
-        counts = list(map(sub, map(present.__getitem__, hashes), repeat(1)))
-        present.update(zip(hashes, counts, strict=True))
-        free = list(compress(hashes, map(not_, counts)))
-        if free:
-            self.cached += len(free)
-            deque(map(lru.pop, free, repeat(None)), maxlen=0)  # lazily kept entries move to the end
-            lru.update(zip(free, repeat(None)))
-            self._evict(self.reserved + self.cached - self.capacity)
+        present = self.present
+        counts = list(map(present.__getitem__, hashes))
+        if counts.count(1) == 0:  # every block is still held by another request
+            present.update(zip(hashes, map(sub, counts, repeat(1)), strict=True))
+            return
+        self.seq += 1
+        freed = {1: -self.seq}  # a last holder leaves: the block is cached, stamped with this release
+        present.update(zip(hashes, map(freed.get, counts, map(sub, counts, repeat(1))), strict=True))
+        free = list(compress(hashes, map(eq, counts, repeat(1))))
+        self.cached += len(free)
+        self.releases.append((self.seq, free))
+        self._evict(self.reserved + self.cached - self.capacity)
 
     def _evict(self, n: int) -> None:
-        """Evict the n oldest cached blocks (skipping LRU entries that are held again)."""
+        """Evict the n oldest cached blocks (skipping stale LRU entries)."""
         if n <= 0:
             return
-        present, lru, gone = self.present, self.lru, []
-        while len(gone) < n and lru:
-            h = next(iter(lru))
-            del lru[h]
-            if present.get(h) == 0:
-                del present[h]
-                gone.append(h)
+        present, releases, gone = self.present, self.releases, []
+        while len(gone) < n and releases:
+            seq, blocks = releases[0]
+            live = list(map(eq, map(present.get, blocks), repeat(-seq)))
+            need = n - len(gone)
+            if sum(live) <= need:
+                releases.popleft()
+                gone += compress(blocks, live)
+            else:  # the oldest `need` live blocks go; the rest keep their place at the front
+                cut = bisect_left(list(accumulate(live)), need) + 1
+                gone += compress(blocks[:cut], live)
+                releases[0] = (seq, blocks[cut:])
+        deque(map(present.__delitem__, gone), maxlen=0)
         self.cached -= len(gone)
         self.index.removed(self.worker, gone)
+

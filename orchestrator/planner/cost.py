@@ -75,16 +75,21 @@ class CostModel:
         object.__setattr__(self, "_bw", self.gpu.hbm_bytes_per_s * eff.bandwidth)
         object.__setattr__(self, "_memo", {})
         object.__setattr__(self, "_chunks", {})
+        # per-token prices of the attention core; the same expressions `step_seconds` always used
+        a, p = self.arch, self.par
+        object.__setattr__(self, "_attn_rate", a.heads * (a.qk_dim + a.v_dim) * 2 / self._bf16 / p.gpus)
+        object.__setattr__(self, "_index_rate", a.index_heads * a.index_dim * 2 / self._fp8 / p.gpus)
+        object.__setattr__(self, "_kv_rate", 1.0 / (p.dp * self._bw))
+        object.__setattr__(self, "_decode_geo", tuple(
+            (g.layers, g.window, g.ratio, g.topk, g.indexer, g.entry_bytes, g.index_key_bytes)
+            for g in a.attention))
 
     # ---- the pricing ---------------------------------------------------------------------------
     def step_seconds(self, work: Work) -> float:
         """Time of one forward step of `work` (see module docstring)."""
-        a, p, bw = self.arch, self.par, self._bw
         total = self._fixed_seconds(work.tokens, work.sampled)
-        attn_rate = a.heads * (a.qk_dim + a.v_dim) * 2 / self._bf16 / p.gpus
-        index_rate = a.index_heads * a.index_dim * 2 / self._fp8 / p.gpus
-        kv_rate = 1.0 / (p.dp * bw)
-        for geo, aw in zip(a.attention, work.attn, strict=True):
+        attn_rate, index_rate, kv_rate = self._attn_rate, self._index_rate, self._kv_rate
+        for geo, aw in zip(self.arch.attention, work.attn, strict=True):
             total += geo.layers * max(attn_rate * aw.attended + index_rate * aw.scored, aw.kv_read * kv_rate)
         return total
 
@@ -158,8 +163,24 @@ class CostModel:
         return total
 
     def decode_step_seconds(self, batch: int, context_tokens: float) -> float:
-        """One decode step of `batch` requests whose contexts sum to `context_tokens`."""
-        return self.step_seconds(decode_work(self.arch, batch, context_tokens))
+        """One decode step of `batch` requests whose contexts sum to `context_tokens`:
+        `step_seconds(decode_work(arch, batch, context_tokens))`, inlined with the same floating-point
+        operations in the same order (the simulator prices a decode batch at every membership change)."""
+        if batch < 1 or context_tokens < batch:
+            raise ValueError(f"decode batch={batch}, context_tokens={context_tokens}: need batch >= 1 and "
+                             "context_tokens >= batch")
+        total = self._fixed_seconds(batch, batch)
+        attn_rate, index_rate, kv_rate = self._attn_rate, self._index_rate, self._kv_rate
+        mean = context_tokens / batch
+        for layers, window, ratio, topk, indexer, entry_bytes, key_bytes in self._decode_geo:
+            win = min(mean, window) * batch
+            visible = context_tokens / ratio if ratio else 0.0
+            selected = min(topk * batch, visible) if topk else visible
+            attended = win + selected
+            kv_read = attended * entry_bytes + visible * key_bytes
+            total += layers * max(attn_rate * attended + index_rate * (visible if indexer else 0.0),
+                                  kv_read * kv_rate)
+        return total
 
     def kv_pool_bytes(self) -> float:
         """HBM left for KV on the whole instance after the weights (MEMORY_UTILISATION of HBM)."""

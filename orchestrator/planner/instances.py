@@ -81,8 +81,7 @@ class PrefillEngine:
             return False
         job.prefill_reserve = need
         hashes = job.hashes
-        n = self.cache.leading(hashes)
-        self.cache.acquire(hashes[:n])
+        n = self.cache.acquire_leading(hashes)
         job.cached_blocks = n
         job.cached_tokens = min(n * 256, job.req.prompt_tokens - 1)
         job.pos = job.cached_tokens

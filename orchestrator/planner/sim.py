@@ -67,6 +67,8 @@ class Simulator:
         self.fleet = fleet
         self.arch = model(fleet.model)
         self.block_bytes = block_bytes(self.arch)
+        self._reserve_memo: dict[int, int] = {}
+        self._handoff_memo: dict[tuple[int, int], int] = {}
         self.params = fleet.fleet_params()
         self.router = Router.named(fleet.policy, self.params)
         self.index = KvIndex()
@@ -124,11 +126,25 @@ class Simulator:
     def _blocks(self, nbytes: int) -> int:
         return -(-nbytes // self.block_bytes)
 
+    def _reserve_blocks(self, tokens: int) -> int:
+        """Blocks reserved for a request that may grow to `tokens` (memoised: lengths recur)."""
+        hit = self._reserve_memo.get(tokens)
+        if hit is None:
+            hit = self._reserve_memo[tokens] = self._blocks(request_reserve_bytes(self.arch, tokens))
+        return hit
+
     def _prefill_reserve(self, job: Job) -> int:
-        return self._blocks(request_reserve_bytes(self.arch, job.req.prompt_tokens))
+        return self._reserve_blocks(job.req.prompt_tokens)
 
     def _decode_reserve(self, job: Job) -> int:
-        return self._blocks(request_reserve_bytes(self.arch, job.req.prompt_tokens + job.req.output_tokens))
+        return self._reserve_blocks(job.req.prompt_tokens + job.req.output_tokens)
+
+    def _handoff_bytes(self, prompt_tokens: int, reused_blocks: int) -> int:
+        key = (prompt_tokens, reused_blocks)
+        hit = self._handoff_memo.get(key)
+        if hit is None:
+            hit = self._handoff_memo[key] = handoff_bytes(self.arch, prompt_tokens, reused_blocks)
+        return hit
 
     def _push(self, t: float, kind: Ev, payload: object) -> None:
         self._seq += 1
@@ -297,13 +313,12 @@ class Simulator:
             decode.waiting.popleft()
             promised[0] -= 1
             promised[1] -= job.decode_reserve
-            n = decode.cache.leading(job.hashes)
-            decode.cache.acquire(job.hashes[:n])
+            n = decode.cache.acquire_leading(job.hashes)
             job.reused_blocks = n
             same = self._domain_of_engine[id(job.prefill)] == decode.domain
             link = self.params.topology.intra_domain if same else self.params.topology.cross_domain
             decode.incoming += 1
-            self._push(self.now + link.seconds(handoff_bytes(self.arch, job.req.prompt_tokens, n)),
+            self._push(self.now + link.seconds(self._handoff_bytes(job.req.prompt_tokens, n)),
                        Ev.TRANSFER_DONE, job)
 
     def _release_prefill(self, job: Job) -> None:

@@ -54,33 +54,41 @@ def _sum_min_floor(n: int, m: int, cap: int) -> int:
     return _sum_floor(knee - 1, m) + (n - knee + 1) * cap
 
 
-def _segment(a: AttentionGeometry, start: int, end: int) -> AttnWork:
-    """Queries at positions start..end-1 (contexts start+1..end), reading the KV of `end` tokens."""
-    def upto(n: int) -> tuple[int, int, int]:
-        window = _sum_min(n, a.window) if a.window else 0
-        if a.ratio == 0:
-            return window, 0, 0
-        visible = _sum_floor(n, a.ratio)
-        selected = _sum_min_floor(n, a.ratio, a.topk) if a.topk else visible
-        return window, selected, visible
+def _upto(a: AttentionGeometry, n: int) -> tuple[int, int, int]:
+    """(window, selected, visible) summed over the queries at contexts 1..n."""
+    window = _sum_min(n, a.window) if a.window else 0
+    if a.ratio == 0:
+        return window, 0, 0
+    visible = _sum_floor(n, a.ratio)
+    selected = _sum_min_floor(n, a.ratio, a.topk) if a.topk else visible
+    return window, selected, visible
 
-    w1, s1, v1 = upto(end)
-    w0, s0, v0 = upto(start)
+
+def _segment(a: AttentionGeometry, start: int, end: int) -> tuple[int, int, int]:
+    """Queries at positions start..end-1 (contexts start+1..end), reading the KV of `end` tokens:
+    (attended, scored, kv_read), exact integers."""
+    w1, s1, v1 = _upto(a, end)
+    w0, s0, v0 = _upto(a, start)
     entries = end // a.ratio if a.ratio else 0
     kv_read = min(end, a.window) * a.entry_bytes + entries * (a.entry_bytes + a.index_key_bytes)
-    return AttnWork(attended=(w1 - w0) + (s1 - s0), scored=(v1 - v0) if a.indexer else 0, kv_read=kv_read)
+    return (w1 - w0) + (s1 - s0), (v1 - v0) if a.indexer else 0, kv_read
 
 
 def prefill_work(arch: ModelArch, segments: tuple[tuple[int, int], ...], sampled: int) -> Work:
-    """A prefill step over `segments` = ((start, end), ...) token ranges of different requests."""
+    """A prefill step over `segments` = ((start, end), ...) token ranges of different requests.
+    The per-kind sums are exact integers, so their order does not matter."""
     for start, end in segments:
         if not 0 <= start < end:
             raise ValueError(f"prefill segment (start={start}, end={end}): need 0 <= start < end")
     attn = []
     for a in arch.attention:
-        parts = [_segment(a, s, e) for s, e in segments]
-        attn.append(AttnWork(attended=sum(p.attended for p in parts), scored=sum(p.scored for p in parts),
-                             kv_read=sum(p.kv_read for p in parts)))
+        attended = scored = kv_read = 0
+        for s, e in segments:
+            at, sc, kv = _segment(a, s, e)
+            attended += at
+            scored += sc
+            kv_read += kv
+        attn.append(AttnWork(attended=attended, scored=scored, kv_read=kv_read))
     return Work(tokens=sum(e - s for s, e in segments), sampled=sampled, attn=tuple(attn))
 
 

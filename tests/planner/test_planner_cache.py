@@ -1,0 +1,174 @@
+"""The simulator's KV cache (`PrefixCache`) against a plain per-block reference model.
+
+The reference keeps one holder count per block and an OrderedDict LRU of cached blocks, moving a
+block to the LRU's end when its last holder releases it, and evicting from the front: the
+semantics the cache documents. Random request lifecycles (shared prefixes, partial prefix hits,
+re-holding cached blocks, evictions under pressure) must leave both in the same state after every
+operation, and the router's `KvIndex` must hold exactly the cache's blocks.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import OrderedDict
+
+import pytest
+
+from orchestrator.planner.cache import PrefixCache
+from orchestrator.router.inputs import WorkerId
+from orchestrator.router.kv_index import KvIndex
+
+pytestmark = pytest.mark.planner
+
+
+class _Reference:
+    """Per-block model: holders per present block; cached blocks in LRU order (oldest first)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.holders: dict[int, int] = {}
+        self.lru: OrderedDict[int, None] = OrderedDict()
+        self.reserved = 0
+        self.stored: list[int] = []
+        self.removed: list[int] = []
+
+    def reserve(self, blocks: int) -> bool:
+        if self.reserved + blocks > self.capacity:
+            return False
+        self.reserved += blocks
+        self._evict()
+        return True
+
+    def acquire_leading(self, hashes: list[int]) -> int:
+        n = 0
+        while n < len(hashes) and hashes[n] in self.holders:
+            n += 1
+        for h in hashes[:n]:
+            self._hold(h)
+        return n
+
+    def _hold(self, h: int) -> None:
+        if self.holders[h] == 0:
+            del self.lru[h]
+        self.holders[h] += 1
+
+    def complete(self, hashes: list[int]) -> None:
+        for h in hashes:
+            if h in self.holders:
+                self._hold(h)
+            else:
+                self.holders[h] = 1
+                self.stored.append(h)
+
+    def release(self, hashes: list[int]) -> None:
+        for h in hashes:
+            self.holders[h] -= 1
+            if self.holders[h] == 0:
+                self.lru[h] = None
+        self._evict()
+
+    def _evict(self) -> None:
+        while self.reserved + len(self.lru) > self.capacity and self.lru:
+            h, _ = self.lru.popitem(last=False)
+            del self.holders[h]
+            self.removed.append(h)
+
+
+def _chain(prefix: list[int], n: int, rng: random.Random) -> list[int]:
+    return prefix + [rng.getrandbits(62) for _ in range(n)]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_cache_equals_the_per_block_reference(seed: int) -> None:
+    rng = random.Random(seed)
+    capacity = rng.choice([40, 90, 400])
+    index = KvIndex()
+    worker = WorkerId("w")
+    cache, ref = PrefixCache(worker, capacity, index), _Reference(capacity)
+    prefixes = [_chain([], rng.randint(1, 12), rng) for _ in range(4)]
+    history: list[list[int]] = []
+    live: list[tuple[list[int], int, int]] = []  # (hashes, blocks held by acquire, reservation)
+    for _ in range(400):
+        if live and (rng.random() < 0.45 or len(live) > 6):
+            hashes, n, need = live.pop(rng.randrange(len(live)))
+            if n < len(hashes):
+                cache.complete(hashes[n:])
+                ref.complete(hashes[n:])
+            cache.unreserve(need)
+            ref.reserved -= need
+            cache.release(hashes)
+            ref.release(hashes)
+        else:
+            pick = rng.random()
+            if pick < 0.3 and history:  # a repeat, or a longer version, of an earlier prompt
+                hashes = _chain(rng.choice(history), rng.randint(0, 3), rng)
+            elif pick < 0.8:
+                hashes = _chain(rng.choice(prefixes)[: rng.randint(1, 12)], rng.randint(0, 8), rng)
+            else:
+                hashes = _chain([], rng.randint(1, 10), rng)
+            need = len(hashes) + rng.randint(0, 3)
+            ok = cache.reserve(need)
+            assert ok == ref.reserve(need)
+            if not ok:
+                continue
+            n = cache.acquire_leading(hashes)
+            assert n == ref.acquire_leading(hashes)
+            live.append((hashes, n, need))
+            history.append(hashes)
+        # the same blocks, holders, cached count and the same LRU order
+        assert {h: max(v, 0) for h, v in cache.present.items()} == ref.holders
+        assert cache.cached == len(ref.lru) and cache.held() == len(ref.holders) - len(ref.lru)
+        assert cache.reserved == ref.reserved and cache.reserved + cache.cached <= capacity
+        assert index.holdings(worker) == frozenset(ref.holders)
+    # drain: every block ends cached, and eviction order must match the reference's LRU exactly
+    for hashes, n, need in live:
+        cache.complete(hashes[n:])
+        ref.complete(hashes[n:])
+        cache.unreserve(need)
+        ref.reserved -= need
+        cache.release(hashes)
+        ref.release(hashes)
+    # then squeeze: one more reserved block at a time evicts in LRU order, or the states part
+    while cache.cached:
+        ok = cache.reserve(1)
+        assert ok == ref.reserve(1)
+        if not ok:
+            break
+        assert {h: max(v, 0) for h, v in cache.present.items()} == ref.holders
+        assert index.holdings(worker) == frozenset(ref.holders)
+    assert cache.cached == len(ref.lru)
+    assert sorted(index.holdings(worker)) == sorted(ref.holders)
+
+
+def test_acquire_leading_stops_at_the_first_missing_block() -> None:
+    index = KvIndex()
+    cache = PrefixCache(WorkerId("w"), 100, index)
+    assert cache.reserve(10)
+    cache.complete([1, 2, 3])
+    cache.unreserve(10)
+    cache.release([1, 2, 3])
+    assert cache.cached == 3 and cache.held() == 0
+    assert cache.reserve(10)
+    assert cache.acquire_leading([1, 2, 9, 3]) == 2
+    assert cache.cached == 1 and cache.held() == 2
+    assert cache.acquire_leading([7, 1]) == 0
+
+
+def test_eviction_takes_the_oldest_release_first_and_tells_the_index() -> None:
+    index = KvIndex()
+    w = WorkerId("w")
+    cache = PrefixCache(w, 6, index)
+    for blocks in ([1, 2], [3, 4], [5, 6]):  # three requests, released in this order
+        assert cache.reserve(2)
+        cache.complete(blocks)
+        cache.unreserve(2)
+        cache.release(blocks)
+    assert cache.reserve(2)  # re-hold [3, 4]: its entry in the LRU is stale from now on
+    assert cache.acquire_leading([3, 4]) == 2
+    cache.unreserve(2)
+    cache.release([3, 4])  # now the newest
+    assert cache.reserve(3)  # room for 3: evicts 1, 2 (oldest release), then 5
+    assert set(cache.present) == {3, 4, 6}
+    assert index.holdings(w) == frozenset({3, 4, 6})
+    assert cache.reserve(3)  # evicts 6, then 3, 4 in prompt order
+    assert cache.present == {} and index.holdings(w) == frozenset()
