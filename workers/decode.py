@@ -18,6 +18,7 @@ import ray
 
 from tandem.request import GenerationRequest
 from tandem.stream import PrefillResult, StepBatch
+from tandem.tracing import Stage
 from tandem.v1 import worker_pb2
 from workers.actor_common import HandoffPath, WorkerConfig, build_rank
 from workers.engine.engine import Role
@@ -48,14 +49,33 @@ class DecodeWorker(RankActor):
         """Queue a request; its deltas go out in this rank's StepBatches."""
         self._accepting(request.request_id)
         loop = self._started()
-        engine = self._built.engine
-        if prefilled is None:
-            await loop.call(engine.add, request)
-            return
-        if prefilled.handoff is None:
-            raise ValueError(f"submit({request.request_id!r}): the prefill already finished this request")
-        desc = worker_pb2.HandoffDescriptor.FromString(prefilled.handoff)
-        await self._puller.take(loop, request, desc)
+        engine, tracer, rid = self._built.engine, self.tracer, request.request_id
+        if prefilled is not None and prefilled.handoff is None:
+            raise ValueError(f"submit({rid!r}): the prefill already finished this request")
+        tracer.begin(request.trace_id, rid, prompt_tokens=len(request.prompt_ids),
+                     max_tokens=request.sampling.max_tokens, kv="handoff" if prefilled else "local")
+        try:
+            if prefilled is None:
+                await loop.call(engine.add, request)
+                return
+            desc = worker_pb2.HandoffDescriptor.FromString(prefilled.handoff)
+            got = await self._puller.take(loop, request, desc)
+        except BaseException as exc:  # not queued: nothing else will end its trace
+            tracer.end(rid, Stage.ABORTED, error=type(exc).__name__)
+            raise
+        if got.filled:
+            tracer.stage(rid, Stage.HANDOFF_PULLED, bytes=got.nbytes, seconds=got.seconds)
+        else:
+            tracer.stage(rid, Stage.HANDOFF_RECOMPUTED, error=got.error or "unknown")
+
+    def _add_transfer_totals(self, msg: worker_pb2.WorkerStats) -> None:
+        if not isinstance(self._puller, NixlPuller):
+            return  # the object-store test path moves no bytes it could count
+        m = self._puller.transfer.metrics
+        msg.kv_transfer_bytes = int(m.value("kv_transfer_bytes_total"))
+        msg.kv_transfer_seconds = m.value("kv_transfer_seconds_sum")
+        msg.kv_transfers = int(m.value("kv_transfer_seconds_count"))
+        msg.kv_transfer_failures = int(m.value("kv_transfer_failures_total"))
 
     async def agent_info(self) -> AgentInfo:
         """This rank's NIXL agent info (metadata, layout, pool regions)."""
@@ -75,7 +95,8 @@ class DecodeWorker(RankActor):
         return self._puller.transfer.metrics.value(name)
 
     async def pulls(self) -> list[tuple[str, int, int, int, str | None]]:
-        """Every NIXL handoff taken here: (request id, bytes, blocks pulled, blocks skipped, error)."""
+        """The last NIXL handoffs taken here (at most decode_side.RECORDS_KEPT): (request id, bytes,
+        blocks pulled, blocks skipped, error)."""
         if not isinstance(self._puller, NixlPuller):
             raise RuntimeError(f"{self.config.name}: handoff is {self.config.handoff.name}, not NIXL")
         return [(r.request_id, r.result.nbytes if r.result else 0, r.result.blocks_pulled if r.result else 0,
@@ -84,7 +105,14 @@ class DecodeWorker(RankActor):
     async def resume(self, request: GenerationRequest, generated: Sequence[int]) -> None:
         """Continue a request migrated from a failed worker after the tokens it already streamed."""
         self._accepting(request.request_id)
-        await self._started().call(self._built.engine.add_resumed, request, tuple(generated))
+        loop, tracer = self._started(), self.tracer
+        tracer.begin(request.trace_id, request.request_id, prompt_tokens=len(request.prompt_ids),
+                     max_tokens=request.sampling.max_tokens, kv="resumed", generated=len(generated))
+        try:
+            await loop.call(self._built.engine.add_resumed, request, tuple(generated))
+        except BaseException as exc:
+            tracer.end(request.request_id, Stage.ABORTED, error=type(exc).__name__)
+            raise
 
     async def generate(self, requests: Sequence[GenerationRequest],
                        prefilled: Sequence[PrefillResult | None] | None = None) -> AsyncIterator[StepBatch]:

@@ -20,6 +20,7 @@ import ray
 
 from tandem.request import GenerationRequest
 from tandem.stream import PrefillResult
+from tandem.tracing import Stage
 from workers.actor_common import HandoffPath, WorkerConfig, build_rank, handoff_descriptor
 from workers.engine.engine import Role
 from workers.engine.handoff import SequenceKv
@@ -63,6 +64,19 @@ class PrefillWorker(RankActor):
     async def prefill(self, request: GenerationRequest) -> PrefillResult:
         """Prefill `request`; its first token, and the handoff unless it already ended."""
         self._accepting(request.request_id)
+        tracer, rid = self.tracer, request.request_id
+        tracer.begin(request.trace_id, rid, prompt_tokens=len(request.prompt_ids))
+        try:
+            result = await self._prefill(request)
+        except BaseException as exc:  # the request did not get through here: say so under its trace
+            tracer.end(rid, Stage.ABORTED, error=type(exc).__name__)
+            raise
+        if result.handoff is not None:  # an ending here (EOS, max_tokens 1) is logged by the watcher
+            tracer.end(rid, Stage.PREFILL_DONE, queue_s=result.queue_s, prefill_s=result.prefill_s,
+                       cached_tokens=result.cached_tokens)
+        return result
+
+    async def _prefill(self, request: GenerationRequest) -> PrefillResult:
         loop = self._started()
         engine = self._built.engine
         first = loop.first_token(request.request_id)

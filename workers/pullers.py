@@ -21,6 +21,7 @@ import ray
 from tandem.request import GenerationRequest
 from tandem.v1 import worker_pb2
 from workers.actor_common import BuiltRank, HandoffPath, WorkerConfig, actor_name
+from workers.engine.engine import PulledKv
 from workers.engine.handoff import SequenceKv
 from workers.kv.manager import AdmissionRefused
 from workers.kv.space import PagedKvSpace
@@ -42,7 +43,10 @@ class HandoffPuller(Protocol):
         ...
 
     async def take(self, loop: EngineLoop, request: GenerationRequest, desc: worker_pb2.HandoffDescriptor
-                   ) -> None: ...
+                   ) -> PulledKv:
+        """Queue `request` on the engine; says whether its KV was filled from the handoff (bytes,
+        seconds) or why the prompt will be recomputed instead (`error`)."""
+        ...
 
 
 class RayObjectPuller:
@@ -68,9 +72,10 @@ class RayObjectPuller:
             return None
 
     async def take(self, loop: EngineLoop, request: GenerationRequest, desc: worker_pb2.HandoffDescriptor
-                   ) -> None:
+                   ) -> PulledKv:
         kv = await self._pull(desc)
         await loop.call(self._engine.add_prefilled, request, desc.first_token, kv)
+        return PulledKv(True) if kv is not None else PulledKv(False, error="handoff expired or prefill gone")
 
 
 class NixlPuller:
@@ -120,7 +125,7 @@ class NixlPuller:
         await prefill.pair.remote(rank.info())
 
     async def take(self, loop: EngineLoop, request: GenerationRequest, desc: worker_pb2.HandoffDescriptor
-                   ) -> None:
+                   ) -> PulledKv:
         rank, engine = self.transfer, self._engine
         try:
             if desc.layout_hash != layout_hash(rank.agent.layout.digest):
@@ -129,11 +134,14 @@ class NixlPuller:
             pulled = from_proto(desc, rank.manager.window_tokens)
             await self._meet(loop, desc)
         except (ValueError, KeyError, ray.exceptions.RayError) as exc:  # LayoutMismatch is a ValueError
-            await loop.call(rank.recompute, desc.request_id, f"{type(exc).__name__}: {exc}")
+            why = f"{type(exc).__name__}: {exc}"
+            await loop.call(rank.recompute, desc.request_id, why)
             await loop.call(engine.add_prefilled, request, desc.first_token, None)
-            return
+            return PulledKv(False, error=why)
         try:
-            await loop.call(engine.add_pulled, request, desc.first_token, rank.fill_from(pulled))
+            return await loop.call(engine.add_pulled, request, desc.first_token, rank.fill_from(pulled))
         except AdmissionRefused as exc:  # no room for prompt + max_tokens now: queue it to recompute
-            await loop.call(rank.recompute, desc.request_id, f"{type(exc).__name__}: {exc}")
+            why = f"{type(exc).__name__}: {exc}"
+            await loop.call(rank.recompute, desc.request_id, why)
             await loop.call(engine.add_prefilled, request, desc.first_token, None)
+            return PulledKv(False, error=why)

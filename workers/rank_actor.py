@@ -3,7 +3,11 @@ the per-step stream and periodic reports. `PrefillWorker` and `DecodeWorker` ext
 
 KV events are kept in a bounded log that every reader reads from its own position, so several
 routers (replicas) can each follow the same events; a reader that falls behind the log's window
-sees a sequence gap and resyncs from `kv_snapshot`."""
+sees a sequence gap and resyncs from `kv_snapshot`.
+
+Every rank follows its requests in `tandem.tracing` log lines (trace id, stage; never prompt text or
+token ids): the role's calls log admission and their middle stages, and a watcher on the rank's
+StepBatches logs each request's end (finished, cancelled, aborted)."""
 
 from __future__ import annotations
 
@@ -12,7 +16,8 @@ import os
 from collections import deque
 from collections.abc import AsyncIterator
 
-from tandem.stream import StepBatch
+from tandem.stream import Finish, StepBatch
+from tandem.tracing import RequestTracer, Stage
 from tandem.v1 import worker_pb2
 from workers.actor_common import BuiltRank, WorkerConfig, events_proto, stats_proto
 from workers.faults import EventDropper
@@ -33,6 +38,15 @@ class RankActor:
     _draining: bool = False
     _event_log: deque[KvEvent] | None = None
     _dropper: EventDropper | None = None
+    _tracer: RequestTracer | None = None
+    _watcher: asyncio.Task[None] | None = None
+
+    @property
+    def tracer(self) -> RequestTracer:
+        """This rank's request tracer (made on first use: the role's name, the rank's name)."""
+        if self._tracer is None:
+            self._tracer = RequestTracer(self.config.role.value, self.config.name)
+        return self._tracer
 
     def _housekeeping(self) -> None:
         """Runs under the engine lock once per loop iteration; nothing by default."""
@@ -42,7 +56,23 @@ class RankActor:
             self._loop = EngineLoop(self._built.engine, self._built.group, self.config.name,
                                     housekeeping=self._housekeeping)
             self._loop.start()
+            self._watcher = asyncio.ensure_future(self._watch_ends(self._loop))
         return self._loop
+
+    async def _watch_ends(self, loop: EngineLoop) -> None:
+        """Log the end of every followed request as its last delta goes out (one StepBatch per step)."""
+        tracer = self.tracer
+        async for batch in loop.subscribe():
+            for d in batch.deltas:
+                if d.finish is None or d.summary is None:
+                    continue
+                s = d.summary
+                if d.finish is Finish.ABORTED:
+                    tracer.end(d.request_id, Stage.ABORTED, error=s.error)
+                else:
+                    tracer.end(d.request_id, Stage.FINISHED, reason=d.finish.value,
+                               completion_tokens=s.completion_tokens, cached_tokens=s.cached_tokens,
+                               kv_transfer_bytes=s.kv_transfer_bytes)
 
     async def ready(self) -> str:
         """Start the loop; returns "instance/rN"."""
@@ -66,7 +96,12 @@ class RankActor:
         """Queue, running, KV blocks used / free, prefix hit rate, token rates."""
         loop = self._started()
         st = await loop.call(self._built.engine.stats)
-        return stats_proto(self.config, st, *loop.rates(), draining=self._draining)
+        msg = stats_proto(self.config, st, *loop.rates(), draining=self._draining)
+        self._add_transfer_totals(msg)
+        return msg
+
+    def _add_transfer_totals(self, msg: worker_pb2.WorkerStats) -> None:
+        """Set the stats' cumulative KV-pull fields; a rank that pulls nothing leaves them 0."""
 
     async def kv_events(self, after_seq: int = -1) -> worker_pb2.KvEventBatch:
         """The KV events numbered after `after_seq` that the log still holds (its last
