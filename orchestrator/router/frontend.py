@@ -39,6 +39,7 @@ from orchestrator.router.tenancy import ANONYMOUS, Caller
 from tandem.request import GenerationRequest, RequestError
 from tandem.stream import Finish, PrefillResult, TokenDelta
 from tandem.tokenizer import Tokenizer
+from tandem.tracing import RequestTracer, Stage
 from tandem.v1 import generate_pb2
 
 
@@ -160,6 +161,8 @@ class Frontend:
         self.clock = clock
         self.quotas = quotas
         self.slots = StreamSlots(quotas)
+        # Per-request stage lines under the request's trace id (tandem.tracing), spans if OpenTelemetry.
+        self.tracer = RequestTracer("router", "router")
 
     async def generate(self, msg: generate_pb2.GenerateRequest,
                        caller: Caller = ANONYMOUS) -> AsyncIterator[generate_pb2.GenerateChunk]:
@@ -177,7 +180,11 @@ class Frontend:
             slot = self.slots.take(caller)
         except QuotaExceeded as exc:
             raise RouterError(ErrorCode.RESOURCE_EXHAUSTED, str(exc)) from None
+        self.metrics.arrivals.inc()
+        self.metrics.prompt_tokens.inc(len(req.prompt_ids))
         self.metrics.in_flight.inc()
+        self.tracer.begin(req.trace_id, req.request_id, prompt_tokens=len(req.prompt_ids),
+                          max_tokens=req.sampling.max_tokens)
         try:
             stream = self._attempts(req, _Progress(arrival))
             if msg.deadline_ms:
@@ -186,9 +193,13 @@ class Frontend:
                 stream = split_chat_output(stream, thinking=msg.chat.thinking, tools=bool(msg.chat.tools))
             async for chunk in stream:
                 yield chunk
+        except RouterError as exc:
+            self.tracer.end(req.request_id, Stage.ABORTED, error=exc.code.value)
+            raise
         finally:
             slot.release()
             self.metrics.in_flight.dec()
+            self.tracer.end(req.request_id, Stage.FINISHED, reason="cancelled")  # no-op once ended
 
     async def _attempts(self, req: GenerationRequest,
                         progress: _Progress) -> AsyncIterator[generate_pb2.GenerateChunk]:
@@ -240,6 +251,9 @@ class Frontend:
                     else ErrorCode.UNAVAILABLE)
             raise RouterError(code, outcome.detail)
         self.metrics.decisions.labels(outcome.reason.value).inc()
+        self.tracer.stage(req.request_id, Stage.ROUTED, reason=outcome.reason.value,
+                          decode=_name(outcome.decode),
+                          prefill=_name(outcome.prefill) if outcome.prefill is not None else "local")
         self.metrics.prompt_blocks.inc(len(req.block_hashes))
         prefiller = outcome.prefill if outcome.prefill is not None else outcome.decode
         self.metrics.cached_blocks.inc(min(matches.get(prefiller, 0), len(req.block_hashes)))
@@ -316,6 +330,8 @@ class Frontend:
         chunk.kv_transfer_bytes = s.kv_transfer_bytes
         chunk.request_id = req.request_id
         chunk.trace_id = req.trace_id
+        self.tracer.end(req.request_id, Stage.FINISHED, reason=delta.finish.value, total_s=total,
+                        completion_tokens=progress.tokens, kv_transfer_bytes=s.kv_transfer_bytes)
         return chunk
 
 
