@@ -130,6 +130,20 @@ def test_tool_results_follow_call_order_and_merge_with_user_text() -> None:
     assert text.count(U) == 2  # the two results and the question are one user turn
 
 
+def test_each_results_turn_follows_the_calls_just_before_it() -> None:
+    def calls(*ids: str) -> list:
+        return [(i, "get_weather", json.dumps({"location": i})) for i in ids]
+
+    req = request(msg("user", "go"),
+                  msg("assistant", "", calls=calls("x", "y")),
+                  msg("tool", "Y1", tool_call_id="y"), msg("tool", "X1", tool_call_id="x"),
+                  msg("assistant", "", calls=calls("y", "x")),
+                  msg("tool", "X2", tool_call_id="x"), msg("tool", "Y2", tool_call_id="y"), tools=True)
+    text = prompt(req)
+    assert "<tool_result>X1</tool_result>\n\n<tool_result>Y1</tool_result>" + A in text
+    assert text.endswith(U + "<tool_result>Y2</tool_result>\n\n<tool_result>X2</tool_result>" + A + "</think>")
+
+
 def test_non_string_arguments_are_json_with_string_false() -> None:
     args = {"city": "Zürich", "days": 3, "units": ["c", "f"], "alerts": True, "extra": None}
     req = request(msg("user", "q"), msg("assistant", "Checking.", calls=[("x", "get_weather", json.dumps(args))]),

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 
 from orchestrator.router.chat.conversation import (
     ChatOptions,
@@ -110,14 +110,16 @@ class _Part:
     result_of: str = ""
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Turn:
+    """A turn as the encoding sees it: user and tool messages already merged into user turns."""
+
     role: Role
     content: str = ""
     reasoning: str = ""
     tool_calls: tuple[ToolCall, ...] = ()
-    parts: list[_Part] = field(default_factory=list)
-    tools: tuple[Tool, ...] = ()
+    parts: tuple[_Part, ...] = ()  # user turns
+    tools: tuple[Tool, ...] = ()  # the first system turn, when tools are offered
 
 
 def prompt_of(msg: generate_pb2.GenerateRequest) -> str:
@@ -164,30 +166,31 @@ def _turns(messages: Sequence[Message], tools: tuple[Tool, ...]) -> list[_Turn]:
         if m.role in (Role.USER, Role.TOOL):
             part = (_Part(TOOL_RESULT_OPEN + m.content + TOOL_RESULT_CLOSE, True, m.tool_call_id)
                     if m.role is Role.TOOL else _Part(m.content, False))
-            if not turns or turns[-1].role is not Role.USER:
-                turns.append(_Turn(Role.USER))
-            turns[-1].parts.append(part)
+            if turns and turns[-1].role is Role.USER:
+                turns[-1] = replace(turns[-1], parts=(*turns[-1].parts, part))
+            else:
+                turns.append(_Turn(Role.USER, parts=(part,)))
             continue
         if turns and turns[-1].role is Role.USER:
-            _order_results(turns[-1], order)
+            turns[-1] = _ordered(turns[-1], order)
         if m.role is Role.ASSISTANT and m.tool_calls:
             order = {c.id: k for k, c in enumerate(m.tool_calls) if c.id}
         turns.append(_Turn(m.role, m.content, m.reasoning, m.tool_calls))
     if turns and turns[-1].role is Role.USER:
-        _order_results(turns[-1], order)
+        turns[-1] = _ordered(turns[-1], order)
     if tools:
-        if not turns or turns[0].role is not Role.SYSTEM:
-            turns.insert(0, _Turn(Role.SYSTEM))
-        turns[0].tools = tools
+        if turns and turns[0].role is Role.SYSTEM:
+            turns[0] = replace(turns[0], tools=tools)
+        else:
+            turns.insert(0, _Turn(Role.SYSTEM, tools=tools))
     return turns
 
 
-def _order_results(turn: _Turn, order: dict[str, int]) -> None:
-    """Results sorted (stably) by their call's position; unknown ids count as position 0; the
-    user's own text parts stay where they are."""
+def _ordered(turn: _Turn, order: dict[str, int]) -> _Turn:
+    """The turn with its results sorted (stably) by their call's position; an unknown id counts as
+    position 0; the user's own text parts stay where they are."""
     slots = [k for k, p in enumerate(turn.parts) if p.is_result]
     if len(slots) < 2 or not order:
-        return
-    ranked = sorted((turn.parts[k] for k in slots), key=lambda p: order.get(p.result_of, 0))
-    for k, p in zip(slots, ranked, strict=True):
-        turn.parts[k] = p
+        return turn
+    ranked = iter(sorted((turn.parts[k] for k in slots), key=lambda p: order.get(p.result_of, 0)))
+    return replace(turn, parts=tuple(next(ranked) if p.is_result else p for p in turn.parts))
