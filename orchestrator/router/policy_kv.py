@@ -29,12 +29,12 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import NamedTuple
 
 from orchestrator.router.decision import Reason, Refusal, RefusalReason, RouteDecision, RouteOutcome
 from orchestrator.router.estimate import (
     handoff_seconds,
-    prefill_seconds,
     prompt_blocks,
     transfer_blocks,
     uncached_tokens,
@@ -119,36 +119,43 @@ class KvPolicy:
         return p.w_kv * kv + p.w_running * run + p.w_dp * dp
 
     def _domains(self, view: RoutingView, prefills: list[WorkerState]) -> list[tuple[float, list]]:
-        """Per NVLink domain: (best ttft, [(prefill, ttft), ...]). A pair's cost depends on its
-        prefill only through ttft and domain, so each decode is first costed per domain."""
-        n, bs = view.request.prompt_tokens, self.fleet.block_size
-        by_domain: dict[str, list[tuple[WorkerState, float]]] = defaultdict(list)
+        """Per NVLink domain: (best ttft, [(prefill, ttft, queued seconds), ...]). A pair's cost
+        depends on its prefill only through ttft and domain, so each decode is first costed per
+        domain. (`uncached_tokens` and `prefill_seconds` inlined: this runs per prefill per request.)"""
+        n, bs, matches = view.request.prompt_tokens, self.fleet.block_size, view.matches
+        by_domain: dict[str, list[tuple[WorkerState, float, float]]] = defaultdict(list)
         for p in prefills:
-            unc = uncached_tokens(n, view.matched_blocks(p.worker), bs)
-            by_domain[p.nvlink_domain].append((p, prefill_seconds(p, unc)))
-        return [(min(t for _, t in group), group) for group in by_domain.values()]
+            queued, rate = p.queued_prefill_tokens, p.prefill_rate_tps
+            unc = max(n - matches.get(p.worker, 0) * bs, 1)
+            by_domain[p.nvlink_domain].append((p, (queued + unc) / rate, queued / rate))
+        return [(min(m[1] for m in group), group) for group in by_domain.values()]
 
-    def _ties(self, view: RoutingView, decodes: list[WorkerState], prefills: list[WorkerState]) -> list[_Tie]:
-        """Every candidate whose cost is within tie_tolerance_s of the cheapest; [] if none exists."""
-        n, bs = view.request.prompt_tokens, self.fleet.block_size
+    def _ties(
+        self, view: RoutingView, decodes: list[WorkerState], prefills: list[WorkerState]
+    ) -> list[tuple[tuple, _Tie]]:
+        """Every candidate whose cost is within tie_tolerance_s of the cheapest, each as
+        (tie-break key, `_Tie`); [] if none exists. The key is `choose`'s: (-workers shared with
+        the session's last pair, load, remote, prefill id, decode id)."""
+        n, bs, matches = view.request.prompt_tokens, self.fleet.block_size, view.matches
         weight, tol, local_ok = (
             self.params.decode_load_weight_s,
             self.params.tie_tolerance_s,
             self.fleet.disagg.local,
         )
+        blocks = prompt_blocks(n, bs)
         domains = self._domains(view, prefills)
         busiest = _busiest_other_ranks(view)
         local: list[_Tie] = []
         rows = []  # (cost with the domain's best prefill, decode, members, handoff, pressure)
         for d in decodes:
-            held = view.matched_blocks(d.worker)
+            held = matches.get(d.worker, 0)
             pressure = self._pressure(view, d, busiest.get(d.worker))
-            unc_d = uncached_tokens(n, held, bs)
+            unc_d = max(n - held * bs, 1)
             if local_ok(unc_d, n):
-                t = prefill_seconds(d, unc_d)
+                t = (d.queued_prefill_tokens + unc_d) / d.prefill_rate_tps
                 local.append(_Tie(t + weight * pressure, None, d, t, 0.0, pressure))
                 continue
-            moved = transfer_blocks(n, held, bs)
+            moved = max(blocks - held, 0)
             for best_t, members in domains:
                 h = handoff_seconds(self.fleet, members[0][0], d, moved)
                 rows.append((best_t + h + weight * pressure, d, members, h, pressure))
@@ -156,11 +163,25 @@ class KvPolicy:
         if not costs:
             return []
         limit = min(costs) + tol
-        ties = [c for c in local if c.cost <= limit]
+        aff = view.affinity
+        aff_p, aff_d = (None, None) if aff is None else (aff.prefill, aff.decode)
+        ties = [
+            ((-(int(c.decode.worker == aff_d) + int(aff_p is None)) if aff else 0,
+              c.decode.queued_prefill_tokens / c.decode.prefill_rate_tps + c.pressure,
+              False, ("", -1), c.decode.worker), c)
+            for c in local if c.cost <= limit
+        ]
         for cost, d, members, h, pressure in rows:
             if cost <= limit:
-                extra = h + weight * pressure
-                ties += [_Tie(t + extra, p, d, t, h, pressure) for p, t in members if t + extra <= limit]
+                extra, dw = h + weight * pressure, d.worker
+                if aff is None:
+                    ties += [((0, load + pressure, True, p.worker, dw), _Tie(t + extra, p, d, t, h, pressure))
+                             for p, t, load in members if t + extra <= limit]
+                else:
+                    base = int(dw == aff_d)
+                    ties += [((-(base + int(p.worker == aff_p)), load + pressure, True, p.worker, dw),
+                              _Tie(t + extra, p, d, t, h, pressure))
+                             for p, t, load in members if t + extra <= limit]
         return ties
 
     def _refusal(self, view: RoutingView, decodes: tuple[WorkerState, ...], open_decodes: list) -> Refusal:
@@ -194,27 +215,17 @@ class KvPolicy:
         ties = self._ties(view, open_decodes, open_prefills)
         if not ties:
             return self._refusal(view, decodes, open_decodes)
-        aff = view.affinity
-
-        def key(c: _Tie) -> tuple:
-            """(-workers shared with the session's last pair, load, ids): min() picks the winner."""
-            pw = None if c.prefill is None else c.prefill.worker
-            d = c.decode.worker
-            shared = 0 if aff is None else int(d == aff.decode) + int(pw == aff.prefill)
-            pre = c.decode if c.prefill is None else c.prefill
-            load = pre.queued_prefill_tokens / pre.prefill_rate_tps + c.pressure
-            return (-shared, load, pw is not None, pw or ("", -1), d)
-
-        keys = [key(c) for c in ties]
-        best = min(range(len(ties)), key=keys.__getitem__)
-        pick, n, bs = ties[best], view.request.prompt_tokens, self.fleet.block_size
+        # the winner: fewest negated shared workers, then least load (prefiller's queued seconds
+        # plus decode pressure), then local before remote, then the lowest (prefill, decode) ids
+        best_key, pick = min(ties, key=itemgetter(0))
+        n, bs = view.request.prompt_tokens, self.fleet.block_size
         held = view.matched_blocks(pick.decode.worker)
         alloc = transfer_blocks(n, held, bs)
         if pick.prefill is None:
             reason, cached, moved = Reason.LOCAL_PREFILL, held, 0
         else:
             cached, moved = view.matched_blocks(pick.prefill.worker), alloc
-            if keys[best][0] < max(k[0] for k in keys):  # fewer negated shared = more shared
+            if best_key[0] < max(k[0] for k, _ in ties):  # fewer negated shared = more shared
                 reason = Reason.SESSION_AFFINITY
             elif cached > 0 or held > 0:
                 reason = Reason.PREFIX_HIT
