@@ -182,6 +182,8 @@ def test_developer_is_the_system_role() -> None:
          "messages[1].tool_calls[0].arguments"),
         (request(msg("user", "a"), msg("assistant", "", calls=[("i", "f", "{oops")]), msg("user", "b")),
          "messages[1].tool_calls[0].arguments"),
+        (request(msg("user", "a"), msg("assistant", "", calls=[("i", "f", "[" * 100_000)]), msg("user", "b")),
+         "messages[1].tool_calls[0].arguments"),  # nested past the parser's recursion limit
         (request(msg("user", "a"), msg("assistant", "", calls=[("i", 'f"x', "{}")]), msg("user", "b")),
          "messages[1].tool_calls[0].name"),
         (request(msg("user", "a"), effort=generate_pb2.REASONING_EFFORT_MAX), "chat.reasoning_effort"),

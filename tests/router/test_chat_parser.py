@@ -95,6 +95,8 @@ def test_malformed_block_comes_back_as_text_with_a_warning(caplog: pytest.LogCap
     '<｜DSML｜invoke name="f">\n<｜DSML｜parameter name="a" string="maybe">1</｜DSML｜parameter>\n</｜DSML｜invoke>',
     '<｜DSML｜invoke name="f">\nstray text\n</｜DSML｜invoke>',
     "",  # a block with no call
+    '<｜DSML｜invoke name="f">\n<｜DSML｜parameter name="a" string="false">' + "[" * 100_000
+    + '</｜DSML｜parameter>\n</｜DSML｜invoke>',  # JSON nested past the recursion limit
 ])
 def test_other_malformed_blocks_are_text(body: str) -> None:
     block = "<｜DSML｜tool_calls>\n" + body + "\n</｜DSML｜tool_calls>"

@@ -90,6 +90,8 @@ def _object_json(text: str, field: str) -> None:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         raise RequestError(field, f"not valid JSON ({exc.msg} at character {exc.pos})") from None
+    except RecursionError:
+        raise RequestError(field, "JSON nested too deeply") from None
     if not isinstance(value, dict):
         raise RequestError(field, f"must be a JSON object, got {type(value).__name__}")
 

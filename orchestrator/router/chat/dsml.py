@@ -114,3 +114,5 @@ def _json_value(raw: str, key: str, name: str) -> object:
     except json.JSONDecodeError as exc:
         raise DsmlError(f"parameter {key!r} of {name!r} is marked string=\"false\" but is not JSON: "
                         f"{exc.msg}") from None
+    except RecursionError:
+        raise DsmlError(f"parameter {key!r} of {name!r}: JSON nested too deeply") from None
