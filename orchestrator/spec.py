@@ -244,6 +244,8 @@ def parse_spec(data: object, source: str = "<spec>") -> DeploymentSpec:
         return DeploymentSpec.model_validate(data)
     except ValidationError as exc:
         raise SpecError(source, [_format_error(e) for e in exc.errors()]) from None
+    except RecursionError:
+        raise SpecError(source, ["(top level): the data is nested too deeply"]) from None
 
 
 def load_spec(path: str | Path) -> DeploymentSpec:
@@ -253,10 +255,14 @@ def load_spec(path: str | Path) -> DeploymentSpec:
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise SpecError(str(p), [f"cannot read the file: {exc.strerror}"]) from None
+    except UnicodeDecodeError as exc:
+        raise SpecError(str(p), [f"byte {exc.start}: not UTF-8 text"]) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         raise SpecError(str(p), [f"{where}not valid YAML ({getattr(exc, 'problem', exc)})"]) from None
+    except (ValueError, RecursionError) as exc:  # yaml's constructors: a bad date, nesting too deep
+        raise SpecError(str(p), [f"not valid YAML ({type(exc).__name__}: {exc})"]) from None
     return parse_spec(data, str(p))
