@@ -90,6 +90,17 @@ class WorkerState:
     reported_at_s: float = 0.0
 
     def __post_init__(self) -> None:
+        # the common case in one expression (states are rebuilt on every report and every routing
+        # decision of the planner's simulator); the checks below name the bad field otherwise
+        if (
+            self.prefill_rate_tps > 0
+            and min(self.queued_prefill_tokens, self.kv_blocks_used, self.running_requests,
+                    self.queue_length) >= 0
+            and min(self.kv_blocks_total, self.max_running_requests, self.queue_limit,
+                    self.max_queued_prefill_tokens) >= 1
+            and self.nvlink_domain
+        ):
+            return
         w = f"WorkerState({self.worker})"
         _require(self.prefill_rate_tps > 0, f"{w}.prefill_rate_tps", self.prefill_rate_tps, "must be > 0")
         for name in ("queued_prefill_tokens", "kv_blocks_used", "running_requests", "queue_length"):
