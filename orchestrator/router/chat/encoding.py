@@ -37,8 +37,7 @@ from orchestrator.router.chat.conversation import (
     ToolCall,
     conversation_from_proto,
 )
-from orchestrator.router.chat.dsml import BLOCK_CLOSE, BLOCK_OPEN, DSML, DsmlError, encode_block, to_json
-from tandem.request import RequestError
+from orchestrator.router.chat.dsml import BLOCK_CLOSE, BLOCK_OPEN, DSML, encode_block, to_json
 from tandem.v1 import generate_pb2
 
 BOS = "<｜begin▁of▁sentence｜>"
@@ -141,7 +140,7 @@ def render(messages: Sequence[Message], options: ChatOptions) -> str:
             out.append(USER + "\n\n".join(p.text for p in t.parts))
         else:
             keeps = options.thinking and (keep_all_reasoning or i > last_user)
-            out.append((t.reasoning + THINK_END if keeps else "") + t.content + _calls(i, t) + EOS)
+            out.append((t.reasoning + THINK_END if keeps else "") + t.content + _calls(t) + EOS)
         answered = i + 1 == len(turns) or turns[i + 1].role is Role.ASSISTANT
         if t.role is Role.USER and answered:
             opens = options.thinking and (keep_all_reasoning or i >= last_user)
@@ -149,13 +148,12 @@ def render(messages: Sequence[Message], options: ChatOptions) -> str:
     return "".join(out)
 
 
-def _calls(i: int, t: _Turn) -> str:
+def _calls(t: _Turn) -> str:
+    """The turn's call block. Arguments that are not a JSON object raise DsmlError; requests never
+    get here with them (conversation_from_proto refuses them, naming the message)."""
     if not t.tool_calls:
         return ""
-    try:
-        return "\n\n" + encode_block([(c.name, c.arguments_json) for c in t.tool_calls])
-    except DsmlError as exc:  # conversation_from_proto checks arguments first; this names the turn
-        raise RequestError(f"messages[{i}].tool_calls", str(exc)) from None
+    return "\n\n" + encode_block([(c.name, c.arguments_json) for c in t.tool_calls])
 
 
 def _turns(messages: Sequence[Message], tools: tuple[Tool, ...]) -> list[_Turn]:
