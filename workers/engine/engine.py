@@ -122,12 +122,16 @@ class Engine:
         stream starts with the tokens AFTER the first; its text covers the first token too."""
         if self.role is Role.PREFILL:
             raise ValueError(f"add_prefilled({request.request_id!r}): a PREFILL engine does not decode")
+        if kv is not None and kv.length != len(request.prompt_ids):
+            raise ValueError(f"add_prefilled({request.request_id!r}): kv.length {kv.length} != "
+                             f"prompt length {len(request.prompt_ids)}")
+        spec = self.speculator
+        seed = None if kv is None or spec is None else spec.seed_of(request.request_id, kv)
         state = self._prefilled_state(request, first_token)
         if kv is not None:
-            if kv.length != state.num_prompt:
-                raise ValueError(f"add_prefilled({request.request_id!r}): kv.length {kv.length} != "
-                                 f"prompt length {state.num_prompt}")
             state.computed = state.cached_tokens = kv.length
+            if seed is not None:
+                state.draft_hidden, state.draft_at = seed
             self._incoming[request.request_id] = kv
         self.scheduler.add(state)
 
@@ -154,6 +158,8 @@ class Engine:
         try:
             self.kv.admit_prompt(state.seq, request.prompt_ids, state.max_len, request.cache_salt)
             got = fill(state.seq, state.num_prompt)
+            if got.filled and self.speculator is not None:
+                self.speculator.pulled(state, self.kv.cache)
         except BaseException:
             self._states.pop(request.request_id, None)
             self._pending = [d for d in self._pending if d.request_id != request.request_id]
@@ -207,7 +213,8 @@ class Engine:
     def take_handoff(self, request_id: str) -> SequenceKv:
         """The held prompt state of a handed-off request; frees its blocks."""
         state = self._handoff(request_id)
-        kv = export_kv(self.kv.cache, self.model_cfg, state.seq)
+        kv = (export_kv(self.kv.cache, self.model_cfg, state.seq) if self.speculator is None
+              else self.speculator.export(self.kv.cache, state))
         self.kv.free(state.seq)
         return kv
 

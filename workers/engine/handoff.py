@@ -2,7 +2,9 @@
 
 This is the in-process form of a KV handoff (Ray object store): the NIXL path of workers/transfer/
 moves the same pieces page by page. Per layer it carries the window, and for compressed layers the
-entries and compressor state of each series (CSA: attention and indexer; HCA: attention).
+entries and compressor state of each series (CSA: attention and indexer; HCA: attention). With
+speculative decoding it also carries the MTP layer's window and its output streams at the last
+position, so the decode drafts from its first step (workers/engine/speculate.py).
 """
 
 from __future__ import annotations
@@ -32,10 +34,14 @@ class SequenceKv:
     length: int
     windows: tuple[torch.Tensor, ...]  # per layer: [min(length, window), head_dim]
     series: tuple[SeriesKv, ...]
+    mtp_windows: tuple[torch.Tensor, ...] = ()  # per MTP layer kept (speculation), like `windows`
+    draft_hidden: torch.Tensor | None = None  # MTP output streams [hc, d] at position length - 1
 
     @property
     def nbytes(self) -> int:
-        tensors = [*self.windows]
+        tensors = [*self.windows, *self.mtp_windows]
+        if self.draft_hidden is not None:
+            tensors.append(self.draft_hidden)
         for s in self.series:
             tensors += [s.entries, s.state.kv, s.state.score]
         return sum(t.numel() * t.element_size() for t in tensors)
@@ -49,8 +55,10 @@ def _series_kinds(kind: LayerKind) -> tuple[EntryKind, ...]:
     return ()
 
 
-def export_kv(cache: ModelCache, cfg: ModelConfig, seq: int) -> SequenceKv:
-    """Copy `seq`'s state out of `cache` (main layers only: the engine runs without MTP)."""
+def export_kv(cache: ModelCache, cfg: ModelConfig, seq: int, mtp_layers: int = 0,
+              draft_hidden: torch.Tensor | None = None) -> SequenceKv:
+    """Copy `seq`'s state out of `cache`: the main layers, and the windows of the first
+    `mtp_layers` MTP layers (which speculation keeps) with `draft_hidden`."""
     length = cache.length(seq)
     if length <= 0:
         raise ValueError(f"export_kv: sequence {seq} holds no tokens")
@@ -63,7 +71,9 @@ def export_kv(cache: ModelCache, cfg: ModelConfig, seq: int) -> SequenceKv:
                 raise ValueError(f"export_kv: layer {i} sequence {seq} has no {ek.value} compressor state")
             st = CompressorState(state.start, state.kv.clone(), state.score.clone())
             series.append(SeriesKv(i, ek, cache.entries(i, seq, ek).clone(), st))
-    return SequenceKv(length, windows, tuple(series))
+    mtp = tuple(cache.window(cfg.num_layers + j, seq).clone() for j in range(mtp_layers))
+    hidden = None if draft_hidden is None else draft_hidden.clone()
+    return SequenceKv(length, windows, tuple(series), mtp, hidden)
 
 
 def import_kv(cache: ModelCache, cfg: ModelConfig, seq: int, kv: SequenceKv) -> None:
@@ -72,7 +82,7 @@ def import_kv(cache: ModelCache, cfg: ModelConfig, seq: int, kv: SequenceKv) -> 
         raise ValueError(f"import_kv: sequence {seq} already holds {cache.length(seq)} tokens")
     if len(kv.windows) != cfg.num_layers:
         raise ValueError(f"import_kv: {len(kv.windows)} windows for a model of {cfg.num_layers} layers")
-    for i, w in enumerate(kv.windows):
+    for i, w in enumerate(kv.windows + kv.mtp_windows):
         cache.append_window(i, seq, w)
     for s in kv.series:
         cache.append_entries(s.layer, seq, s.kind, s.entries)

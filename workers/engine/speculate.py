@@ -19,19 +19,27 @@ Per step (`Speculator.step`, in place of the runner's forward and the sampling):
    the token after each row, so its window stays in step with the main layers, and the last row of
    a sampling chunk leaves the next step's `draft_hidden`.
 The engine then streams the picks of each request in one delta, cutting at stop / EOS / length.
+
+Handoffs: a prefill rank with speculation on runs step 4 too, so the prompt's MTP window is in its
+cache and its `draft_hidden` is the first token's. Over NIXL both travel in the pages (the window
+pages hold the MTP layer; the state page holds the hidden row, `DraftHiddenStore`); through the
+object store in `SequenceKv` (`export` / `imported`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 
+from workers.engine.handoff import SequenceKv, export_kv
 from workers.engine.kv import KvSpace
 from workers.engine.sampler import sample_batch, sample_one
 from workers.engine.scheduler import Chunk, StepPlan
 from workers.engine.staged_cache import StagedCache, commit_safe
+from workers.engine.state import RequestState
 from workers.model.block import Segment
 from workers.model.cache import EntryKind, ModelCache
 from workers.model.compressor import Compressor
@@ -67,6 +75,16 @@ class Picked:
     logits: torch.Tensor
     drafted: int = 0
     accepted: int = 0
+
+
+@runtime_checkable
+class DraftHiddenStore(Protocol):
+    """A cache that keeps a sequence's MTP hidden row in its pages (workers/kv PagedModelCache)."""
+
+    @property
+    def holds_draft_hidden(self) -> bool: ...
+    def store_draft_hidden(self, seq: int, position: int, hidden: torch.Tensor) -> None: ...
+    def draft_hidden(self, seq: int) -> tuple[int, torch.Tensor]: ...
 
 
 def model_compressors(model: DeepseekV4) -> dict[tuple[int, EntryKind], Compressor]:
@@ -203,10 +221,44 @@ class Speculator:
             start += len(fed)
         ids = torch.tensor(nxt, dtype=torch.long, device=out.streams.device)
         x = self.mtp.forward_streams(torch.cat(rows), self.model.embed(ids), ids, segs, self.mtp_layer, cache)
+        store = isinstance(cache, DraftHiddenStore) and cache.holds_draft_hidden
         for c, p, s in zip(chunks, picks, segs, strict=True):
             if p is not None:
                 c.state.draft_hidden = x[s.start + s.length - 1].clone()
                 c.state.draft_at = c.start + s.length - 1
+                if store:
+                    cache.store_draft_hidden(c.state.seq, c.state.draft_at, c.state.draft_hidden)
+
+    # --- handoffs ------------------------------------------------------------------------------
+    def export(self, cache: ModelCache, state: RequestState) -> SequenceKv:
+        """A held handoff's state as tensors, with the MTP window and hidden row."""
+        if state.draft_hidden is None or state.draft_at != cache.length(state.seq) - 1:
+            raise ValueError(f"request {state.request_id!r}: no current MTP hidden state to hand off "
+                             f"(at {state.draft_at}, length {cache.length(state.seq)})")
+        return export_kv(cache, self.model.cfg, state.seq, mtp_layers=1, draft_hidden=state.draft_hidden)
+
+    def seed_of(self, request_id: str, kv: SequenceKv) -> tuple[torch.Tensor, int]:
+        """(draft_hidden, draft_at) a handed-off request starts with (its MTP window is imported
+        with `kv`). Raises when the handoff has none (its prefill ran without speculation)."""
+        if len(kv.mtp_windows) != 1 or kv.draft_hidden is None:
+            raise ValueError(
+                f"request {request_id!r}: the handoff carries {len(kv.mtp_windows)} MTP windows and "
+                f"{'an' if kv.draft_hidden is not None else 'no'} MTP hidden state; a speculating decode "
+                f"needs both (run the prefill pool with speculation too)"
+            )
+        return kv.draft_hidden.to(self.model.dtype), kv.length - 1
+
+    def pulled(self, state: RequestState, cache: ModelCache) -> None:
+        """Take a request's MTP hidden row from the state page its handoff filled (NIXL)."""
+        if not (isinstance(cache, DraftHiddenStore) and cache.holds_draft_hidden):
+            raise ValueError(f"request {state.request_id!r}: this cache keeps no MTP hidden row "
+                             f"(a speculating rank needs KvShape.mtp_hidden)")
+        position, flat = cache.draft_hidden(state.seq)
+        if position != state.num_prompt - 1:
+            raise ValueError(f"request {state.request_id!r}: the pulled MTP hidden row is for position "
+                             f"{position}, expected {state.num_prompt - 1} (the prompt's last)")
+        shape = (self.model.cfg.hc_mult, self.model.cfg.hidden_size)
+        state.draft_hidden, state.draft_at = flat.view(shape).to(self.model.dtype), position
 
 
 def _hidden(chunk: Chunk) -> torch.Tensor:

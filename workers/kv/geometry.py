@@ -9,7 +9,9 @@ consecutive pages is one contiguous byte range (one NIXL descriptor):
   for them (SWA and MTP layers included) plus the compressor state at the page's END position
   (what a prefix hit at that position needs to resume the compressors). A block boundary's window
   is exactly the block's second window page, which the prefix cache keeps or evicts on its own.
-- STATE: one page per running request: the compressors' running state.
+- STATE: one page per running request: the compressors' running state, and with speculative
+  decoding (`mtp_hidden`) the MTP layer's last output streams, so a handed-off request drafts
+  from its first decode step: int64 position + `mtp_hidden` fp32 values.
 
 Compressor state is kept as the model's raw per-token fp32 (kv, score) rows (workers/model/cache.py,
 CompressorState): CSA keeps at most 2*ratio - 1 rows of both overlap halves (main compressor and
@@ -61,12 +63,16 @@ class Part(enum.Enum):
     BOUNDARY_INDEX_STATE = "boundary_index_state"  # same for the indexer's compressor
     STATE = "state"  # running main compressor rows (CSA or HCA)
     INDEX_STATE = "index_state"  # running indexer compressor rows (CSA)
+    MTP_HIDDEN = "mtp_hidden"  # speculation: the position and MTP output streams the next drafts use
 
 
 @dataclass(frozen=True)
 class KvShape:
     """The model facts the cache layout depends on (one entry of compress_ratios per layer, MTP
-    included). Build it from the model config; tests and the benchmark use the presets."""
+    included). Build it from the model config; tests and the benchmark use the presets.
+    `mtp_hidden`: fp32 values of the MTP layer's output streams (hc_mult * hidden) that the state
+    page carries for speculative decoding; 0 for none. Its segment is filed under the last layer
+    (an MTP layer whenever it is set)."""
 
     compress_ratios: tuple[int, ...]
     entry: EntryLayout = EntryLayout()
@@ -74,8 +80,11 @@ class KvShape:
     key_format: KeyFormat = KeyFormat.FP4
     window: int = 128
     block_size: int = 256
+    mtp_hidden: int = 0
 
     def __post_init__(self) -> None:
+        if self.mtp_hidden < 0:
+            raise ValueError(f"KvShape.mtp_hidden must be >= 0, got {self.mtp_hidden}")
         for i, r in enumerate(self.compress_ratios):
             LayerKind.of(r, i)
         if self.window <= 0 or self.block_size % self.window:
@@ -98,7 +107,8 @@ class KvShape:
         return KeyLayout(self.key_format, self.index_dim)
 
     def with_key_format(self, fmt: KeyFormat) -> KvShape:
-        return KvShape(self.compress_ratios, self.entry, self.index_dim, fmt, self.window, self.block_size)
+        return KvShape(self.compress_ratios, self.entry, self.index_dim, fmt, self.window, self.block_size,
+                       self.mtp_hidden)
 
 
 @dataclass(frozen=True)
@@ -180,6 +190,8 @@ class KvGeometry:
             elif kind is LayerKind.HCA:
                 block.append((i, Part.ENTRY, shape.block_size // kind.value, e))
                 state.append((i, Part.STATE, kind.value - 1, _row(hd)))
+        if shape.mtp_hidden:
+            state.append((len(shape.kinds) - 1, Part.MTP_HIDDEN, 1, 8 + shape.mtp_hidden * FP32))
         return cls(
             shape,
             _pack(PoolKind.BLOCK, shape.block_size, block),

@@ -260,6 +260,37 @@ class PagedModelCache:
             view[self.m.state_page(seq), :rows] = data.view(torch.uint8)
         meta.states[(layer, kind)] = _StateMeta(state.start, rows)
 
+    # --- speculative decoding: the MTP hidden row of the state page ----------------------------
+    @property
+    def holds_draft_hidden(self) -> bool:
+        """Whether the state page has the MTP_HIDDEN segment (KvShape.mtp_hidden)."""
+        return self.shape.mtp_hidden > 0
+
+    def _hidden_view(self) -> torch.Tensor:
+        if not self.holds_draft_hidden:
+            raise KeyError("this cache's KvShape has no MTP hidden row (mtp_hidden = 0)")
+        return self.m.pools[PoolKind.STATE].view(len(self.kinds) - 1, Part.MTP_HIDDEN)
+
+    def store_draft_hidden(self, seq: int, position: int, hidden: torch.Tensor) -> None:
+        """Keep the MTP output streams `hidden` (mtp_hidden values) of `seq`'s `position` in its
+        state page, so a handoff of the page carries them (fp32; position as int64)."""
+        flat = hidden.detach().reshape(-1).to(torch.float32)
+        if flat.numel() != self.shape.mtp_hidden:
+            raise ValueError(
+                f"store_draft_hidden: {flat.numel()} values, the state page holds {self.shape.mtp_hidden}"
+            )
+        self._get(seq)
+        row = self._hidden_view()[self.m.state_page(seq), 0]
+        row[:8] = torch.tensor([position], dtype=torch.int64).view(torch.uint8)
+        row[8:] = flat.contiguous().view(torch.uint8)
+
+    def draft_hidden(self, seq: int) -> tuple[int, torch.Tensor]:
+        """(position, fp32 values [mtp_hidden]) of the MTP hidden row in `seq`'s state page."""
+        self._get(seq)
+        row = self._hidden_view()[self.m.state_page(seq), 0]
+        position = int(row[:8].clone().view(torch.int64)[0])
+        return position, row[8:].clone().view(torch.float32)
+
     def advance(self, seq: int, n: int) -> None:
         """The step covered n tokens. A main layer that appended fewer window rows than that got
         only the step's last rows (the protocol keeps only the last `window`; a handoff import
