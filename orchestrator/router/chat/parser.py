@@ -90,7 +90,9 @@ class OutputParser:
                 try:
                     calls.extend(parse_block_body(body))
                 except DsmlError as exc:
-                    log.warning("malformed tool-call block returned as text: %s", exc)
+                    # the error quotes model output: its text stays out of INFO+ logs (docs/security.md)
+                    log.warning("malformed tool-call block (%d chars) returned as text", len(body))
+                    log.debug("malformed tool-call block: %s", exc)
                     answer.append(self._opener + body + BLOCK_CLOSE)
         return Parsed("".join(reasoning), "".join(answer), tuple(calls))
 
