@@ -7,6 +7,7 @@ The serving gateway (support.serving) is a worker with a real prefix cache of bl
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import grpc
 import httpx
@@ -164,3 +165,13 @@ def test_one_token_for_both_roles_has_both() -> None:
         Credentials([TenantToken(A, "x"), TenantToken(B, "x")])
     with pytest.raises(ValueError, match="unique"):
         Credentials([TenantToken(A, "x"), TenantToken(Tenant("a"), "y")])
+
+
+def test_no_code_turns_ray_token_auth_off() -> None:
+    """Nothing Tandem runs sets Ray's authentication mode or token: a cluster started with
+    RAY_AUTH_MODE=token keeps it (tests/e2e/test_ray_job_submit.py deploys onto such a head)."""
+    root = Path(__file__).parents[2]
+    hits = [f"{p.relative_to(root)}: {needle}" for top in ("orchestrator", "workers", "kernels", "proto/tandem")
+            for p in (root / top).rglob("*.py") for needle in ("RAY_AUTH", "auth_mode", "AuthenticationMode")
+            if needle in p.read_text(encoding="utf-8")]
+    assert hits == []
