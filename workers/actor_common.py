@@ -23,6 +23,7 @@ from workers.engine.engine import Engine, EngineStats, Role
 from workers.engine.kv import BlockSpace, BlockSpaceConfig, KvSpace
 from workers.engine.runner import LocalRunner, ModelRunner
 from workers.engine.scheduler import SchedulerConfig
+from workers.engine.speculate import SpeculationConfig, Speculator
 from workers.ep.dispatch import Dispatcher, PaddedAllToAll, VariableAllToAll
 from workers.ep.group import EpConfig, EpGroup
 from workers.ep.runner import EpRunner
@@ -75,17 +76,18 @@ class ModelSource:
             return load_config(Path(self.checkpoint)).n_routed_experts
         return preset(self.preset).n_routed_experts
 
-    def build(self, local_experts: range | None) -> DeepseekV4:
-        """This rank's model: all routed experts, or only `local_experts`."""
+    def build(self, local_experts: range | None, with_mtp: bool = False) -> DeepseekV4:
+        """This rank's model: all routed experts, or only `local_experts`. A checkpoint brings its
+        MTP layer when it has one; a preset gets a (random) one only `with_mtp` (speculation)."""
         dtype = torch.bfloat16 if self.bf16 else torch.float32
         if self.checkpoint is not None:
             return load(self.checkpoint, dtype=dtype, quant_sim=self.quant_sim, local_experts=local_experts,
                         progress=False)
         cfg, sim = preset(self.preset), self.quant_sim
-        full = init_random(DeepseekV4(cfg, quant_sim=sim, with_mtp=False), seed=self.seed).to(dtype)
+        full = init_random(DeepseekV4(cfg, quant_sim=sim, with_mtp=with_mtp), seed=self.seed).to(dtype)
         if local_experts is None:
             return full.eval()
-        shard = DeepseekV4(cfg, quant_sim=sim, with_mtp=False, local_experts=local_experts).to(dtype)
+        shard = DeepseekV4(cfg, quant_sim=sim, with_mtp=with_mtp, local_experts=local_experts).to(dtype)
         keep = shard.state_dict()
         shard.load_state_dict({k: v for k, v in full.state_dict().items() if k in keep}, strict=True)
         return shard.eval()
@@ -119,8 +121,14 @@ class WorkerConfig:
     nvlink_domain: str = "local"
     torch_threads: int = 1
     faults: FaultConfig = field(default_factory=FaultConfig)  # tests only; none by default
+    # MTP speculative decoding (decode ranks draft; prefill ranks of the same deployment keep the
+    # MTP state their handoffs carry). Needs a model with an MTP layer; not under EP yet.
+    speculation: SpeculationConfig = field(default_factory=SpeculationConfig)
 
     def __post_init__(self) -> None:
+        if self.speculation.enabled and self.ep is not None:
+            raise ValueError(f"WorkerConfig({self.name}).speculation: MTP speculation does not run under "
+                             f"expert parallelism yet (ep has {self.ep.world_size} ranks)")
         if self.ep is not None and self.ep.rank != self.rank:
             raise ValueError(f"WorkerConfig.rank {self.rank} != ep.rank {self.ep.rank}")
         if self.handoff_lease_s <= 0:
@@ -158,7 +166,7 @@ def build_rank(cfg: WorkerConfig) -> BuiltRank:
     torch.set_num_threads(cfg.torch_threads)
     group = EpGroup(cfg.ep) if cfg.ep is not None else None
     experts = group.local_experts(cfg.model.n_routed_experts) if group is not None else None
-    model = cfg.model.build(experts)
+    model = cfg.model.build(experts, with_mtp=cfg.speculation.enabled)
     runner: ModelRunner
     disp: Dispatcher | None = None
     if group is None:
@@ -169,14 +177,16 @@ def build_rank(cfg: WorkerConfig) -> BuiltRank:
         runner = EpRunner(model, group, disp)
     tokenizer = load_tokenizer(cfg.model.checkpoint)
     kv = _kv_space(cfg, model)
-    engine = Engine(cfg.role, model.cfg, cfg.sched, kv, runner, tokenizer)
+    speculator = Speculator(model, cfg.speculation) if cfg.speculation.enabled else None
+    engine = Engine(cfg.role, model.cfg, cfg.sched, kv, runner, tokenizer, speculator)
     return BuiltRank(engine, group, runner, tokenizer, disp)
 
 
 def _kv_space(cfg: WorkerConfig, model: DeepseekV4) -> KvSpace:
     if isinstance(cfg.kv, BlockSpaceConfig):
         return BlockSpace(cfg.kv, model.cfg.window)
-    geom = KvGeometry.of(kv_shape(model.cfg, with_mtp=False))
+    spec = cfg.speculation.enabled  # the MTP layer's window and hidden row live in the pages too
+    geom = KvGeometry.of(kv_shape(model.cfg, with_mtp=spec, mtp_hidden=spec))
     caps = KvCapacity(cfg.kv.block_pages, cfg.kv.window_pages, cfg.kv.state_pages)
     return PagedKvSpace(KvCacheManager(geom, caps, cfg.name), model.cfg.num_layers, model.dtype)
 

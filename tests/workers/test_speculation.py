@@ -20,12 +20,14 @@ from workers_util import drain, greedy_reference, random_prompts, requests
 
 from tandem.request import GenerationRequest, SamplingConfig
 from tandem.tokenizer import ByteTokenizer
+from workers.actor_common import BuiltRank, ModelSource, PagedPoolsConfig, WorkerConfig, build_rank
 from workers.engine.engine import Engine, Role
 from workers.engine.kv import BlockSpace, BlockSpaceConfig
 from workers.engine.runner import LocalRunner
 from workers.engine.scheduler import SchedulerConfig
 from workers.engine.speculate import SpeculationConfig, Speculator, model_compressors
 from workers.engine.staged_cache import StagedCache, commit_safe
+from workers.ep.group import EpConfig
 from workers.kv.geometry import KvGeometry, PoolKind
 from workers.kv.manager import KvCacheManager, KvCapacity
 from workers.kv.presets import kv_shape
@@ -252,3 +254,25 @@ def test_config_and_model_are_checked(tiny_model: DeepseekV4) -> None:
         SpeculationConfig(3)
     with pytest.raises(ValueError, match="no MTP layer"):
         Speculator(tiny_model, SpeculationConfig(1))
+
+
+def test_a_rank_built_with_speculation_drafts_and_keeps_the_mtp_pages() -> None:
+    cfg = WorkerConfig(instance="decode-0", role=Role.DECODE, model=ModelSource(checkpoint=str(DEMO)),
+                       kv=PagedPoolsConfig(8, 16, 4), speculation=SpeculationConfig(2))
+    built = build_rank(cfg)
+    eng = built.engine
+    assert eng.speculator is not None and eng.kv.cache.holds_draft_hidden
+    assert eng.kv.manager.geometry.shape.compress_ratios[-1] == 0  # the MTP layer's window is paged
+    want = greedy_reference(demo_model(built), list(TOK.encode(TEXTS[0])), 10)
+    assert run_all(eng, requests([TOK.encode(TEXTS[0])], SamplingConfig(max_tokens=10, ignore_eos=True))) == {
+        "r0": want}
+    assert eng.stats().accepted_tokens > 0
+    with pytest.raises(ValueError, match="expert parallelism"):
+        WorkerConfig(instance="decode-0", role=Role.DECODE, kv=PagedPoolsConfig(8, 16, 4),
+                     ep=EpConfig(0, 2), speculation=SpeculationConfig(1))
+
+
+def demo_model(built: BuiltRank) -> DeepseekV4:
+    runner = built.runner
+    assert isinstance(runner, LocalRunner)
+    return runner.model
