@@ -19,7 +19,7 @@ from orchestrator.api.app import create_app
 from orchestrator.api.auth import Auth
 from orchestrator.router.frontend import Frontend, RouterError
 from orchestrator.router.quotas import RequestLimits
-from orchestrator.router.server import start_server
+from orchestrator.router.server import peer_host, start_server
 from orchestrator.router.tenancy import Caller, Credentials, Tenant, TenantToken
 from tandem.v1 import generate_pb2, generate_pb2_grpc
 
@@ -241,3 +241,9 @@ def test_spec_limits_and_tenants_reach_the_router_settings(tmp_path) -> None:  #
     parsed = load_spec(path)
     with pytest.raises(FileNotFoundError, match=r"security.tenants\[0\].token_file"):
         router_settings(parsed, model_config(parsed))
+
+
+@pytest.mark.parametrize(("peer", "host"), [("ipv4:127.0.0.1:5000", "127.0.0.1"), ("ipv6:[::1]:5000", "::1"),
+                                            ("ipv6:[fe80::1%eth0]:1", "fe80::1%eth0"), ("unix:/tmp/s", "/tmp/s")])
+def test_a_client_is_its_peer_host(peer: str, host: str) -> None:
+    assert peer_host(peer) == host  # the port changes per connection; the host names the client

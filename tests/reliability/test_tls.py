@@ -13,6 +13,7 @@ import asyncio
 import ipaddress
 import ssl
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import grpc
 import httpx
@@ -210,3 +211,33 @@ def test_both_servers_bind_only_the_settings_host(host: str) -> None:
     addresses, grpc_bound, http_bound = _host(_settings(None, host), calls)
     assert addresses.grpc.startswith(f"{host}:") and addresses.http.startswith(f"http://{host}:")
     assert grpc_bound == {host} and http_bound == {host}  # nothing on 0.0.0.0, :: or another interface
+
+
+def test_spec_tls_tenants_and_tokens_end_to_end(pki: Pki, tmp_path) -> None:  # noqa: ANN001
+    """From a spec's security section to running servers: mTLS from its files, its tenant's token."""
+    import yaml
+
+    from orchestrator.spec import load_spec
+    from orchestrator.worker_plan import model_config, router_settings
+
+    (tmp_path / "team.token").write_text("team-token\n")
+    spec = yaml.safe_load(Path("deploy/local.yaml").read_text())
+    spec["router"] = {**spec.get("router", {}), "port": 0, "http_port": 0}
+    spec["security"] = {"tls": {"cert_file": str(pki.server.cert), "key_file": str(pki.server.key),
+                                "client_ca_file": str(pki.ca)},
+                        "tenants": [{"name": "team", "token_file": str(tmp_path / "team.token")}]}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    parsed = load_spec(tmp_path / "spec.yaml")
+    settings = router_settings(parsed, model_config(parsed))
+
+    async def calls(host: RouterHost) -> tuple:
+        url = host._started.http
+        port = int(host._started.grpc.rsplit(":", 1)[1])
+        async with _secure(port, _creds(pki, identity=pki.client)) as ch:
+            grpc_status = await _generate(ch, "team-token")
+        return (await _models(url, _ctx(pki, pki.client), "team-token"),
+                await _refused(url, _ctx(pki)), grpc_status)
+
+    http_ok, no_cert, (grpc_code, _) = _host(settings, calls)
+    assert http_ok == 200 and no_cert
+    assert grpc_code == grpc.StatusCode.UNAVAILABLE  # through mTLS and the token; no workers registered
