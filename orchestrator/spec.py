@@ -72,6 +72,20 @@ class PoolSpec(_Strict):
     kv_blocks: int | None = Field(default=None, ge=1)
 
 
+class SpeculationSpec(_Strict):
+    """MTP speculative decoding: draft tokens the MTP layer proposes per decode step (0: off).
+    Output is the same with it on; the checkpoint must have its MTP layer (mtp.* tensors)."""
+
+    mtp_tokens: int = Field(default=0, ge=0, le=2)
+
+
+class DecodePoolSpec(PoolSpec):
+    """The decode pool: a PoolSpec plus `speculation` (its prefill pool then keeps the MTP state
+    each handoff carries, so a request drafts from its first decode step)."""
+
+    speculation: SpeculationSpec = SpeculationSpec()
+
+
 class CpuTopology(_Strict):
     kind: Literal["cpu"]
     # Logical CPUs Ray may hand out; actors get logical resources so 2 cores never stall placement.
@@ -193,13 +207,22 @@ class DeploymentSpec(_Strict):
     name: str = Field(min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
     model: ModelSpec
     prefill: PoolSpec
-    decode: PoolSpec
+    decode: DecodePoolSpec
     topology: Topology
     router: RouterSpec = RouterSpec()
     transfer: TransferSpec = TransferSpec()
     security: SecuritySpec = SecuritySpec()
     faults: FaultsSpec = FaultsSpec()  # TEST ONLY fault injection (orchestrator/spec_faults.py)
     limits: LimitsSpec = LimitsSpec()
+
+    @model_validator(mode="after")
+    def _speculation_without_ep(self) -> DeploymentSpec:
+        k = self.decode.speculation.mtp_tokens
+        for role, pool in (("prefill", self.prefill), ("decode", self.decode)):
+            if k and pool.ep_ranks > 1:
+                raise ValueError(f"decode.speculation.mtp_tokens = {k}: MTP speculation does not run under "
+                                 f"expert parallelism yet, and {role}.ep_ranks is {pool.ep_ranks}")
+        return self
 
     @model_validator(mode="after")
     def _fits_topology(self) -> DeploymentSpec:

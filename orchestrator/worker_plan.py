@@ -26,6 +26,7 @@ from orchestrator.spec_faults import FaultPickSpec, FaultsSpec
 from workers.actor_common import ModelSource, PagedPoolsConfig, WorkerConfig
 from workers.engine.engine import Role
 from workers.engine.scheduler import SchedulerConfig
+from workers.engine.speculate import SpeculationConfig
 from workers.ep.group import Backend, EpConfig
 from workers.faults import FaultConfig, FaultPick
 from workers.kv.geometry import KvGeometry
@@ -95,6 +96,8 @@ def instance_plan(spec: DeploymentSpec, role: Role, instance: str, *, nvlink_dom
             ep=EpConfig(r, n, master_addr, master_port, backend) if n > 1 else None,
             handoff_lease_s=spec.transfer.lease_s, handoff_timeout_s=spec.transfer.timeout_s,
             nvlink_domain=nvlink_domain, faults=fault_config(spec.faults),
+            # Both roles: the prefill keeps the MTP state that a speculating decode drafts from.
+            speculation=SpeculationConfig(spec.decode.speculation.mtp_tokens),
         )
         for r in range(n)
     )

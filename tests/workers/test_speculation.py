@@ -16,8 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from workers_util import drain, greedy_reference, random_prompts, requests
 
+from orchestrator.spec import SpecError, parse_spec
+from orchestrator.worker_plan import instance_plan
 from tandem.request import GenerationRequest, SamplingConfig
 from tandem.tokenizer import ByteTokenizer
 from workers.actor_common import BuiltRank, ModelSource, PagedPoolsConfig, WorkerConfig, build_rank
@@ -276,3 +279,17 @@ def demo_model(built: BuiltRank) -> DeepseekV4:
     runner = built.runner
     assert isinstance(runner, LocalRunner)
     return runner.model
+
+
+def test_the_spec_turns_speculation_on_for_both_pools_and_refuses_it_under_ep() -> None:
+    data = yaml.safe_load((DEMO.parents[2] / "deploy" / "local.yaml").read_text())
+    assert parse_spec(data, "local").decode.speculation.mtp_tokens == 0  # off unless asked
+    data["decode"]["speculation"] = {"mtp_tokens": 2}
+    spec = parse_spec(data, "local")
+    for role in (Role.PREFILL, Role.DECODE):
+        assert instance_plan(spec, role, "i").configs[0].speculation == SpeculationConfig(2)
+    for bad, field in ((3, "mtp_tokens"), (1, "expert parallelism")):
+        data["decode"]["speculation"] = {"mtp_tokens": bad}
+        data["prefill"]["ep_ranks"] = 2
+        with pytest.raises(SpecError, match=field):
+            parse_spec(data, "local")
