@@ -15,7 +15,8 @@ import httpx
 import openai
 import pytest
 from prometheus_client import CollectorRegistry
-from support.scripted import ScriptedGateway, scripted_frontend
+from support.scripted import scripted_chat
+from support.scripted_gateway import ScriptedGateway
 
 from orchestrator.api.app import create_app
 from orchestrator.api.auth import Auth
@@ -38,21 +39,22 @@ def pieces(text: str, size: int = 5) -> list[str]:
     return [text[i:i + size] for i in range(0, len(text), size)]
 
 
-def call(gw: ScriptedGateway, fn, *, status: bool = False):  # noqa: ANN001, ANN201
-    """fn(client) against a fresh app over gw; returns its result."""
+def call(pieces: list[str], fn):  # noqa: ANN001, ANN201
+    """fn(client) against a fresh app whose model writes `pieces`; returns (its result, the gateway)."""
     registry = CollectorRegistry()
-    app = create_app(scripted_frontend(gw, registry), model_name="dsv4", auth=Auth(None, None), registry=registry)
+    gw, frontend = scripted_chat(pieces, registry)
+    app = create_app(frontend, model_name="dsv4", auth=Auth(None, None), registry=registry)
 
     async def go():  # noqa: ANN202
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http:
             client = openai.AsyncOpenAI(base_url="http://t/v1", api_key="unused", http_client=http, max_retries=0)
             return await fn(client)
 
-    return asyncio.run(go())
+    return asyncio.run(go()), gw
 
 
 def prompt_text(gw: ScriptedGateway) -> str:
-    ids = gw.served[-1].prompt_ids
+    ids = gw.requests[-1].prompt_ids
     assert ids[0] == 256  # the byte tokenizer's BOS: the encoding's <｜begin▁of▁sentence｜>
     return bytes(ids[1:]).decode()
 
@@ -64,9 +66,8 @@ def create(**kw: object):  # noqa: ANN201
 
 
 def test_tool_call_round_trip_without_streaming() -> None:
-    gw = ScriptedGateway(pieces(OUTPUT))
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather in Paris?"}]
-    resp = call(gw, create(messages=messages, tools=[WEATHER], extra_body={"chat_template_kwargs": {"thinking": True}}))
+    resp, gw = call(pieces(OUTPUT), create(messages=messages, tools=[WEATHER], extra_body={"chat_template_kwargs": {"thinking": True}}))
     prompt = prompt_text(gw)
     assert prompt.startswith("Be brief.\n\n## Tools\n\n")
     assert json.dumps(WEATHER["function"]) + "\n\nYou MUST strictly follow" in prompt
@@ -80,9 +81,8 @@ def test_tool_call_round_trip_without_streaming() -> None:
     assert json.loads(tc.function.arguments) == {"city": "Paris", "days": 2}
 
     # The next turn sends the call and its result back: the prompt renders them by the V4 rules.
-    gw2 = ScriptedGateway(["It is sunny.</think>", "Sunny, 24 °C."])
     history = [*messages, msg, {"role": "tool", "tool_call_id": tc.id, "content": '{"sky": "sunny"}'}]
-    resp2 = call(gw2, create(messages=history, tools=[WEATHER], extra_body={"thinking": {"type": "enabled"}}))
+    resp2, gw2 = call(["It is sunny.</think>", "Sunny, 24 °C."], create(messages=history, tools=[WEATHER], extra_body={"thinking": {"type": "enabled"}}))
     assert prompt_text(gw2).endswith(
         U + "Weather in Paris?" + A + "<think>" + "The user wants the weather.</think>" + BLOCK + EOS
         + U + '<tool_result>{"sky": "sunny"}</tool_result>' + A + "<think>")
@@ -91,14 +91,13 @@ def test_tool_call_round_trip_without_streaming() -> None:
 
 
 def test_streamed_deltas_carry_reasoning_content_and_tool_calls() -> None:
-    gw = ScriptedGateway(pieces("Answering first." + BLOCK, 3))
 
     async def fn(client: openai.AsyncOpenAI) -> list:
         stream = await client.chat.completions.create(
             model="dsv4", stream=True, tools=[WEATHER], messages=[{"role": "user", "content": "Paris?"}])
         return [c async for c in stream]
 
-    chunks = call(gw, fn)
+    chunks, _ = call(pieces("Answering first." + BLOCK, 3), fn)
     deltas = [c.choices[0].delta for c in chunks]
     assert deltas[0].role == "assistant"
     assert "".join(d.content or "" for d in deltas) == "Answering first."
@@ -111,7 +110,6 @@ def test_streamed_deltas_carry_reasoning_content_and_tool_calls() -> None:
 
 
 def test_streamed_reasoning_with_max_effort() -> None:
-    gw = ScriptedGateway(pieces("Deep thought.</think>42", 4))
 
     async def fn(client: openai.AsyncOpenAI) -> list:
         stream = await client.chat.completions.create(
@@ -119,15 +117,14 @@ def test_streamed_reasoning_with_max_effort() -> None:
             messages=[{"role": "user", "content": "Answer?"}])
         return [c.choices[0].delta async for c in stream]
 
-    deltas = call(gw, fn)
+    deltas, gw = call(pieces("Deep thought.</think>42", 4), fn)
     assert prompt_text(gw).startswith("Reasoning Effort: Absolute maximum with no shortcuts permitted.\n")
     assert "".join((d.model_extra or {}).get("reasoning_content") or "" for d in deltas) == "Deep thought."
     assert "".join(d.content or "" for d in deltas) == "42"
 
 
 def test_tool_choice_none_hides_the_tools_and_parses_nothing() -> None:
-    gw = ScriptedGateway([BLOCK.strip()])
-    resp = call(gw, create(messages=[{"role": "user", "content": "q"}], tools=[WEATHER], tool_choice="none"))
+    resp, gw = call([BLOCK.strip()], create(messages=[{"role": "user", "content": "q"}], tools=[WEATHER], tool_choice="none"))
     assert "## Tools" not in prompt_text(gw)
     assert resp.choices[0].message.content == BLOCK.strip() and not resp.choices[0].message.tool_calls
     assert "reasoning_content" not in (resp.choices[0].message.model_extra or {})
@@ -157,7 +154,7 @@ def test_unsupported_or_contradictory_requests_are_400_naming_the_field(extra: d
     async def fn(client: openai.AsyncOpenAI) -> httpx.Response:
         return await client._client.post("http://t/v1/chat/completions", json=body)
 
-    r = call(ScriptedGateway(["x"]), fn)
+    r, _ = call(["x"], fn)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
 
@@ -167,7 +164,6 @@ def _texts(parts: Sequence[str]) -> list[dict]:
 
 
 def test_text_parts_and_developer_role_render_like_strings() -> None:
-    gw = ScriptedGateway(["ok"])
-    call(gw, create(messages=[{"role": "developer", "content": "Rules."},
+    _, gw = call(["ok"], create(messages=[{"role": "developer", "content": "Rules."},
                               {"role": "user", "content": _texts(["a", "b"])}]))
     assert prompt_text(gw) == "Rules." + U + "ab" + A + "</think>"

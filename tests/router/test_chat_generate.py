@@ -9,7 +9,7 @@ import json
 
 import pytest
 from prometheus_client import CollectorRegistry
-from support.scripted import ScriptedGateway, scripted_frontend
+from support.scripted import scripted_chat
 
 from orchestrator.router.chat.stream import call_id
 from orchestrator.router.frontend import ErrorCode, RouterError
@@ -26,13 +26,16 @@ CALL_TEXT = ('\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name="get_weather">\
              '</｜DSML｜invoke>\n</｜DSML｜tool_calls>')
 
 
-def run(gateway: ScriptedGateway, msg: generate_pb2.GenerateRequest) -> list[generate_pb2.GenerateChunk]:
-    frontend = scripted_frontend(gateway, CollectorRegistry())
+def run(pieces: list[str], msg: generate_pb2.GenerateRequest, *, finish: Finish = Finish.STOP,
+        split: bool = False) -> tuple[list[generate_pb2.GenerateChunk], tuple[int, ...]]:
+    """The chunks of msg when the model writes `pieces`, and the prompt ids the workers got."""
+    gateway, frontend = scripted_chat(pieces, CollectorRegistry(), finish=finish, split=split)
 
     async def go() -> list[generate_pb2.GenerateChunk]:
         return [c async for c in frontend.generate(msg)]
 
-    return asyncio.run(go())
+    chunks = asyncio.run(go())
+    return chunks, gateway.requests[0].prompt_ids
 
 
 def chat(*turns: tuple[str, str], thinking: bool = False, tools: bool = False) -> generate_pb2.GenerateRequest:
@@ -42,17 +45,16 @@ def chat(*turns: tuple[str, str], thinking: bool = False, tools: bool = False) -
 
 
 def test_worker_gets_the_encoded_conversation() -> None:
-    gw = ScriptedGateway(["Hi."])
-    run(gw, chat(("system", "Be kind."), ("user", "Hello"), thinking=True))
+    _, prompt_ids = run(["Hi."], chat(("system", "Be kind."), ("user", "Hello"), thinking=True))
     expected = "Be kind.<｜User｜>Hello<｜Assistant｜><think>"
-    assert gw.served[0].prompt_ids == tuple(ByteTokenizer().encode(expected))  # BOS id, then the text
+    assert prompt_ids == tuple(ByteTokenizer().encode(expected))  # BOS id, then the text
 
 
-def test_chunks_split_reasoning_answer_and_calls_across_steps() -> None:
+@pytest.mark.parametrize("split", [False, True])  # the first piece from a prefill worker, or all from the decode
+def test_chunks_split_reasoning_answer_and_calls_across_steps(split: bool) -> None:
     output = "Need weather.</think>Checking Paris." + CALL_TEXT
     pieces = [output[i:i + 7] for i in range(0, len(output), 7)]  # steps cut markers anywhere
-    gw = ScriptedGateway(pieces)
-    chunks = run(gw, chat(("user", "Weather in Paris?"), thinking=True, tools=True))
+    chunks, _ = run(pieces, chat(("user", "Weather in Paris?"), thinking=True, tools=True), split=split)
     assert [c.token_ids for c in chunks] == [list(p.encode()) for p in pieces]  # every step still streams
     assert "".join(c.reasoning_text for c in chunks) == "Need weather."
     assert "".join(c.text for c in chunks) == "Checking Paris."
@@ -65,14 +67,14 @@ def test_chunks_split_reasoning_answer_and_calls_across_steps() -> None:
 
 
 def test_chat_mode_without_tools_passes_text_through() -> None:
-    chunks = run(ScriptedGateway(["plain ", "answer </think> kept"]), chat(("user", "q")))
+    chunks, _ = run(["plain ", "answer </think> kept"], chat(("user", "q")))
     assert "".join(c.text for c in chunks) == "plain answer </think> kept"
     assert not any(c.reasoning_text for c in chunks) and not chunks[-1].tool_calls
 
 
 def test_a_length_cut_inside_a_call_block_is_returned_as_text() -> None:
     cut = CALL_TEXT[:60]
-    chunks = run(ScriptedGateway(["Let me look.", cut], Finish.LENGTH), chat(("user", "q"), tools=True))
+    chunks, _ = run(["Let me look.", cut], chat(("user", "q"), tools=True), finish=Finish.LENGTH)
     assert "".join(c.text for c in chunks) == "Let me look." + cut
     assert chunks[-1].finish_reason == generate_pb2.FINISH_REASON_LENGTH and not chunks[-1].tool_calls
 
@@ -90,5 +92,5 @@ def test_a_length_cut_inside_a_call_block_is_returned_as_text() -> None:
 )
 def test_bad_conversations_are_invalid_argument(msg: generate_pb2.GenerateRequest, message: str) -> None:
     with pytest.raises(RouterError) as err:
-        run(ScriptedGateway(["x"]), msg)
+        run(["x"], msg)
     assert err.value.code is ErrorCode.INVALID_ARGUMENT and err.value.message.startswith(message)

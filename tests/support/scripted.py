@@ -1,66 +1,25 @@
-"""A router gateway whose one decode worker "generates" scripted text: the model's output without a
-model, so the chat parser runs through the real Frontend, gRPC-free, and the real HTTP API."""
+"""Chat tests over the scripted gateway: the "model" writes fixed text, one step per piece (token
+ids = the piece's bytes), in a context large enough for V4's tools section."""
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 
 from prometheus_client import CollectorRegistry
 
 from orchestrator.router.admission import Limits
 from orchestrator.router.frontend import Frontend
-from orchestrator.router.inputs import DisaggMode, DisaggThresholds, Role, WorkerId, WorkerState
-from orchestrator.router.kv_index import KvIndex
-from orchestrator.router.metrics import RouterMetrics
-from orchestrator.router.policy import PolicyName
-from orchestrator.router.router import Router
-from support.gateways import FLEET
-from tandem.request import GenerationRequest
-from tandem.stream import Finish, PrefillResult, RequestSummary, TokenDelta
-from tandem.tokenizer import ByteTokenizer
+from orchestrator.router.inputs import Role
+from support.scripted_gateway import ScriptedGateway, Step, idle_worker, scripted_frontend
+from tandem.stream import Finish
 
-DECODE = WorkerId("decode-0")
-AGGREGATED = dataclasses.replace(FLEET, disagg=DisaggThresholds(mode=DisaggMode.NEVER))  # decode prefills
+CHAT_LIMITS = Limits(max_context=65536, default_max_tokens=256, max_tokens=4096)
 
 
-class ScriptedGateway:
-    """One idle decode worker that prefills locally and streams `pieces` as its deltas (one delta per
-    piece, token ids = the piece's bytes), then ends with `finish`. Keeps the requests it served."""
-
-    def __init__(self, pieces: Sequence[str], finish: Finish = Finish.STOP) -> None:
-        self.pieces = list(pieces)
-        self.finish = finish
-        self.served: list[GenerationRequest] = []
-
-    def reports(self) -> Sequence[WorkerState]:
-        return (WorkerState(DECODE, Role.DECODE, "local", prefill_rate_tps=1e6, kv_blocks_total=4096,
-                            max_running_requests=64, queue_limit=64),)
-
-    async def prefill(self, worker: WorkerId, decode: WorkerId, request: GenerationRequest) -> PrefillResult:
-        raise AssertionError("the scripted fleet has no prefill worker")
-
-    async def decode(self, worker: WorkerId, request: GenerationRequest,
-                     prefilled: PrefillResult | None) -> AsyncIterator[TokenDelta]:
-        self.served.append(request)
-        ids = [tuple(p.encode()) for p in self.pieces]
-        for piece, tok in zip(self.pieces[:-1], ids[:-1], strict=True):
-            yield TokenDelta(request.request_id, tok, piece)
-        last = self.pieces[-1] if self.pieces else ""
-        summary = RequestSummary(prompt_tokens=len(request.prompt_ids), completion_tokens=sum(map(len, ids)))
-        yield TokenDelta(request.request_id, ids[-1] if ids else (), last, self.finish, summary)
-
-    def resume(self, worker: WorkerId, request: GenerationRequest,
-               generated: Sequence[int]) -> AsyncIterator[TokenDelta]:
-        raise AssertionError("nothing is lost in the scripted fleet")
-
-    async def cancel(self, worker: WorkerId, request_id: str) -> None:
-        return None
-
-
-def scripted_frontend(gateway: ScriptedGateway, registry: CollectorRegistry) -> Frontend:
-    """A byte-tokenizer frontend (context 65536, max_tokens 4096) over `gateway`."""
-    return Frontend(tokenizer=ByteTokenizer(),
-                    limits=Limits(max_context=65536, default_max_tokens=256, max_tokens=4096),
-                    router=Router.named(PolicyName.KV, AGGREGATED), index=KvIndex(), gateway=gateway,
-                    metrics=RouterMetrics(registry))
+def scripted_chat(pieces: Sequence[str], registry: CollectorRegistry, *, finish: Finish = Finish.STOP,
+                  split: bool = False) -> tuple[ScriptedGateway, Frontend]:
+    """A gateway streaming `pieces` then ending with `finish`, and a frontend over it; with `split`
+    a prefill worker answers the first piece and the decode streams the rest."""
+    reports = [idle_worker("decode-0", Role.DECODE)] + ([idle_worker("prefill-0", Role.PREFILL)] if split else [])
+    gateway = ScriptedGateway([Step(tuple(p.encode()), p) for p in pieces], reports, finish)
+    return gateway, scripted_frontend(gateway, registry, split=split, limits=CHAT_LIMITS)

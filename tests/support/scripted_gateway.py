@@ -2,9 +2,9 @@
 
 For tests of what the router and the HTTP API make of workers' deltas (formats, streaming), with
 no model behind them: each request gets the same `Step`s (their logprobs only when it asked, cut
-to its top_logprobs); the last one ends it (LENGTH). With `split` the router always disaggregates
-(a prefill worker must be reported): the prefill answers with the first step, the decode streams
-the rest after it; without, decode workers do it all.
+to its top_logprobs); the last one ends it (with `finish`: LENGTH unless told). With `split` the
+router always disaggregates (a prefill worker must be reported): the prefill answers with the
+first step, the decode streams the rest after it; without, decode workers do it all.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ from tandem.request import GenerationRequest
 from tandem.stream import Finish, PrefillResult, RequestSummary, TokenDelta, TokenLogprob
 from tandem.tokenizer import ByteTokenizer
 
+SMALL = Limits(max_context=1024, default_max_tokens=16, max_tokens=512)
+
 
 @dataclass(frozen=True)
 class Step:
@@ -46,10 +48,12 @@ def idle_worker(instance: str, role: Role) -> WorkerState:
 class ScriptedGateway:
     """Serves every request with `steps` (see the module docstring); records what it was asked."""
 
-    def __init__(self, steps: Sequence[Step], reports: Sequence[WorkerState]) -> None:
+    def __init__(self, steps: Sequence[Step], reports: Sequence[WorkerState],
+                 finish: Finish = Finish.LENGTH) -> None:
         if not steps:
             raise ValueError("ScriptedGateway: the script needs at least one step")
         self.steps = tuple(steps)
+        self.finish = finish
         self._reports = tuple(reports)
         self.requests: list[GenerationRequest] = []
         self.prefills = 0
@@ -67,7 +71,7 @@ class ScriptedGateway:
             return TokenDelta(request.request_id, s.token_ids, s.text, logprobs=lps)
         total = sum(len(x.token_ids) for x in self.steps)
         summary = RequestSummary(prompt_tokens=len(request.prompt_ids), completion_tokens=total)
-        return TokenDelta(request.request_id, s.token_ids, s.text, Finish.LENGTH, summary, lps)
+        return TokenDelta(request.request_id, s.token_ids, s.text, self.finish, summary, lps)
 
     async def prefill(self, worker: WorkerId, decode: WorkerId, request: GenerationRequest) -> PrefillResult:
         self.requests.append(request)
@@ -87,10 +91,11 @@ class ScriptedGateway:
         return None
 
 
-def scripted_frontend(gateway: ScriptedGateway, registry: CollectorRegistry, *, split: bool) -> Frontend:
-    """A byte-tokenizer frontend (context 1024, max_tokens 512, default 16) over `gateway`."""
+def scripted_frontend(gateway: ScriptedGateway, registry: CollectorRegistry, *, split: bool,
+                      limits: Limits = SMALL) -> Frontend:
+    """A byte-tokenizer frontend (by default context 1024, max_tokens 512, default 16) over `gateway`."""
     mode = DisaggMode.ALWAYS if split else DisaggMode.NEVER
     fleet = dataclasses.replace(FLEET, disagg=DisaggThresholds(mode=mode))
-    return Frontend(tokenizer=ByteTokenizer(), limits=Limits(max_context=1024, default_max_tokens=16, max_tokens=512),
+    return Frontend(tokenizer=ByteTokenizer(), limits=limits,
                     router=Router.named(PolicyName.KV, fleet), index=KvIndex(), gateway=gateway,
                     metrics=RouterMetrics(registry))
