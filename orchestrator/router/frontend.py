@@ -328,6 +328,11 @@ class Frontend:
         chunk.prefill_worker = _name(progress.prefill_worker or d.decode)
         chunk.decode_worker = _name(d.decode)
         chunk.kv_transfer_bytes = s.kv_transfer_bytes
+        if s.drafted_tokens:
+            chunk.speculation.CopyFrom(generate_pb2.Speculation(drafted_tokens=s.drafted_tokens,
+                                                                accepted_tokens=s.accepted_tokens))
+            self.metrics.drafted_tokens.inc(s.drafted_tokens)
+            self.metrics.accepted_tokens.inc(s.accepted_tokens)
         chunk.request_id = req.request_id
         chunk.trace_id = req.trace_id
         self.tracer.end(req.request_id, Stage.FINISHED, reason=delta.finish.value, total_s=total,

@@ -33,6 +33,11 @@ class RouterMetrics:
         self.kv_transfer_bytes = Counter("tandem_router_kv_transfer_bytes",
                                          "KV bytes moved prefill -> decode, as the decode reported",
                                          registry=registry)
+        # MTP speculation, from the decodes' final summaries: acceptance rate = accepted / drafted.
+        self.drafted_tokens = Counter("tandem_router_spec_drafted_tokens",
+                                      "Draft tokens the decodes' MTP layer proposed", registry=registry)
+        self.accepted_tokens = Counter("tandem_router_spec_accepted_tokens",
+                                       "Draft tokens the verifying steps accepted", registry=registry)
         self.worker_queue = Gauge("tandem_router_worker_queue_depth",
                                   "Requests waiting on a worker at its last report", ["worker"],
                                   registry=registry)
