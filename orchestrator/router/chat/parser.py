@@ -52,6 +52,7 @@ class OutputParser:
         self._tools = tools
         self._buf = ""  # text not decided yet: a possible marker prefix, or an open block's body
         self._opener = ""  # the marker that opened the current block, as the model wrote it
+        self._scanned = 0  # how much of an open block's body holds no closing marker
         self._finished = False
 
     def push(self, text: str) -> Parsed:
@@ -81,9 +82,11 @@ class OutputParser:
                 self._opener = self._take(len(marker))
                 self._state = _State.CALLS
             else:
-                end = self._buf.find(BLOCK_CLOSE)
-                if end < 0:
+                end = self._buf.find(BLOCK_CLOSE, self._scanned)
+                if end < 0:  # next time, search only where the closing marker could still start
+                    self._scanned = max(0, len(self._buf) - len(BLOCK_CLOSE) + 1)
                     break
+                self._scanned = 0
                 body = self._take(end)
                 self._take(len(BLOCK_CLOSE))
                 self._state = _State.ANSWER
