@@ -196,7 +196,7 @@ def test_spec_fuzz_mutations_of_a_valid_spec(edits: list) -> None:
 @example(text="name: 2001-13-01")  # yaml's timestamp constructor raises ValueError
 @example(text="&a [*a]")
 @example(text="&a {b: *a}")
-@example(text="[" * 5000)
+@example(text="[" * 1000)  # nested past the recursion limit
 @example(text="a: !!python/object:os.system x")
 @example(text="\x00")
 def test_spec_fuzz_yaml_text(text: str) -> None:
