@@ -85,6 +85,8 @@ class PrefillWorker(RankActor):
         if delta.finish is not None:
             s = delta.summary
             return PrefillResult(request.request_id, delta, None, s.queue_s, s.prefill_s, s.cached_tokens)
+        # Timing first: once the handoff is open, a short lease may free it before we could read it.
+        queue_s, prefill_s, cached = await loop.call(engine.handoff_timing, request.request_id)
         self._epoch += 1
         desc = handoff_descriptor(self.config, request, delta.token_ids[0], self._epoch)
         if self._transfer is None:
@@ -97,7 +99,6 @@ class PrefillWorker(RankActor):
                 await loop.call(self._release_unopened, rid)
                 raise
             fill_proto(desc, opened, transfer.agent.layout.digest)
-        queue_s, prefill_s, cached = await loop.call(engine.handoff_timing, request.request_id)
         return PrefillResult(request.request_id, delta, desc.SerializeToString(), queue_s, prefill_s, cached)
 
     async def take_handoff(self, request_id: str) -> SequenceKv:
