@@ -4,6 +4,7 @@ Generate: random requests (garbage strings, huge numbers, NaN, both/neither prom
 messages, bad sampling, tiny deadlines, oversized messages, right/wrong/missing tokens) against a
 real gRPC server over the serving in-memory gateway. Each call must end within a bound with one of
 the documented statuses, and the ones that can be predicted exactly (auth, deadline) are checked.
+HTTP: random bodies to completions and chat answer with a documented status and an error body.
 Specs: random values, mutations of a valid spec and random YAML text must give a spec or SpecError.
 """
 
@@ -16,6 +17,7 @@ import time
 from pathlib import Path
 
 import grpc
+import httpx
 import pytest
 import yaml
 from hypothesis import HealthCheck, example, given, settings
@@ -23,6 +25,8 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 from support.serving import serving_frontend
 
+from orchestrator.api.app import create_app
+from orchestrator.api.auth import Auth
 from orchestrator.router.quotas import RequestLimits
 from orchestrator.router.server import start_server
 from orchestrator.router.tenancy import Credentials, Tenant, TenantToken
@@ -146,6 +150,70 @@ def test_generate_fuzz_ends_in_time_with_a_documented_status(stub, req: generate
 def test_fuzzed_streams_leave_no_slot_held(stub) -> None:  # noqa: ANN001
     _, server = stub
     assert server.frontend.slots._clients == {} and server.frontend.slots._tenants == {}
+
+
+HTTP_DOCUMENTED = {200, 400, 401, 404, 413, 429, 503, 504}
+_json_scalars = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | _text
+_json = st.recursive(_json_scalars, lambda inner: st.lists(inner, max_size=3)
+                     | st.dictionaries(_text, inner, max_size=3), max_leaves=8)
+_SANE_FIELDS = {  # values the API accepts
+    "max_tokens": st.integers(1, 16), "temperature": st.floats(0, 2), "top_p": st.floats(0.25, 1),
+    "top_k": st.integers(0, 50), "seed": st.integers(0, 2**63), "stop": st.lists(_short, max_size=3),
+    "stream": st.booleans(), "ignore_eos": st.booleans(), "user": _short,
+}
+_GARBAGE_FIELDS = {  # anything, including values the API must refuse
+    "max_tokens": st.integers(-5, 2**40) | _json, "temperature": st.floats() | _json, "top_p": _json,
+    "top_k": st.integers(-1, 2**40), "seed": st.integers(-1, 2**65), "stop": st.lists(_text, max_size=20) | _json,
+    "logprobs": st.booleans() | st.integers(-1, 30), "top_logprobs": st.integers(-1, 30), "n": st.integers(0, 3),
+    "echo": st.booleans(), "prompt": _json, "messages": _json,
+}
+_messages = st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant"]),
+                                            "content": _text}), max_size=3)
+
+
+@st.composite
+def _http_call(draw: st.DrawFn) -> tuple[str, dict, str | None]:
+    """Mostly valid bodies (OK, refusals by the router), some garbage (refusals by the API)."""
+    chat = draw(st.booleans())
+    body: dict = {"model": draw(st.sampled_from(["tiny", "tiny", "tiny", "other"]))}
+    if chat:
+        body["messages"] = draw(_messages) + [{"role": "user", "content": draw(_text)}]
+    else:
+        body["prompt"] = draw(_text.filter(bool) | st.lists(st.integers(0, 258), min_size=1, max_size=300)
+                              | st.lists(st.integers(0, 2**33), min_size=1, max_size=3).filter(lambda ids: max(ids) > 258))
+    for name, strategy in _SANE_FIELDS.items():
+        if draw(st.integers(0, 2)) == 0:
+            body[name] = draw(strategy)
+    if draw(st.integers(0, 3)) == 3:  # (hypothesis leans to small integers: garbage is the big one)
+        name = draw(st.sampled_from(sorted(_GARBAGE_FIELDS)))
+        body[name] = draw(_GARBAGE_FIELDS[name])
+    if draw(st.integers(0, 5)) == 5:
+        body[draw(_short)] = draw(_json)
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+    return path, body, draw(st.sampled_from([TOKEN] * 6 + ["wrong", None]))
+
+
+@FUZZ
+@given(call=_http_call())
+def test_http_fuzz_answers_with_a_documented_status(call: tuple[str, dict, str | None]) -> None:
+    path, body, token = call
+    registry = CollectorRegistry()
+    frontend, _ = serving_frontend(registry)
+    creds = Credentials([TenantToken(Tenant("fuzz"), TOKEN)], admin_token="fuzz-admin")
+    app = create_app(frontend, model_name="tiny", auth=Auth(credentials=creds), registry=registry,
+                     max_request_bytes=65536)
+    headers = {"authorization": f"Bearer {token}"} if token else {}
+
+    async def go() -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            return await asyncio.wait_for(c.post(path, json=body, headers=headers), CALL_BOUND_S)
+
+    r = asyncio.run(go())
+    assert r.status_code in HTTP_DOCUMENTED, (r.status_code, r.text[:500], body)
+    if token != TOKEN:
+        assert r.status_code in (401, 413)
+    if r.status_code != 200:
+        assert r.json()["error"]["message"] if r.status_code != 401 else r.json()["detail"]
 
 
 BASE = yaml.safe_load((Path(__file__).parents[2] / "deploy" / "local.yaml").read_text())
