@@ -288,7 +288,7 @@ class Simulator:
                 job.missed = True
                 self.misses += 1
             self.router.prefill_done(job.req.request_id)
-            engine.cache.complete(job.hashes[job.cached_blocks:])
+            engine.cache.complete(job.hashes, job.cached_blocks)
             decode = job.decode
             promised = decode.promised
             if job.req.output_tokens == 1:  # ended with its first token: nothing to hand off
@@ -332,7 +332,7 @@ class Simulator:
         decode = job.decode
         self._dirty.add(decode.slot)
         decode.incoming -= 1
-        decode.cache.complete(job.hashes[job.reused_blocks:])
+        decode.cache.complete(job.hashes, job.reused_blocks)
         decode.join(job, self.now)
         self._reschedule(decode)
 
@@ -385,7 +385,7 @@ class Simulator:
                 job.missed = True
                 self.misses += 1
             self.router.prefill_done(job.req.request_id)
-            decode.cache.complete(job.hashes[job.cached_blocks:])
+            decode.cache.complete(job.hashes, job.cached_blocks)
             promised[0] -= 1
             promised[1] -= job.decode_reserve
             if job.req.output_tokens == 1:

@@ -78,10 +78,10 @@ def _chain(prefix: list[int], n: int, rng: random.Random) -> list[int]:
     return prefix + [rng.getrandbits(62) for _ in range(n)]
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_cache_equals_the_per_block_reference(seed: int) -> None:
+@pytest.mark.parametrize("capacity", [40, 150, 100_000])  # exact early, exact late, lazy throughout
+@pytest.mark.parametrize("seed", range(3))
+def test_cache_equals_the_per_block_reference(seed: int, capacity: int) -> None:
     rng = random.Random(seed)
-    capacity = rng.choice([40, 90, 400])
     index = KvIndex()
     worker = WorkerId("w")
     cache, ref = PrefixCache(worker, capacity, index), _Reference(capacity)
@@ -92,7 +92,7 @@ def test_cache_equals_the_per_block_reference(seed: int) -> None:
         if live and (rng.random() < 0.45 or len(live) > 6):
             hashes, n, need = live.pop(rng.randrange(len(live)))
             if n < len(hashes):
-                cache.complete(hashes[n:])
+                cache.complete(hashes, n)
                 ref.complete(hashes[n:])
             cache.unreserve(need)
             ref.reserved -= need
@@ -116,28 +116,34 @@ def test_cache_equals_the_per_block_reference(seed: int) -> None:
             live.append((hashes, n, need))
             history.append(hashes)
         # the same blocks, holders, cached count and the same LRU order
-        assert {h: max(v, 0) for h, v in cache.present.items()} == ref.holders
+        assert cache.holders() == ref.holders
         assert cache.cached == len(ref.lru) and cache.held() == len(ref.holders) - len(ref.lru)
         assert cache.reserved == ref.reserved and cache.reserved + cache.cached <= capacity
         assert index.holdings(worker) == frozenset(ref.holders)
     # drain: every block ends cached, and eviction order must match the reference's LRU exactly
     for hashes, n, need in live:
-        cache.complete(hashes[n:])
+        cache.complete(hashes, n)
         ref.complete(hashes[n:])
         cache.unreserve(need)
         ref.reserved -= need
         cache.release(hashes)
         ref.release(hashes)
-    # then squeeze: one more reserved block at a time evicts in LRU order, or the states part
+    # then squeeze: fill the free room at once, then one more reserved block at a time evicts in
+    # LRU order (a lazy cache turns exact at the first of these), or the states part
+    assert cache.exact == (capacity < 100_000)  # lazy until an eviction becomes possible
+    room = capacity - cache.reserved - len(ref.holders)
+    assert cache.reserve(room) and ref.reserve(room)
+    assert cache.holders() == ref.holders
     while cache.cached:
         ok = cache.reserve(1)
         assert ok == ref.reserve(1)
         if not ok:
             break
-        assert {h: max(v, 0) for h, v in cache.present.items()} == ref.holders
+        assert cache.holders() == ref.holders
         assert index.holdings(worker) == frozenset(ref.holders)
     assert cache.cached == len(ref.lru)
     assert sorted(index.holdings(worker)) == sorted(ref.holders)
+    assert cache.exact
 
 
 def test_acquire_leading_stops_at_the_first_missing_block() -> None:
