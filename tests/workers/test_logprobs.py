@@ -8,6 +8,7 @@ logits) for the engine, whose tokens came from batched, chunked prefill and step
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 
@@ -20,7 +21,9 @@ from tandem.stream import Finish, TokenDelta, TokenLogprob
 from workers.engine.engine import Engine, Role
 from workers.engine.sampler import sample_batch, token_logprobs
 from workers.engine.scheduler import SchedulerConfig
+from workers.model.init import init_random
 from workers.model.model import DeepseekV4
+from workers.model.presets import tiny
 
 pytestmark = pytest.mark.workers
 
@@ -122,7 +125,7 @@ def _check_against(ref: torch.Tensor, toks: list[int], lps: list[TokenLogprob], 
         assert vals == pytest.approx(torch.topk(ref[pos], n).values.tolist(), abs=2e-4)
         partial = list(itertools.accumulate(math.exp(v) for v in vals))
         assert all(a <= b for a, b in zip(partial, partial[1:], strict=False))
-        assert all(p <= 1.0 + 1e-9 for p in partial)
+        assert all(p <= 1.0 + 1e-6 for p in partial)
         if greedy:
             assert lp.top[0] == (lp.token_id, lp.logprob) and lp.logprob == max(vals)
 
@@ -146,6 +149,26 @@ def test_engine_logprobs_equal_the_model_run_straight(tiny_model, tokenizer) -> 
         assert len(lps[rid]) == len(toks[rid]) == 6
         ref = _straight(tiny_model, prompts[i], toks[rid], 1.0 if sp.greedy else sp.temperature)
         _check_against(ref, toks[rid], lps[rid], sp.top_logprobs, sp.greedy)
+
+
+def test_with_a_16_token_vocabulary_the_top_20_is_the_whole_distribution(tokenizer) -> None:
+    model = init_random(DeepseekV4(dataclasses.replace(tiny(), vocab_size=16), quant_sim=False, with_mtp=False),
+                        seed=3).eval()
+    engine = make_engine(model, tokenizer)
+    params = [SamplingConfig(max_tokens=5, ignore_eos=True, logprobs=True, top_logprobs=20),
+              SamplingConfig(temperature=0.5, seed=9, max_tokens=5, ignore_eos=True, logprobs=True, top_logprobs=20)]
+    prompts = [[3, 1, 4, 1, 5, 9, 2, 6], [2, 7, 1, 8, 2, 8, 1, 8, 2, 8, 4, 5]]
+    for i, (p, sp) in enumerate(zip(prompts, params, strict=True)):
+        engine.add(GenerationRequest(f"v{i}", tuple(p), sp))
+    toks, lps, _ = _run(engine)
+    for i in range(2):
+        assert len(lps[f"v{i}"]) == 5
+        for lp in lps[f"v{i}"]:
+            assert sorted(t for t, _ in lp.top) == list(range(16))  # capped at the vocabulary
+            assert math.fsum(math.exp(v) for _, v in lp.top) == pytest.approx(1.0, abs=1e-6)
+            assert dict(lp.top)[lp.token_id] == lp.logprob
+        ref = _straight(model, prompts[i], toks[f"v{i}"], 1.0 if params[i].greedy else params[i].temperature)
+        _check_against(ref, toks[f"v{i}"], lps[f"v{i}"], 16, params[i].greedy)
 
 
 def test_a_stop_token_and_a_cut_stop_string_keep_their_logprobs(tiny_model, tokenizer) -> None:
