@@ -3,7 +3,8 @@
 References are independent of the engine: `math` on small logit vectors and a float64 log_softmax
 at DeepSeek-V4's vocabulary for the sampler (within 1e-6: the normaliser's terms are float32), and
 one full forward pass of the tiny model over prompt + generated tokens (fresh cache, every row's
-logits) for the engine, whose tokens came from batched, chunked prefill and step-by-step decode.
+logits) for the engine, whose tokens came from batched, chunked prefill and step-by-step decode;
+plain decoding for MTP speculation (several tokens per delta, one logprob each).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,14 +20,21 @@ from workers_util import make_engine, random_prompts
 
 from tandem.request import GenerationRequest, SamplingConfig
 from tandem.stream import Finish, TokenDelta, TokenLogprob
+from tandem.tokenizer import ByteTokenizer
 from workers.engine.engine import Engine, Role
+from workers.engine.kv import BlockSpace, BlockSpaceConfig
+from workers.engine.runner import LocalRunner
 from workers.engine.sampler import sample_batch, token_logprobs
 from workers.engine.scheduler import SchedulerConfig
+from workers.engine.speculate import SpeculationConfig, Speculator
 from workers.model.init import init_random
+from workers.model.loader import load
 from workers.model.model import DeepseekV4
 from workers.model.presets import tiny
 
 pytestmark = pytest.mark.workers
+
+DEMO = Path(__file__).resolve().parents[2] / "deploy" / "models" / "tiny-demo"
 
 
 def _math_logprobs(logits: list[float], temperature: float) -> list[float]:
@@ -169,6 +178,32 @@ def test_with_a_16_token_vocabulary_the_top_20_is_the_whole_distribution(tokeniz
             assert dict(lp.top)[lp.token_id] == lp.logprob
         ref = _straight(model, prompts[i], toks[f"v{i}"], 1.0 if params[i].greedy else params[i].temperature)
         _check_against(ref, toks[f"v{i}"], lps[f"v{i}"], 16, params[i].greedy)
+
+
+def test_speculative_decoding_keeps_one_logprob_per_token_equal_to_plain_decoding() -> None:
+    """MTP drafts accepted in one step give a delta of several tokens: each keeps its own logprob,
+    as plain decoding computes it (a max_tokens that cuts an accept cuts its logprobs too)."""
+    demo = load(DEMO, dtype=torch.float32, quant_sim=False, progress=False)
+    tok = ByteTokenizer()
+    prompts = [tok.encode("The router picks"), tok.encode("Compressed KV blocks move from prefill")]
+    params = [SamplingConfig(max_tokens=13, ignore_eos=True, logprobs=True, top_logprobs=3),
+              SamplingConfig(temperature=0.7, seed=5, max_tokens=11, ignore_eos=True, logprobs=True)]
+    out = {}
+    for k in (0, 2):
+        kv = BlockSpace(BlockSpaceConfig(16, 256), demo.cfg.window)
+        spec = Speculator(demo, SpeculationConfig(k)) if k else None
+        eng = Engine(Role.AGGREGATED, demo.cfg, SchedulerConfig(), kv, LocalRunner(demo), tok, spec)
+        for i, (p, sp) in enumerate(zip(prompts, params, strict=True)):
+            eng.add(GenerationRequest(f"s{i}", tuple(p), sp))
+        out[k] = _run(eng)
+        assert all(len(d.logprobs) == len(d.token_ids) for d in out[k][2])
+    (toks0, lps0, _), (toks2, lps2, deltas2) = out[0], out[2]
+    assert max(len(d.token_ids) for d in deltas2) > 1  # drafts were accepted
+    assert toks2 == toks0
+    for rid in toks0:
+        assert [lp.token_id for lp in lps2[rid]] == toks0[rid]
+        assert [lp.logprob for lp in lps2[rid]] == pytest.approx([lp.logprob for lp in lps0[rid]], abs=1e-4)
+        assert [[t for t, _ in lp.top] for lp in lps2[rid]] == [[t for t, _ in lp.top] for lp in lps0[rid]]
 
 
 def test_a_stop_token_and_a_cut_stop_string_keep_their_logprobs(tiny_model, tokenizer) -> None:
