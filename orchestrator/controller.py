@@ -23,7 +23,9 @@ import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from orchestrator.adopt import find_instances, find_router
+from orchestrator.autoscale.loop import AutoscaleTask, ScaleHooks, autoscale_task
 from orchestrator.placement import group_requests, place
+from orchestrator.rollout import plan_update, roll
 from orchestrator.router.host import RouterAddresses, RouterHost
 from orchestrator.spec import CpuTopology, DeploymentSpec, parse_spec
 from orchestrator.worker_plan import InstancePlan, instance_plan, model_config, router_settings
@@ -46,6 +48,7 @@ class Instance:
     pg: object
     ranks: list = field(default_factory=list)
     state: str = "starting"  # starting | ready | draining | dead
+    generation: int = 1  # the controller's config generation it was started with (see `apply`)
 
     @property
     def role_name(self) -> str:
@@ -75,6 +78,8 @@ class Controller:
         self._next = {Role.PREFILL: 0, Role.DECODE: 0}
         self._health: asyncio.Task | None = None
         self._lock = asyncio.Lock()
+        self.generation = 1  # +1 each time `apply` rolls a pool
+        self._autoscale: AutoscaleTask | None = None
 
     # --- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> dict:
@@ -93,7 +98,24 @@ class Controller:
                                    for _ in range(n - self._count(role))))
             if self._health is None:
                 self._health = asyncio.ensure_future(self._health_loop())
+            self._start_autoscale()
         return await self.status()
+
+    def _start_autoscale(self) -> None:
+        """Run the spec's autoscaler (orchestrator/autoscale/) when it is enabled and not running."""
+        if self._autoscale is not None or not self.spec.autoscale.enabled:
+            return
+        hooks = ScaleHooks(snapshot=lambda: self.router.load_snapshot.remote(),
+                           sizes=lambda: (self._count(Role.PREFILL), self._count(Role.DECODE)),
+                           scale=lambda p, d: self.scale(p, d))
+        self._autoscale = autoscale_task(self.spec, self.model_cfg, hooks,
+                                         self.settings.rank_limits.initial_prefill_rate_tps)
+        self._autoscale.start()
+
+    def _stop_autoscale(self) -> None:
+        if self._autoscale is not None:
+            self._autoscale.stop()
+            self._autoscale = None
 
     async def _adopt(self) -> None:
         """Rebuild state from what a previous controller of this deployment left running."""
@@ -125,7 +147,7 @@ class Controller:
         local = isinstance(self.spec.topology, CpuTopology)
         plan = instance_plan(self.spec, role, instance_id, nvlink_domain="local" if local else instance_id,
                              master_port=_free_port())
-        inst = Instance(plan, pg)
+        inst = Instance(plan, pg, generation=self.generation)
         self.instances[instance_id] = inst
         cls = PrefillActor if role is Role.PREFILL else DecodeActor
         for cfg in plan.configs:
@@ -158,7 +180,10 @@ class Controller:
                 stats = await asyncio.gather(*(r.stats.remote() for r in inst.ranks))
             except ray.exceptions.RayError:
                 break
-            if all(s.running_requests == 0 and s.queued_requests == 0 for s in stats):
+            idle = all(s.running_requests == 0 and s.queued_requests == 0 for s in stats)
+            if idle and inst.plan.role is Role.PREFILL:  # handoffs not yet pulled still need it
+                idle = sum(await asyncio.gather(*(r.handoffs_held.remote() for r in inst.ranks))) == 0
+            if idle:
                 break
             await asyncio.sleep(0.1)
         for cfg in inst.plan.configs:
@@ -199,13 +224,47 @@ class Controller:
             raise ValueError(f"scale: decode must be >= 1, got {decode}")
         async with self._lock:
             for role, want in ((Role.PREFILL, prefill), (Role.DECODE, decode)):
-                if want is None:
-                    continue
-                have = [i for i in self.instances.values() if i.plan.role is role and i.state != "draining"]
-                if want > len(have):
-                    await asyncio.gather(*(self._add(role) for _ in range(want - len(have))))
-                for inst in sorted(have, key=lambda i: i.plan.instance)[want:][::-1]:
-                    await self._remove(inst, drain_timeout_s)
+                if want is not None:
+                    await self._resize(role, want, drain_timeout_s)
+        return await self.status()
+
+    async def _resize(self, role: Role, want: int, drain_timeout_s: float) -> None:
+        have = [i for i in self.instances.values() if i.plan.role is role and i.state != "draining"]
+        if want > len(have):
+            await asyncio.gather(*(self._add(role) for _ in range(want - len(have))))
+        for inst in sorted(have, key=lambda i: (i.generation, i.plan.instance))[want:][::-1]:
+            await self._remove(inst, drain_timeout_s)
+
+    async def apply(self, spec_data: dict, drain_timeout_s: float = 60.0) -> dict:
+        """Apply a changed spec of this deployment as a rolling change (orchestrator/rollout.py):
+        router settings in place; each pool whose instances' config changed replaced one instance at
+        a time, the new one ready before an old one drains; then the new instance counts; the
+        autoscaler restarts with the new spec's section. ValueError names a field that cannot change."""
+        new = parse_spec(spec_data, "apply")
+        cfg = model_config(new)
+        plan = plan_update(self.spec, new, self.settings, lambda: router_settings(new, cfg))
+        async with self._lock:
+            self._stop_autoscale()
+            try:
+                self.spec, self.model_cfg = new, cfg
+                if plan.router is not None:
+                    for r in self._routers():
+                        own = dataclasses.replace(plan.router, grpc_port=0, http_port=0)
+                        await r.apply_settings.remote(plan.router if r is self.router else own)
+                    self.settings = plan.router
+                self.generation += 1 if plan.rolls else 0
+                for role in plan.rolls:
+                    old = sorted(i.plan.instance for i in self.instances.values() if i.plan.role is role
+                                 and i.state == "ready" and i.generation < self.generation)
+                    await roll(old, lambda role=role: self._add(role),
+                               lambda name: self._remove(self.instances[name], drain_timeout_s))
+                auto = new.autoscale  # on: the pools keep their sizes, within the new bounds
+                for role, pool, b in ((Role.PREFILL, new.prefill, auto.prefill),
+                                      (Role.DECODE, new.decode, auto.decode)):
+                    want = min(max(self._count(role), b.min), b.max) if auto.enabled else pool.instances
+                    await self._resize(role, want, drain_timeout_s)
+            finally:
+                self._start_autoscale()
         return await self.status()
 
     async def drain(self, worker: str, timeout_s: float = 60.0) -> dict:
@@ -226,6 +285,7 @@ class Controller:
             return
         if self._health is not None:
             self._health.cancel()
+        self._stop_autoscale()
         for replica in self.replicas:
             await replica.stop.remote()
             ray.kill(replica, no_restart=True)
@@ -250,7 +310,7 @@ class Controller:
         order = sorted(self.instances.values(), key=lambda i: (i.role_name != "prefill", i.plan.instance))
         for inst in order:
             row = {"id": inst.plan.instance, "role": inst.role_name, "ranks": len(inst.ranks),
-                   "state": inst.state}
+                   "state": inst.state, "generation": inst.generation}
             if inst.state == "ready":
                 try:
                     stats = await asyncio.wait_for(asyncio.gather(*(r.stats.remote() for r in inst.ranks)), 5)
@@ -265,8 +325,10 @@ class Controller:
         need = {"decode"} | ({"prefill"} if self.spec.prefill.instances else set())
         ready = bool(out) and all(r["state"] == "ready" for r in out) and need <= roles
         addr = self.addresses
+        auto = self._autoscale.status() if self._autoscale is not None else {"enabled": False}
         return {"name": self.spec.name, "ready": ready, "router_address": addr.grpc if addr else "",
-                "http_address": addr.http if addr else "", "instances": out}
+                "http_address": addr.http if addr else "", "instances": out, "generation": self.generation,
+                "autoscale": auto}
 
     async def tokens(self) -> dict:
         """The client and admin tokens (for `tandem serve`'s state file)."""

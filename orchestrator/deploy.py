@@ -2,8 +2,8 @@
 
 It validates the spec (a broken one prints one line per mistake and starts nothing), connects to
 the cluster, starts the deployment's controller (a detached named actor) or applies the spec to
-the running one, prints the status, and exits leaving the deployment running. `--wait` stays
-attached and takes the deployment down on Ctrl-C.
+the running one as a rolling change, prints the status, and exits leaving the deployment running.
+`--wait` stays attached and takes the deployment down on Ctrl-C.
 
     ray job submit --working-dir . -- python -m orchestrator.deploy deploy/local.yaml
 """
@@ -21,7 +21,8 @@ from orchestrator.spec import DeploymentSpec, SpecError, load_spec
 
 
 def controller_for(spec: DeploymentSpec, *, placement_timeout_s: float = 120.0):  # noqa: ANN201
-    """The deployment's controller: the running one (spec applied as a scale) or a new one."""
+    """The deployment's controller: the running one (the spec applied as a rolling change,
+    `Controller.apply`) or a new one."""
     import ray
 
     from orchestrator.controller import CONTROLLER_NAME, NAMESPACE, ControllerActor
@@ -41,7 +42,7 @@ def controller_for(spec: DeploymentSpec, *, placement_timeout_s: float = 120.0):
     if running["name"] != spec.name:
         raise RuntimeError(f"the cluster already runs deployment {running['name']!r}; take it down first "
                            f"(`tandem down`) to start {spec.name!r}")
-    return ctl, ray.get(ctl.scale.remote(spec.prefill.instances, spec.decode.instances))
+    return ctl, ray.get(ctl.apply.remote(spec.model_dump(mode="json")))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,6 +15,7 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from orchestrator.spec_autoscale import AutoscaleSpec, check_autoscale
 from orchestrator.spec_faults import FaultsSpec
 from orchestrator.spec_limits import LimitsSpec, TenantSpec, check_tenants
 
@@ -223,6 +224,13 @@ class DeploymentSpec(_Strict):
                 raise ValueError(f"decode.speculation.mtp_tokens = {k}: MTP speculation does not run under "
                                  f"expert parallelism yet, and {role}.ep_ranks is {pool.ep_ranks}")
         return self
+    autoscale: AutoscaleSpec = AutoscaleSpec()
+
+    @model_validator(mode="after")
+    def _autoscale_bounds(self) -> DeploymentSpec:
+        check_autoscale(self.autoscale, self.prefill.instances, self.decode.instances,
+                        self.router.disaggregation.mode is DisaggregationMode.ALWAYS)
+        return self
 
     @model_validator(mode="after")
     def _fits_topology(self) -> DeploymentSpec:
@@ -235,7 +243,8 @@ class DeploymentSpec(_Strict):
             return self
         units = topo.racks if isinstance(topo, Gb200Nvl72Topology) else topo.nodes
         gpus = units * topo.domain_gpus
-        need = 0
+        need = most = 0
+        auto = self.autoscale
         for role, pool in (("prefill", self.prefill), ("decode", self.decode)):
             per_instance = pool.ep_ranks * pool.gpus_per_rank
             if per_instance > topo.domain_gpus:
@@ -244,8 +253,11 @@ class DeploymentSpec(_Strict):
                     f"domain of {topo.domain_gpus} GPUs ({topo.kind})"
                 )
             need += pool.instances * per_instance
+            most += getattr(auto, role).max * per_instance
         if need > gpus:
             raise ValueError(f"prefill and decode need {need} GPUs, topology {topo.kind} has {gpus}")
+        if auto.enabled and most > gpus:
+            raise ValueError(f"autoscale maxima need {most} GPUs, topology {topo.kind} has {gpus}")
         return self
 
 

@@ -23,6 +23,29 @@ class InstanceStatus(BaseModel):
     queued: int = 0
     kv_blocks_used: int = 0
     kv_blocks_total: int = 0
+    generation: int = 1  # the config generation it was started with (rolling spec updates)
+
+
+class PoolDecisionStatus(BaseModel):
+    current: int
+    target: int
+    need: int
+    reason: str  # orchestrator.autoscale.policy.Reason value
+    detail: str
+
+
+class DecisionStatus(BaseModel):
+    at_s: float
+    prefill: PoolDecisionStatus
+    decode: PoolDecisionStatus
+
+
+class AutoscaleStatus(BaseModel):
+    enabled: bool = False
+    interval_s: float | None = None
+    errors: int = 0
+    last: DecisionStatus | None = None
+    changes: list[DecisionStatus] = []  # the recent decisions that changed a pool
 
 
 class DeploymentStatus(BaseModel):
@@ -33,6 +56,8 @@ class DeploymentStatus(BaseModel):
     instances: list[InstanceStatus]
     prefix_hit_rate: float = 0.0
     kv_transfer_bytes: int = 0
+    generation: int = 1
+    autoscale: AutoscaleStatus = AutoscaleStatus()
 
 
 class ScaleRequest(BaseModel):

@@ -46,6 +46,10 @@ class RouterMetrics:
                                           registry=registry)
         self.output_tokens = Counter("tandem_router_output_tokens", "Tokens streamed to clients",
                                      registry=registry)
+        self.arrivals = Counter("tandem_router_arrivals", "Requests admitted (valid, tokenised)",
+                                registry=registry)
+        self.prompt_tokens = Counter("tandem_router_prompt_tokens", "Prompt tokens of admitted requests",
+                                     registry=registry)
         self.migrations = Counter("tandem_router_migrations",
                                   "Requests routed again after a worker holding them was lost",
                                   registry=registry)

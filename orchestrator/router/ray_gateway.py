@@ -26,6 +26,7 @@ import ray
 from orchestrator.router.frontend import WorkerGone, WorkerLost
 from orchestrator.router.inputs import Role, WorkerId, WorkerState
 from orchestrator.router.kv_index import ApplyResult, KvEvent, KvEventKind, KvIndex
+from orchestrator.router.load import RankLoad
 from orchestrator.router.metrics import RouterMetrics
 from tandem.request import GenerationRequest
 from tandem.stream import Finish, PrefillResult, RequestSummary, StepBatch, TokenDelta
@@ -72,6 +73,7 @@ class _Rank:
     def __init__(self, wid: WorkerId, role: Role, handle: object) -> None:
         self.wid, self.role, self.handle = wid, role, handle
         self.state: WorkerState | None = None
+        self.stats: worker_pb2.WorkerStats | None = None  # the last report as sent (for `loads`)
         self.draining = False
         self.waiting: dict[str, asyncio.Queue[TokenDelta]] = {}
         self.tasks: list[asyncio.Task] = []
@@ -104,6 +106,7 @@ class RayGateway:
                 self.metrics.kv_resyncs.inc()
         rank = _Rank(wid, role, handle)
         rank.state = _worker_state(wid, role, stats, self.limits, self._clock())
+        rank.stats = stats
         self._ranks[wid] = rank
         if role is Role.DECODE:
             rank.tasks.append(asyncio.ensure_future(self._pump_tokens(rank)))
@@ -126,6 +129,17 @@ class RayGateway:
         self.index.remove_worker(wid)
         for rid, q in rank.waiting.items():
             q.put_nowait(TokenDelta(rid, (), "", Finish.ABORTED, RequestSummary(0, 0, error=f"{wid} {why}")))
+
+    def loads(self) -> tuple[RankLoad, ...]:
+        """Every registered rank's last report, draining ones included (flagged), for the controller."""
+        out = []
+        for r in self._ranks.values():
+            s = r.stats
+            if s is not None:
+                out.append(RankLoad(r.wid.instance, r.wid.dp_rank, r.role, r.draining, s.queued_requests,
+                                    s.queued_prefill_tokens, s.running_requests, s.prefill_tok_s,
+                                    s.decode_tok_s))
+        return tuple(out)
 
     # --- Gateway -------------------------------------------------------------------------------
     def reports(self) -> Sequence[WorkerState]:
@@ -201,6 +215,7 @@ class RayGateway:
             async for ref in rank.handle.reports.remote(self.report_interval_s, after_seq):
                 stats, events = await ref
                 rank.state = _worker_state(rank.wid, rank.role, stats, self.limits, self._clock())
+                rank.stats = stats
                 if self.metrics is not None:
                     self.metrics.worker_queue.labels(str(rank.wid)).set(stats.queued_requests)
                     self.metrics.worker_queued_tokens.labels(str(rank.wid)).set(stats.queued_prefill_tokens)
