@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry
@@ -18,6 +19,7 @@ from orchestrator.router.admission import Limits
 from orchestrator.router.frontend import Frontend
 from orchestrator.router.inputs import FleetParams, Role, WorkerId
 from orchestrator.router.kv_index import KvIndex
+from orchestrator.router.load import LoadSnapshot, read_counters
 from orchestrator.router.metrics import RouterMetrics
 from orchestrator.router.policy import PolicyName
 from orchestrator.router.policy_kv import KvParams, KvPolicy
@@ -84,6 +86,10 @@ class RouterSettings:
         return Credentials([*default, *self.tenants], self.admin_token)
 
 
+# What a running router cannot change in place (its listeners and identity).
+_FIXED_SETTINGS = ("host", "grpc_port", "http_port", "tls", "token", "admin_token", "model_name")
+
+
 @dataclass(frozen=True)
 class RouterAddresses:
     grpc: str  # host:port
@@ -103,6 +109,7 @@ class RouterHost:
         self._grpc = None
         self._http = None
         self.gateway: RayGateway | None = None
+        self._frontend: Frontend | None = None
 
     async def start(self) -> RouterAddresses:
         """Bind and serve; idempotent."""
@@ -116,6 +123,7 @@ class RouterHost:
         frontend = Frontend(tokenizer=load_tokenizer(s.checkpoint), limits=s.limits,
                             router=self._router(), index=self.index, gateway=self.gateway, metrics=metrics,
                             max_migrations=s.max_migrations, quotas=s.quotas)
+        self._frontend = frontend
         self._grpc, grpc_port = await start_server(frontend, host=s.host, port=s.grpc_port,
                                                    credentials=s.credentials(),
                                                    tls=s.tls.for_grpc() if s.tls else None,
@@ -184,6 +192,28 @@ class RouterHost:
         """Stop routing to a rank (drain or death)."""
         if self.gateway is not None:
             self.gateway.remove(WorkerId(instance, rank), "removed by the controller")
+
+    async def load_snapshot(self) -> LoadSnapshot:
+        """Request counters and every rank's last report, for the controller's autoscaler."""
+        assert self.gateway is not None, "start() first"
+        return LoadSnapshot(time.monotonic(), read_counters(self.registry), self.gateway.loads())
+
+    async def apply_settings(self, settings: RouterSettings) -> None:
+        """Take changed settings in place, without dropping a request: policy and its weights,
+        disaggregation thresholds, limits, rank limits, tokenizer source. Requests in flight finish
+        under the router they were booked with. The listeners (host, ports, TLS, tokens) and the
+        served model name cannot change in place: ValueError naming the field."""
+        assert self.gateway is not None and self._frontend is not None, "start() first"
+        for name in _FIXED_SETTINGS:
+            if getattr(settings, name) != getattr(self.settings, name):
+                raise ValueError(f"router settings: {name} cannot change on a running router "
+                                 f"({getattr(self.settings, name)!r} -> {getattr(settings, name)!r})")
+        self.settings = settings
+        self.gateway.limits = settings.rank_limits
+        self._frontend.limits = settings.limits
+        self._frontend.tokenizer = load_tokenizer(settings.checkpoint)
+        self._frontend.router = self._router()
+        log.info("router settings applied in place (policy %s)", settings.policy.value)
 
     async def stop(self) -> None:
         if self._http is not None:

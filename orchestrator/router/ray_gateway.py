@@ -26,6 +26,7 @@ import ray
 from orchestrator.router.frontend import WorkerGone, WorkerLost
 from orchestrator.router.inputs import Role, WorkerId, WorkerState
 from orchestrator.router.kv_index import ApplyResult, KvEvent, KvEventKind, KvIndex
+from orchestrator.router.load import RankLoad
 from orchestrator.router.metrics import RouterMetrics
 from orchestrator.router.worker_metrics import RankReport
 from tandem.request import GenerationRequest
@@ -129,6 +130,17 @@ class RayGateway:
         self.index.remove_worker(wid)
         for rid, q in rank.waiting.items():
             q.put_nowait(TokenDelta(rid, (), "", Finish.ABORTED, RequestSummary(0, 0, error=f"{wid} {why}")))
+
+    def loads(self) -> tuple[RankLoad, ...]:
+        """Every registered rank's last report, draining ones included (flagged), for the controller."""
+        out = []
+        for r in self._ranks.values():
+            s = r.stats
+            if s is not None:
+                out.append(RankLoad(r.wid.instance, r.wid.dp_rank, r.role, r.draining, s.queued_requests,
+                                    s.queued_prefill_tokens, s.running_requests, s.prefill_tok_s,
+                                    s.decode_tok_s))
+        return tuple(out)
 
     # --- Gateway -------------------------------------------------------------------------------
     def rank_reports(self) -> list[RankReport]:
