@@ -122,13 +122,10 @@ class WorkerConfig:
     torch_threads: int = 1
     faults: FaultConfig = field(default_factory=FaultConfig)  # tests only; none by default
     # MTP speculative decoding (decode ranks draft; prefill ranks of the same deployment keep the
-    # MTP state their handoffs carry). Needs a model with an MTP layer; not under EP yet.
+    # MTP state their handoffs carry). Needs a model with an MTP layer.
     speculation: SpeculationConfig = field(default_factory=SpeculationConfig)
 
     def __post_init__(self) -> None:
-        if self.speculation.enabled and self.ep is not None:
-            raise ValueError(f"WorkerConfig({self.name}).speculation: MTP speculation does not run under "
-                             f"expert parallelism yet (ep has {self.ep.world_size} ranks)")
         if self.ep is not None and self.ep.rank != self.rank:
             raise ValueError(f"WorkerConfig.rank {self.rank} != ep.rank {self.ep.rank}")
         if self.handoff_lease_s <= 0:
@@ -177,7 +174,8 @@ def build_rank(cfg: WorkerConfig) -> BuiltRank:
         runner = EpRunner(model, group, disp)
     tokenizer = load_tokenizer(cfg.model.checkpoint)
     kv = _kv_space(cfg, model)
-    speculator = Speculator(model, cfg.speculation) if cfg.speculation.enabled else None
+    speculator = (Speculator(model, cfg.speculation, lockstep=group is not None) if cfg.speculation.enabled
+                  else None)
     engine = Engine(cfg.role, model.cfg, cfg.sched, kv, runner, tokenizer, speculator)
     return BuiltRank(engine, group, runner, tokenizer, disp)
 

@@ -293,3 +293,20 @@ def test_the_spec_turns_speculation_on_for_both_pools_and_refuses_it_under_ep() 
         data["prefill"]["ep_ranks"] = 2
         with pytest.raises(SpecError, match=field):
             parse_spec(data, "local")
+
+
+def test_expert_parallel_ranks_speculate_in_lockstep_and_equal_one_rank(demo: DeepseekV4) -> None:
+    from ep_procs import spawn
+    from spec_ep_procs import speculating_rank
+
+    sp = [SamplingConfig(max_tokens=12, ignore_eos=True), SamplingConfig(max_tokens=12, ignore_eos=True),
+          SamplingConfig(max_tokens=12, temperature=0.9, seed=5, ignore_eos=True),
+          SamplingConfig(max_tokens=3, ignore_eos=True)]
+    reqs = requests([TOK.encode(t) for t in TEXTS] + random_prompts((40,), seed=2), sp)
+    want = run_all(engine(demo, 0), reqs)
+    # Data-parallel attention: rank 0 serves three requests, rank 1 one short one and then idles
+    # (its steps make empty MoE calls, chained MTP pass included).
+    runs = spawn(speculating_rank, 2, [reqs[:3], reqs[3:]], 2)
+    assert {**runs[0][0], **runs[1][0]} == want
+    assert runs[0][1] == runs[1][1]  # lockstep: the idle rank stepped too
+    assert runs[0][2] > 0 and runs[0][3] > 0

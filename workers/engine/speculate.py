@@ -20,6 +20,10 @@ Per step (`Speculator.step`, in place of the runner's forward and the sampling):
    a sampling chunk leaves the next step's `draft_hidden`.
 The engine then streams the picks of each request in one delta, cutting at stop / EOS / length.
 
+Expert parallelism (`lockstep`): every MoE call is a collective, so every rank makes the same
+calls each step whatever it holds: the verify's main layers (on an empty batch when the rank has
+no chunk), k - 1 chained MTP passes and one MTP pass (empty when it has nothing to draft or feed).
+
 Handoffs: a prefill rank with speculation on runs step 4 too, so the prompt's MTP window is in its
 cache and its `draft_hidden` is the first token's. Over NIXL both travel in the pages (the window
 pages hold the MTP layer; the state page holds the hidden row, `DraftHiddenStore`); through the
@@ -102,12 +106,12 @@ def model_compressors(model: DeepseekV4) -> dict[tuple[int, EntryKind], Compress
 class Speculator:
     """Runs engine steps with MTP drafting on `model` (which must have an MTP layer)."""
 
-    def __init__(self, model: DeepseekV4, config: SpeculationConfig) -> None:
+    def __init__(self, model: DeepseekV4, config: SpeculationConfig, lockstep: bool = False) -> None:
         if not config.enabled:
             raise ValueError("Speculator: SpeculationConfig.mtp_tokens is 0 (speculation off)")
         if len(model.mtp) == 0:
             raise ValueError("Speculator: the model has no MTP layer (checkpoint without mtp.* tensors)")
-        self.model, self.config = model, config
+        self.model, self.config, self.lockstep = model, config, lockstep
         self.mtp = model.mtp[0]
         self.mtp_layer = model.cfg.num_layers  # the cache's layer index of MTP layer 0
         self.compressors = model_compressors(model)
@@ -119,6 +123,8 @@ class Speculator:
     def step(self, plan: StepPlan, kv: KvSpace) -> list[Picked]:
         """Run `plan` (steps 1-4 of the module docstring); one Picked per sampling chunk, in order."""
         if not plan.chunks:
+            if self.lockstep:
+                self._idle()
             return []
         with torch.inference_mode():
             drafts = self._drafts(plan.chunks, kv)
@@ -153,6 +159,7 @@ class Speculator:
         out: list[tuple[int, ...]] = [() for _ in chunks]
         live = [i for i, b in enumerate(budgets) if b > 0]
         if not live:
+            self._idle_mtp(self.config.mtp_tokens - 1)
             return out
         hidden = torch.stack([_hidden(chunks[i]) for i in live])
         toks = self.mtp.logits(hidden, self.model.head.weight).argmax(dim=1)
@@ -161,6 +168,7 @@ class Speculator:
         for depth in range(1, self.config.mtp_tokens):
             rows = [j for j, i in enumerate(live) if budgets[i] > depth]
             if not rows:
+                self._idle_mtp(self.config.mtp_tokens - depth)
                 break
             live = [live[j] for j in rows]
             hidden, toks = self._chain(chunks, live, hidden[rows], toks[rows], depth, kv.cache)
@@ -179,6 +187,27 @@ class Speculator:
         for s in seqs:
             scratch.discard(s)
         return x, self.mtp.logits(x, self.model.head.weight).argmax(dim=1)
+
+    # --- expert parallelism: the MoE calls of a rank with nothing to run --------------------------
+    def _empty(self) -> tuple[torch.Tensor, torch.Tensor]:
+        dev = self.model.embed.weight.device
+        return (torch.zeros(0, self.model.cfg.hidden_size, dtype=self.model.dtype, device=dev),
+                torch.zeros(0, dtype=torch.long, device=dev))
+
+    def _idle_mtp(self, passes: int) -> None:
+        """Under lockstep: the MTP layer's MoE on an empty batch, `passes` times."""
+        if self.lockstep:
+            x, ids = self._empty()
+            for _ in range(passes):
+                self.mtp.ffn(x, ids)
+
+    def _idle(self) -> None:
+        """Under lockstep, a rank without chunks: every MoE call a speculating step makes."""
+        x, ids = self._empty()
+        with torch.inference_mode():
+            for block in self.model.layers:
+                block.ffn(x, ids)
+            self._idle_mtp(self.config.mtp_tokens)  # k - 1 chained passes, then the MTP pass
 
     # --- 3. accept -----------------------------------------------------------------------------
     def _accept(self, chunks: Sequence[Chunk], drafts: list[tuple[int, ...]], out: StepOutput,

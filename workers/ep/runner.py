@@ -1,8 +1,10 @@
 """The model runner of one EP rank, and the lockstep rule.
 
 `EpRunner` swaps every MoE layer of this rank's model shard for an `EpMoE` (module replacement,
-no change to the model code). With chunks it runs the ordinary model step; with none (an idle rank)
-it still runs every MoE layer on an empty batch so the other ranks' exchanges complete.
+no change to the model code), the MTP layers' included (run only by speculative decoding, which
+keeps them in lockstep itself: workers/engine/speculate.py). With chunks it runs the ordinary
+model step; with none (an idle rank) it still runs every MoE layer on an empty batch so the other
+ranks' exchanges complete.
 `lockstep_step` is one iteration of an EP rank's loop: all ranks vote, and if any has work every
 rank steps, idle ones included.
 """
@@ -34,6 +36,8 @@ class EpRunner:
                 raise TypeError(f"EpRunner: expected a MoE ffn, found {type(block.ffn).__name__}")
             block.ffn = EpMoE(block.ffn, group, dispatcher)
             self._moes.append(block.ffn)
+        for mtp in model.mtp:
+            mtp.ffn = EpMoE(mtp.ffn, group, dispatcher)
         self._local = LocalRunner(model)
         self.model = model
 
