@@ -369,7 +369,8 @@ class Controller:
                 log.error("router check failed (%s): trying again in %.1f s", exc, self.health_interval_s)
             for inst in [i for i in self.instances.values() if i.state == "ready"]:
                 try:
-                    await asyncio.wait_for(asyncio.gather(*(r.stats.remote() for r in inst.ranks)),
+                    # health, not stats: stats waits for the engine lock, which a long step holds
+                    await asyncio.wait_for(asyncio.gather(*(r.health.remote() for r in inst.ranks)),
                                            max(5.0, 5 * self.health_interval_s))
                 except (ray.exceptions.RayError, TimeoutError) as exc:
                     log.error("instance %s failed its health check (%s): replacing it",

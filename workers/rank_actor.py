@@ -79,6 +79,15 @@ class RankActor:
         self._started()
         return self.config.name
 
+    async def health(self) -> str:
+        """Liveness for the controller's health check: the rank's name, at once, without waiting for
+        the engine lock (a long step is a busy rank, not a dead one); RuntimeError naming the cause
+        once the engine loop has failed."""
+        loop = self._started()
+        if loop.error is not None:
+            raise RuntimeError(f"{self.config.name}: the engine loop failed: {loop.error!r}")
+        return self.config.name
+
     async def drain(self) -> None:
         """Stop taking new requests; the ones already here run to the end. Stats say `draining`."""
         self._draining = True
