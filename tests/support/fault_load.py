@@ -95,7 +95,8 @@ class Outcome:
 
 
 class Load:
-    """`prompts` sent at once (one thread each) as greedy, ignore_eos requests of `max_tokens`."""
+    """`prompts` sent at once (one thread each) as ignore_eos requests of `max_tokens`: greedy, or
+    as `extra` says (e.g. temperature and seed)."""
 
     def __init__(self, dep: Deployment, prompts: list[list[int]], *, max_tokens: int, salt: str,
                  address: str | None = None, extra: dict | None = None) -> None:
@@ -145,9 +146,10 @@ class Load:
         return self.outcomes
 
 
-def run(dep: Deployment, prompts: list[list[int]], *, max_tokens: int, salt: str) -> list[Outcome]:
+def run(dep: Deployment, prompts: list[list[int]], *, max_tokens: int, salt: str,
+        extra: dict | None = None) -> list[Outcome]:
     """A load with no fault: the reference a faulted run must match."""
-    return Load(dep, prompts, max_tokens=max_tokens, salt=salt).start().finish()
+    return Load(dep, prompts, max_tokens=max_tokens, salt=salt, extra=extra).start().finish()
 
 
 def busiest(ray, dep: Deployment, role: str) -> str:  # noqa: ANN001
