@@ -215,15 +215,6 @@ class DeploymentSpec(_Strict):
     security: SecuritySpec = SecuritySpec()
     faults: FaultsSpec = FaultsSpec()  # TEST ONLY fault injection (orchestrator/spec_faults.py)
     limits: LimitsSpec = LimitsSpec()
-
-    @model_validator(mode="after")
-    def _speculation_without_ep(self) -> DeploymentSpec:
-        k = self.decode.speculation.mtp_tokens
-        for role, pool in (("prefill", self.prefill), ("decode", self.decode)):
-            if k and pool.ep_ranks > 1:
-                raise ValueError(f"decode.speculation.mtp_tokens = {k}: MTP speculation does not run under "
-                                 f"expert parallelism yet, and {role}.ep_ranks is {pool.ep_ranks}")
-        return self
     autoscale: AutoscaleSpec = AutoscaleSpec()
 
     @model_validator(mode="after")

@@ -30,7 +30,6 @@ from workers.engine.runner import LocalRunner
 from workers.engine.scheduler import SchedulerConfig
 from workers.engine.speculate import SpeculationConfig, Speculator, model_compressors
 from workers.engine.staged_cache import StagedCache, commit_safe
-from workers.ep.group import EpConfig
 from workers.kv.geometry import KvGeometry, PoolKind
 from workers.kv.manager import KvCacheManager, KvCapacity
 from workers.kv.presets import kv_shape
@@ -270,9 +269,6 @@ def test_a_rank_built_with_speculation_drafts_and_keeps_the_mtp_pages() -> None:
     assert run_all(eng, requests([TOK.encode(TEXTS[0])], SamplingConfig(max_tokens=10, ignore_eos=True))) == {
         "r0": want}
     assert eng.stats().accepted_tokens > 0
-    with pytest.raises(ValueError, match="expert parallelism"):
-        WorkerConfig(instance="decode-0", role=Role.DECODE, kv=PagedPoolsConfig(8, 16, 4),
-                     ep=EpConfig(0, 2), speculation=SpeculationConfig(1))
 
 
 def demo_model(built: BuiltRank) -> DeepseekV4:
@@ -281,18 +277,18 @@ def demo_model(built: BuiltRank) -> DeepseekV4:
     return runner.model
 
 
-def test_the_spec_turns_speculation_on_for_both_pools_and_refuses_it_under_ep() -> None:
+def test_the_spec_turns_speculation_on_for_every_rank_of_both_pools() -> None:
     data = yaml.safe_load((DEMO.parents[2] / "deploy" / "local.yaml").read_text())
     assert parse_spec(data, "local").decode.speculation.mtp_tokens == 0  # off unless asked
     data["decode"]["speculation"] = {"mtp_tokens": 2}
+    data["prefill"]["ep_ranks"] = 2
     spec = parse_spec(data, "local")
     for role in (Role.PREFILL, Role.DECODE):
-        assert instance_plan(spec, role, "i").configs[0].speculation == SpeculationConfig(2)
-    for bad, field in ((3, "mtp_tokens"), (1, "expert parallelism")):
-        data["decode"]["speculation"] = {"mtp_tokens": bad}
-        data["prefill"]["ep_ranks"] = 2
-        with pytest.raises(SpecError, match=field):
-            parse_spec(data, "local")
+        assert [c.speculation for c in instance_plan(spec, role, "i").configs] == [SpeculationConfig(2)] * (
+            2 if role is Role.PREFILL else 1)
+    data["decode"]["speculation"] = {"mtp_tokens": 3}
+    with pytest.raises(SpecError, match="mtp_tokens"):
+        parse_spec(data, "local")
 
 
 def test_expert_parallel_ranks_speculate_in_lockstep_and_equal_one_rank(demo: DeepseekV4) -> None:
