@@ -18,7 +18,8 @@ work in every run. Memory is VmRSS from /proc (psutil is not a dependency).
     python -P bench/soak.py [--seconds 600] [--json PATH] [--spec deploy/local.yaml]
 
 JSON: requests, errors (by gRPC code), p99_s, memory_growth ((end - start) / start of the summed
-RSS), plus capacity, the ramp, the hold's load and the per-process RSS.
+RSS), plus capacity, the ramp, the hold's load, the per-process RSS and any process that went away
+(its instance replaced by the controller: a FAIL).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -178,24 +180,44 @@ def deployment_processes(status: dict) -> list[Proc]:
     return [Proc(name, pid) for (name, _), pid in zip(handles, pids, strict=True)]
 
 
+def sample_rss(procs: list[Proc]) -> tuple[dict[str, int], list[Proc]]:
+    """RSS by "name pid" of the processes still alive, and the ones that are gone."""
+    got, gone = {}, []
+    for p in procs:
+        try:
+            got[f"{p.name} {p.pid}"] = rss_bytes(p.pid)
+        except (FileNotFoundError, ProcessLookupError):
+            gone.append(p)
+    return got, gone
+
+
 def hold(address: str, token: str | None, workload: Workload, concurrency: int, seconds: float,
-         warmup_s: float, sample_every_s: float, procs: list[Proc], t0: float
-         ) -> tuple[list[Outcome], list[tuple[float, dict[str, int]]]]:
+         warmup_s: float, sample_every_s: float, find_procs: Callable[[], list[Proc]], t0: float
+         ) -> tuple[list[Outcome], list[tuple[float, dict[str, int]]], list[dict]]:
     """Run the hold in client threads; sample RSS at warm-up, every sample_every_s, and at the end
-    (before the load stops, while every request still runs)."""
+    (before the load stops, while every request still runs). A process that went away (the
+    controller replaced its instance) is recorded, and the deployment's processes are found again."""
     result: list[list[Outcome]] = []
     runner = threading.Thread(target=lambda: result.append(
         run_load(address, token, workload, concurrency, seconds, t0)), daemon=True)
     start = time.monotonic()
     runner.start()
     samples: list[tuple[float, dict[str, int]]] = []
+    replaced: list[dict] = []
+    procs = find_procs()
     due = [warmup_s + k * sample_every_s for k in range(int((seconds - warmup_s) / sample_every_s) + 1)]
     due = [t for t in due if t < seconds - 1.0] + [seconds - 1.0]
     for t in due:
         time.sleep(max(0.0, start + t - time.monotonic()))
-        samples.append((time.monotonic() - start, {p.name: rss_bytes(p.pid) for p in procs}))
+        got, gone = sample_rss(procs)
+        now = time.monotonic() - start
+        samples.append((now, got))
+        if gone:
+            replaced += [{"t_s": now, "process": p.name, "pid": p.pid} for p in gone]
+            print(f"  {now:.0f} s: gone: {', '.join(f'{p.name} (pid {p.pid})' for p in gone)}", flush=True)
+            procs = find_procs()
     runner.join()
-    return result[0], samples
+    return result[0], samples, replaced
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -232,7 +254,10 @@ def main(argv: list[str] | None = None) -> int:
         ctl, status = controller_for(load_spec(args.spec), placement_timeout_s=120)
         token = ray.get(ctl.tokens.remote())["token"]
         address = status["router_address"]
-        procs = deployment_processes(status)
+        def find_procs() -> list[Proc]:
+            return deployment_processes(ray.get(ctl.status.remote(), timeout=60))
+
+        deployment_processes(status)  # every actor answers its pid before the load starts
         workload = Workload(args.seed, args.max_tokens)
         t0 = time.monotonic()
         print("ramp (capacity):", flush=True)
@@ -243,9 +268,9 @@ def main(argv: list[str] | None = None) -> int:
                      key=lambda s: s.concurrency, default=best)
         print(f"hold: concurrency {chosen.concurrency} for {args.seconds:g} s "
               f"(capacity {best.goodput_rps:.2f} req/s at c={best.concurrency})", flush=True)
-        outcomes, samples = hold(address, token, workload, chosen.concurrency, args.seconds, warmup,
-                                 args.sample_every, procs, t0)
-        report = build_report(args, steps, best, chosen, outcomes, samples, procs, warmup)
+        outcomes, samples, replaced = hold(address, token, workload, chosen.concurrency, args.seconds, warmup,
+                                           args.sample_every, find_procs, t0)
+        report = build_report(args, steps, best, chosen, outcomes, samples, replaced, warmup)
     finally:
         if ctl is not None:
             try:
@@ -261,10 +286,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def build_report(args: argparse.Namespace, steps: list[StepResult], best: StepResult, chosen: StepResult,
-                 outcomes: list[Outcome], samples: list[tuple[float, dict[str, int]]], procs: list[Proc],
+                 outcomes: list[Outcome], samples: list[tuple[float, dict[str, int]]], replaced: list[dict],
                  warmup: float) -> dict:
+    """The JSON report. Memory growth is over the processes alive at both samples (same pid)."""
     held = summarize(chosen.concurrency, args.seconds, outcomes)
     (t_start, start), (t_end, end) = samples[0], samples[-1]
+    both = [k for k in start if k in end]
+    start, end = {k: start[k] for k in both}, {k: end[k] for k in both}
     total_start, total_end = sum(start.values()), sum(end.values())
     return {
         "requests": held.requests,
@@ -272,15 +300,16 @@ def build_report(args: argparse.Namespace, steps: list[StepResult], best: StepRe
         "p99_s": held.p99_s,
         "memory_growth": (total_end - total_start) / total_start,
         # Less sensitive to one sample's allocator noise: median of the first 3 vs the last 3 samples.
-        "memory_growth_median3": _median3_growth([sum(v.values()) for _, v in samples]),
+        "memory_growth_median3": _median3_growth([sum(v.get(k, 0) for k in both) for _, v in samples]),
         "hold": {"seconds": args.seconds, "concurrency": chosen.concurrency, "ok": held.ok,
                  "goodput_rps": held.goodput_rps, "tokens_per_s": held.tokens_per_s, "p50_s": held.p50_s,
                  "load_fraction_of_capacity": held.goodput_rps / best.goodput_rps,
                  "warmup_s": warmup},
         "capacity": {"goodput_rps": best.goodput_rps, "concurrency": best.concurrency},
         "ramp": [asdict(s) for s in steps],
-        "rss_bytes": {p.name: {"pid": p.pid, "start": start[p.name], "end": end[p.name]} for p in procs},
-        "rss_samples": [{"t_s": t, "total": sum(v.values())} for t, v in samples],
+        "rss_bytes": {k: {"start": start[k], "end": end[k]} for k in both},
+        "replaced": replaced,
+        "rss_samples": [{"t_s": t, "total": sum(v.get(k, 0) for k in both)} for t, v in samples],
         "rss_window_s": [t_start, t_end],
         "spec": args.spec, "seed": args.seed, "max_tokens": args.max_tokens,
         "machine": f"{os.cpu_count()} CPUs, shared; Python {sys.version.split()[0]}",
@@ -309,8 +338,9 @@ def print_report(r: dict) -> None:
     t0, t1 = r["rss_window_s"]
     print(f"\nRSS (baseline: after {t0:.0f} s of the hold's warm-up; end: at {t1:.0f} s)")
     print(f"{'process':<16} {'pid':>8} {'start MiB':>10} {'end MiB':>10} {'growth':>8}")
-    for name, v in r["rss_bytes"].items():
-        print(f"{name:<16} {v['pid']:>8} {v['start'] * mib:>10.1f} {v['end'] * mib:>10.1f} "
+    for key, v in r["rss_bytes"].items():
+        name, pid = key.rsplit(" ", 1)
+        print(f"{name:<16} {pid:>8} {v['start'] * mib:>10.1f} {v['end'] * mib:>10.1f} "
               f"{100 * (v['end'] - v['start']) / v['start']:>7.2f}%")
     tot_s = sum(v["start"] for v in r["rss_bytes"].values())
     tot_e = sum(v["end"] for v in r["rss_bytes"].values())
@@ -319,8 +349,11 @@ def print_report(r: dict) -> None:
     print(f"total RSS every sample (MiB): {trend}")
     print(f"growth, median of the first 3 samples -> median of the last 3: "
           f"{100 * r['memory_growth_median3']:.2f}%")
-    verdict = "PASS" if not r["errors"] and r["memory_growth"] < 0.05 else "FAIL"
-    print(f"\ntarget: zero errors and < 5 % memory growth: {verdict}")
+    for g in r["replaced"]:
+        print(f"process gone during the hold: {g['process']} (pid {g['pid']}) at {g['t_s']:.0f} s")
+    ok = not r["errors"] and r["memory_growth"] < 0.05 and not r["replaced"]
+    verdict = "PASS" if ok else "FAIL"
+    print(f"\ntarget: zero errors, < 5 % memory growth, no process replaced: {verdict}")
 
 
 if __name__ == "__main__":
