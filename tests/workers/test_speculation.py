@@ -306,3 +306,16 @@ def test_expert_parallel_ranks_speculate_in_lockstep_and_equal_one_rank(demo: De
     assert {**runs[0][0], **runs[1][0]} == want
     assert runs[0][1] == runs[1][1]  # lockstep: the idle rank stepped too
     assert runs[0][2] > 0 and runs[0][3] > 0
+
+
+def test_preempted_speculating_requests_recompute_to_the_same_tokens(demo: DeepseekV4) -> None:
+    """KV for 7 blocks of 16 positions: requests are preempted (their drafts' extra positions too)
+    and recomputed, after which their MTP state is rebuilt and they draft again."""
+    reqs = requests([TOK.encode(t)[:14] for t in TEXTS], SamplingConfig(max_tokens=40, ignore_eos=True))
+    want = run_all(engine(demo, 0), reqs)
+    kv = BlockSpace(BlockSpaceConfig(7, 16), demo.cfg.window)
+    eng = Engine(Role.AGGREGATED, demo.cfg, SchedulerConfig(), kv, LocalRunner(demo), TOK,
+                 Speculator(demo, SpeculationConfig(2)))
+    assert run_all(eng, reqs) == want
+    st = eng.stats()
+    assert st.preemptions > 0 and st.accepted_tokens > 0 and kv.blocks_used == 0
