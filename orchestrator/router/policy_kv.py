@@ -132,10 +132,11 @@ class KvPolicy:
 
     def _ties(
         self, view: RoutingView, decodes: list[WorkerState], prefills: list[WorkerState]
-    ) -> list[tuple[tuple, _Tie]]:
-        """Every candidate whose cost is within tie_tolerance_s of the cheapest, each as
-        (tie-break key, `_Tie`); [] if none exists. The key is `choose`'s: (-workers shared with
-        the session's last pair, load, remote, prefill id, decode id)."""
+    ) -> tuple[list[tuple[tuple, _Tie]], int | None]:
+        """The candidates within tie_tolerance_s of the cheapest that can win the tie-break, each as
+        (tie-break key, `_Tie`), and the largest first key element over ALL candidates within the
+        tolerance (None when there is none). The key is `choose`'s: (-workers shared with the
+        session's last pair, load, remote, prefill id, decode id). ([], None) if no candidate."""
         n, bs, matches = view.request.prompt_tokens, self.fleet.block_size, view.matches
         weight, tol, local_ok = (
             self.params.decode_load_weight_s,
@@ -161,7 +162,7 @@ class KvPolicy:
                 rows.append((best_t + h + weight * pressure, d, members, h, pressure))
         costs = [c.cost for c in local] + [r[0] for r in rows]
         if not costs:
-            return []
+            return [], None
         limit = min(costs) + tol
         aff = view.affinity
         aff_p, aff_d = (None, None) if aff is None else (aff.prefill, aff.decode)
@@ -171,18 +172,26 @@ class KvPolicy:
               False, ("", -1), c.decode.worker), c)
             for c in local if c.cost <= limit
         ]
+        top = max((k[0] for k, _ in ties), default=None)
+        # A row's candidates share its decode: only its best one can win, so only that one becomes
+        # a `_Tie`; the most negated shared count over all of them is kept for the reason.
         for cost, d, members, h, pressure in rows:
             if cost <= limit:
                 extra, dw = h + weight * pressure, d.worker
                 if aff is None:
-                    ties += [((0, load + pressure, True, p.worker, dw), _Tie(t + extra, p, d, t, h, pressure))
+                    cands = [((0, load + pressure, True, p.worker, dw), p, t)
                              for p, t, load in members if t + extra <= limit]
                 else:
                     base = int(dw == aff_d)
-                    ties += [((-(base + int(p.worker == aff_p)), load + pressure, True, p.worker, dw),
-                              _Tie(t + extra, p, d, t, h, pressure))
+                    cands = [((-(base + int(p.worker == aff_p)), load + pressure, True, p.worker, dw), p, t)
                              for p, t, load in members if t + extra <= limit]
-        return ties
+                if not cands:  # the row's cost adds in another order: it may round past the limit
+                    continue
+                key, p, t = min(cands, key=itemgetter(0))
+                ties.append((key, _Tie(t + extra, p, d, t, h, pressure)))
+                row_top = max(c[0][0] for c in cands) if aff is not None else 0
+                top = row_top if top is None else max(top, row_top)
+        return ties, top
 
     def _refusal(self, view: RoutingView, decodes: tuple[WorkerState, ...], open_decodes: list) -> Refusal:
         rid = view.request.request_id
@@ -212,7 +221,7 @@ class KvPolicy:
         decodes = view.of_role(Role.DECODE)
         open_decodes = [d for d in decodes if d.admits]
         open_prefills = [p for p in view.of_role(Role.PREFILL) if p.admits]
-        ties = self._ties(view, open_decodes, open_prefills)
+        ties, top = self._ties(view, open_decodes, open_prefills)
         if not ties:
             return self._refusal(view, decodes, open_decodes)
         # the winner: fewest negated shared workers, then least load (prefiller's queued seconds
@@ -225,7 +234,7 @@ class KvPolicy:
             reason, cached, moved = Reason.LOCAL_PREFILL, held, 0
         else:
             cached, moved = view.matched_blocks(pick.prefill.worker), alloc
-            if best_key[0] < max(k[0] for k, _ in ties):  # fewer negated shared = more shared
+            if best_key[0] < top:  # fewer negated shared = more shared than some other tie
                 reason = Reason.SESSION_AFFINITY
             elif cached > 0 or held > 0:
                 reason = Reason.PREFIX_HIT
