@@ -116,10 +116,6 @@ class Speculator:
         self.mtp_layer = model.cfg.num_layers  # the cache's layer index of MTP layer 0
         self.compressors = model_compressors(model)
 
-    @property
-    def vocab_size(self) -> int:
-        return self.model.cfg.vocab_size
-
     def step(self, plan: StepPlan, kv: KvSpace) -> list[Picked]:
         """Run `plan` (steps 1-4 of the module docstring); one Picked per sampling chunk, in order."""
         if not plan.chunks:
