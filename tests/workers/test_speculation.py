@@ -291,6 +291,7 @@ def test_the_spec_turns_speculation_on_for_every_rank_of_both_pools() -> None:
         parse_spec(data, "local")
 
 
+@pytest.mark.slow  # two spawned rank processes: 10-20 s on this machine
 def test_expert_parallel_ranks_speculate_in_lockstep_and_equal_one_rank(demo: DeepseekV4) -> None:
     from ep_procs import spawn
     from spec_ep_procs import speculating_rank
