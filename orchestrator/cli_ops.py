@@ -60,12 +60,19 @@ def _call(method: str, path: str, http_address: str | None, token: str | None,
 
 def _print_status(status: dict) -> None:
     t = Table(title=f"deployment '{status['name']}': {'ready' if status['ready'] else 'NOT ready'}")
-    for col in ("instance", "role", "ranks", "state", "running", "queued", "KV blocks"):
+    for col in ("instance", "role", "ranks", "state", "running", "queued", "KV blocks", "gen"):
         t.add_column(col)
     for i in status["instances"]:
         t.add_row(i["id"], i["role"], str(i["ranks"]), i["state"], str(i.get("running", "")),
-                  str(i.get("queued", "")), f"{i.get('kv_blocks_used', 0)}/{i.get('kv_blocks_total', 0)}")
+                  str(i.get("queued", "")), f"{i.get('kv_blocks_used', 0)}/{i.get('kv_blocks_total', 0)}",
+                  str(i.get("generation", 1)))
     _out.print(t)
+    auto = status.get("autoscale") or {}
+    if auto.get("enabled") and auto.get("last"):
+        for pool in ("prefill", "decode"):
+            d = auto["last"][pool]
+            _out.print(f"autoscale {pool}: {d['current']} -> {d['target']} ({d['reason']}: {d['detail']})",
+                       markup=False, highlight=False)
     _out.print(f"gRPC router: {status['router_address']}    HTTP API: {status['http_address']}")
 
 

@@ -5,9 +5,10 @@
   derives (batch limits, KV blocks, model, transfer settings) or the shape of its placement
   (ranks, GPUs per rank, topology). Instance counts alone never roll a pool: they scale it;
 - the router's settings are rebuilt from the new spec; when they differ they are applied in place
-  (`RouterHost.apply_settings`): policy, weights, disaggregation, limits;
-- what cannot change on a running deployment (its name, the router's listeners, security: the
-  tokens and certificates clients hold) is refused before anything is touched, naming the field.
+  (`RouterHost.apply_settings`): policy, weights, disaggregation, queue and request limits;
+- what cannot change on a running deployment (its name, the router's listeners and their message
+  size limit, security: the tokens and certificates clients hold) is refused before anything is
+  touched, naming the field.
 
 `roll` replaces a pool's instances one at a time: start one with the new config, wait until it is
 ready and registered with every router, then drain and remove one old one; so the pool never has
@@ -62,6 +63,9 @@ def plan_update(old: DeploymentSpec, new: DeploymentSpec, current: RouterSetting
     if new.security != old.security:
         raise ValueError("security: the tokens and certificates clients hold cannot change on a running "
                          "deployment")
+    if new.limits.max_request_bytes != old.limits.max_request_bytes:
+        raise ValueError(f"limits.max_request_bytes: the servers were started with "
+                         f"{old.limits.max_request_bytes}; it cannot change on a running deployment")
     rolls = tuple(r for r in (Role.PREFILL, Role.DECODE) if pool_shape(old, r) != pool_shape(new, r))
     # Tokens without a file are random per build: the running router's stay.
     same_tokens = dataclasses.replace(rebuild(), token=current.token, admin_token=current.admin_token)

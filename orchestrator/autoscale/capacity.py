@@ -23,7 +23,7 @@ from orchestrator.autoscale.policy import Capacity, CapacitySource
 from orchestrator.autoscale.signals import Signals
 from orchestrator.planner.cost import CostModel
 from orchestrator.planner.fleet import fleet_from_spec
-from orchestrator.planner.models import MODELS, ModelName
+from orchestrator.planner.models import MODELS, AttnKind, ModelName
 from orchestrator.router.inputs import Role
 from orchestrator.router.load import LoadSnapshot
 from orchestrator.spec import CpuTopology, DeploymentSpec
@@ -135,9 +135,11 @@ class PlannerCapacity:
 
 
 def planner_model(cfg: ModelConfig) -> ModelName:
-    """The planner's model with this config's shape (hidden size, vocabulary, layers)."""
+    """The planner's DeepSeek-V4 model with this config's shape (hidden size, vocabulary, layers);
+    V3.2 (MLA with DSA layers) shares V4-Pro's sizes but is not what a V4 config describes."""
     shape = (cfg.hidden_size, cfg.vocab_size, len(cfg.layer_kinds))
-    hits = [name for name, arch in MODELS.items() if (arch.hidden, arch.vocab, arch.layers) == shape]
+    hits = [name for name, arch in MODELS.items() if (arch.hidden, arch.vocab, arch.layers) == shape
+            and all(a.kind is not AttnKind.DSA for a in arch.attention)]
     if len(hits) != 1:
         raise ValueError(f"model: hidden {cfg.hidden_size}, vocab {cfg.vocab_size}, {len(cfg.layer_kinds)} "
                          f"layers matches {[h.value for h in hits]} of the planner's models; the autoscaler "

@@ -87,7 +87,7 @@ class RouterSettings:
 
 
 # What a running router cannot change in place (its listeners and identity).
-_FIXED_SETTINGS = ("host", "grpc_port", "http_port", "tls", "token", "admin_token", "model_name")
+_FIXED_SETTINGS = ("host", "grpc_port", "http_port", "tls", "token", "admin_token", "tenants", "model_name")
 
 
 @dataclass(frozen=True)
@@ -200,17 +200,23 @@ class RouterHost:
 
     async def apply_settings(self, settings: RouterSettings) -> None:
         """Take changed settings in place, without dropping a request: policy and its weights,
-        disaggregation thresholds, limits, rank limits, tokenizer source. Requests in flight finish
-        under the router they were booked with. The listeners (host, ports, TLS, tokens) and the
-        served model name cannot change in place: ValueError naming the field."""
+        disaggregation thresholds, limits and quotas, rank limits, migrations, tokenizer source.
+        Requests in flight finish under the router they were booked with. The listeners (host,
+        ports, TLS, message size limit, tokens) and the served model name cannot change in place:
+        ValueError naming the field."""
         assert self.gateway is not None and self._frontend is not None, "start() first"
-        for name in _FIXED_SETTINGS:
-            if getattr(settings, name) != getattr(self.settings, name):
+        fixed = [(n, getattr(self.settings, n), getattr(settings, n)) for n in _FIXED_SETTINGS]
+        fixed.append(("quotas.max_request_bytes", self.settings.quotas.max_request_bytes,
+                      settings.quotas.max_request_bytes))
+        for name, was, now in fixed:
+            if was != now:
                 raise ValueError(f"router settings: {name} cannot change on a running router "
-                                 f"({getattr(self.settings, name)!r} -> {getattr(settings, name)!r})")
+                                 f"({was!r} -> {now!r})")
         self.settings = settings
         self.gateway.limits = settings.rank_limits
         self._frontend.limits = settings.limits
+        self._frontend.quotas = self._frontend.slots.limits = settings.quotas  # open streams stay counted
+        self._frontend.max_migrations = settings.max_migrations
         self._frontend.tokenizer = load_tokenizer(settings.checkpoint)
         self._frontend.router = self._router()
         log.info("router settings applied in place (policy %s)", settings.policy.value)

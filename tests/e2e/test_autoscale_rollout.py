@@ -10,11 +10,14 @@ on the new config generation, with the new settings in force.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import json
 import threading
 import time
 
 import pytest
+from typer.testing import CliRunner
 
+from orchestrator.cli import app
 from orchestrator.deploy import controller_for
 from orchestrator.router.client import generate, make_request, open_channel
 from orchestrator.spec import parse_spec
@@ -39,8 +42,8 @@ CLIENTS = 8
 @pytest.fixture(scope="module")
 def deployment(ray_session):  # noqa: ANN001, ANN201
     ctl, status = controller_for(parse_spec(BASE, "test"), placement_timeout_s=60)
-    token = ray_session.get(ctl.tokens.remote())["token"]
-    yield {"ctl": ctl, "address": status["router_address"], "token": token}
+    tokens = ray_session.get(ctl.tokens.remote())
+    yield {"ctl": ctl, "address": status["router_address"], "http": status["http_address"], **tokens}
     try:
         ray_session.get(ctl.down.remote(), timeout=60)
     finally:
@@ -113,6 +116,16 @@ def test_pools_follow_a_step_in_load_and_no_request_fails(deployment, ray_sessio
              if r[p]["target"] < r[p]["current"]]
     assert downs and all(r[p]["reason"] == "shrink" for r in downs for p in ("prefill", "decode")
                          if r[p]["target"] < r[p]["current"])
+    # The operator's view (HTTP admin status through the CLI) carries the decisions and generations.
+    env = {"TANDEM_STATE": "/nonexistent/state.json", "TANDEM_HTTP_ADDRESS": deployment["http"],
+           "TANDEM_ADMIN_TOKEN": deployment["admin_token"]}
+    out = CliRunner().invoke(app, ["status"], env=env, terminal_width=300)
+    assert out.exit_code == 0, out.output
+    assert "┃ gen ┃" in out.output and "autoscale decode: 1 -> 1 (steady" in out.output
+    js = CliRunner().invoke(app, ["status", "--json"], env=env)
+    as_json = json.loads(js.output)
+    assert as_json["autoscale"]["enabled"] and as_json["autoscale"]["changes"] == shrunk["autoscale"]["changes"]
+    assert {i["generation"] for i in as_json["instances"]} == {1}
 
 
 def test_a_changed_spec_rolls_every_instance_under_load_and_no_request_fails(deployment, ray_session) -> None:  # noqa: ANN001

@@ -99,10 +99,12 @@ def test_model_and_transfer_settings_roll_both_pools() -> None:
 def test_router_only_settings_apply_in_place_with_the_running_tokens() -> None:
     old = parse_spec(BASE)
     current = router_settings(old, model_config(old))
-    new = parse_spec(_with(router={"policy": "round-robin", "default_max_tokens": 7}))
+    new = parse_spec(_with(router={"policy": "round-robin", "default_max_tokens": 7},
+                           limits={"max_streams_per_client": 3}))
     plan = plan_update(old, new, current, lambda: router_settings(new, model_config(new)))
     assert plan.rolls == () and plan.router is not None
     assert plan.router.policy.value == "round-robin" and plan.router.limits.default_max_tokens == 7
+    assert plan.router.quotas.max_streams_per_client == 3
     assert (plan.router.token, plan.router.admin_token) == (current.token, current.admin_token)
 
 
@@ -115,6 +117,7 @@ def test_autoscale_changes_are_reported() -> None:
     ({"name": "other"}, "name: the cluster runs deployment 'roll'"),
     ({"router": {**BASE["router"], "port": 9000}}, "router.port: clients connect to 0"),
     ({"security": {"token_file": "/nonexistent/token"}}, "security: the tokens and certificates"),
+    ({"limits": {"max_request_bytes": 4096}}, "limits.max_request_bytes: the servers were started with"),
 ])
 def test_what_cannot_change_on_a_running_deployment_is_refused_by_name(change: dict, field: str) -> None:
     old: DeploymentSpec = parse_spec(BASE)

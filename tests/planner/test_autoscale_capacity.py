@@ -39,6 +39,7 @@ def _sig(prompt: float, output: float | None, hit: float) -> Signals:
 
 def test_planner_model_is_found_by_shape_and_refused_when_unknown() -> None:
     assert planner_model(preset("v4-flash")) is ModelName.V4_FLASH
+    assert planner_model(preset("v4-pro")) is ModelName.V4_PRO  # V3.2 has Pro's sizes, not its layers
     with pytest.raises(ValueError, match="hidden 128"):
         planner_model(preset("tiny"))
 
