@@ -354,10 +354,14 @@ class Controller:
             self.router = ray.remote(RouterHost).options(
                 name=ROUTER_NAME, namespace=NAMESPACE, num_cpus=0, lifetime="detached",
                 max_concurrency=1000).remote(settings, me)
-            self.addresses = await self.router.start.remote()
-            for inst in [i for i in self.instances.values() if i.state == "ready"]:
-                for cfg, handle in zip(inst.plan.configs, inst.ranks, strict=True):
-                    await self.router.add_worker.remote(cfg.instance, cfg.rank, inst.role_name, handle)
+            try:
+                self.addresses = await self.router.start.remote()
+                for inst in [i for i in self.instances.values() if i.state == "ready"]:
+                    for cfg, handle in zip(inst.plan.configs, inst.ranks, strict=True):
+                        await self.router.add_worker.remote(cfg.instance, cfg.rank, inst.role_name, handle)
+            except BaseException:  # a half-started router (no ports, missing ranks) is replaced next round
+                ray.kill(self.router, no_restart=True)
+                raise
             log.info("router restarted at %s", self.addresses.grpc)
 
     async def _health_loop(self) -> None:

@@ -105,6 +105,7 @@ class RouterHost:
         self.registry = CollectorRegistry()
         self.index = KvIndex()
         self._started: RouterAddresses | None = None
+        self._start_lock = asyncio.Lock()  # a second caller (health check, test) waits for the first
         self._admin = None
         self._grpc = None
         self._http = None
@@ -112,9 +113,13 @@ class RouterHost:
         self._frontend: Frontend | None = None
 
     async def start(self) -> RouterAddresses:
-        """Bind and serve; idempotent."""
-        if self._started is not None:
+        """Bind and serve; idempotent, also for concurrent callers."""
+        async with self._start_lock:
+            if self._started is None:
+                self._started = await self._start()
             return self._started
+
+    async def _start(self) -> RouterAddresses:
         s = self.settings
         metrics = RouterMetrics(self.registry)
         self.gateway = RayGateway(self.index, s.rank_limits, report_interval_s=s.report_interval_s,
@@ -130,8 +135,7 @@ class RouterHost:
                                                    max_request_bytes=s.quotas.max_request_bytes)
         http_port = await self._start_http(frontend)
         scheme = "https" if s.tls else "http"
-        self._started = RouterAddresses(f"{s.host}:{grpc_port}", f"{scheme}://{s.host}:{http_port}")
-        return self._started
+        return RouterAddresses(f"{s.host}:{grpc_port}", f"{scheme}://{s.host}:{http_port}")
 
     def _router(self) -> Router:
         s = self.settings

@@ -1,12 +1,12 @@
 """Real faults during a running load on one local deployment (2 prefill + 2 decode instances of
 deploy/local.yaml; leases, transfer timeouts and health checks of 1 s or less).
 
-Each test sends a bounded set of greedy ignore_eos requests, injects its fault mid-run (a decode
-killed with ray.kill, a prefill SIGKILLed mid-prefill, a decode drained past its timeout, the
-router actor killed), and checks that every request streamed exactly the tokens of a fault-free
-run of the same prompts (or, for streams the dead router itself carried, ended with a clear
-gRPC status), that the controller put the fleet back, and that afterwards every rank is back to
-zero used KV blocks, nothing running or queued, and no handoff held.
+Each test sends a bounded set of greedy (for the decode kill also seeded) ignore_eos requests,
+injects its fault mid-run (a decode killed with ray.kill, a prefill SIGKILLed mid-prefill, a decode
+drained past its timeout, the router actor killed), and checks that every request streamed exactly
+the tokens of a fault-free run of the same prompts (or, for streams the dead router itself carried,
+ended with a clear gRPC status), that the controller put the fleet back, and that afterwards every
+rank is back to zero used KV blocks, nothing running or queued, and no handoff held.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ MAX_TOKENS = 24
 SHORT = [random.Random(i).choices(range(256), k=40 + 60 * i) for i in range(6)]  # 40..340 tokens
 LONG = [random.Random(100 + i).choices(range(256), k=1000 + 100 * i) for i in range(4)]  # 1000..1300 tokens
 LONG_MAX_TOKENS = 8
+SEEDED = {"temperature": 0.8, "seed": 4242}
 
 
 def _spec():  # noqa: ANN202
@@ -51,10 +52,12 @@ def dep(ray_session):  # noqa: ANN001, ANN201
 def reference(dep):  # noqa: ANN001, ANN201
     """Fault-free tokens of both prompt sets, from the same deployment before any fault."""
     short = fl.run(dep, SHORT, max_tokens=MAX_TOKENS, salt="ref")
+    seeded = fl.run(dep, SHORT[:3], max_tokens=MAX_TOKENS, salt="ref", extra=SEEDED)
     long = fl.run(dep, LONG, max_tokens=LONG_MAX_TOKENS, salt="ref")
-    for o in short + long:
+    for o in short + seeded + long:
         assert o.code is None, o.details
-    return {"short": [o.tokens for o in short], "long": [o.tokens for o in long]}
+    return {"short": [o.tokens for o in short], "seeded": [o.tokens for o in seeded],
+            "long": [o.tokens for o in long]}
 
 
 def _assert_same_tokens(outcomes: list[fl.Outcome], want: list[list[int]], max_tokens: int) -> None:
@@ -73,12 +76,14 @@ def _assert_idle(ray, dep: fl.Deployment) -> None:  # noqa: ANN001
 
 def test_decode_killed_mid_stream_requests_migrate(dep, reference, ray_session) -> None:  # noqa: ANN001
     before = dep.metric("tandem_router_migrations_total")
+    seeded = fl.Load(dep, SHORT[:3], max_tokens=MAX_TOKENS, salt="kill-decode-seeded", extra=SEEDED).start()
     load = fl.Load(dep, SHORT, max_tokens=MAX_TOKENS, salt="kill-decode").start()
     load.wait_streamed(30)
     victim = fl.busiest(ray_session, dep, "decode")
     ray_session.kill(dep.rank(ray_session, victim), no_restart=True)
     outcomes = load.finish()
     _assert_same_tokens(outcomes, reference["short"], MAX_TOKENS)
+    _assert_same_tokens(seeded.finish(), reference["seeded"], MAX_TOKENS)  # sampled, seeded: same too
     assert dep.metric("tandem_router_migrations_total") - before >= 1
     fl.wait_ready(ray_session, dep, 2, 2)  # the health loop replaced the dead instance
     assert victim not in dep.instances("decode")
@@ -143,9 +148,15 @@ def test_router_killed_is_restarted_with_its_kv_index_rebuilt(dep, reference, ra
         assert time.monotonic() < end, "no new router within 30 s"
         time.sleep(0.2)
     assert dep.refresh(ray_session)["router_address"] == address
-    snapshot = ray_session.get(dep.rank(ray_session, holder).kv_snapshot.remote())
-    rebuilt = ray_session.get(router.kv_holdings.remote(holder, 0))
-    assert held <= rebuilt == frozenset(snapshot.block_hashes)
+    end = time.monotonic() + 15
+    while True:  # the controller registers every rank with the new router after starting it
+        snapshot = ray_session.get(dep.rank(ray_session, holder).kv_snapshot.remote())
+        rebuilt = ray_session.get(router.kv_holdings.remote(holder, 0))
+        if rebuilt == frozenset(snapshot.block_hashes):
+            break
+        assert time.monotonic() < end, f"the new router's index of {holder} differs from its snapshot"
+        time.sleep(0.2)
+    assert held <= rebuilt
 
     again = fl.run(dep, [prompt], max_tokens=4, salt="router")[0]
     assert again.code is None, again.details
