@@ -20,7 +20,9 @@ Baselines, measured in the same run on the same requests:
   fleet's idle worker states: the policy's own cost per request, which any simulator that lets
   the router decide must pay.
 
-CPU time is reported next to wall time: the machine's cores are shared. Target: 50,000 req/s.
+The timed span is building the `Simulator` plus `run()`. CPU time (`req/cpu-s`) is reported next
+to wall time: on a machine whose cores are shared with other jobs it is the steadier figure.
+Target: 50,000 req/s.
 
     python -P bench/planner_speed.py [--json PATH] [--requests N] [--fleet NAME ...] [--policy NAME ...]
 """
@@ -110,9 +112,11 @@ def router_only(config: FleetConfig, requests: list[TraceRequest]) -> float:
 
 
 def measure(fleet: Fleet, trace: str, requests: list[TraceRequest], policy: PolicyName) -> dict:
+    """One row. The timed span is the whole simulation: building the `Simulator` (fleet, caches,
+    router, index) and running it; the trace itself is the input and is built before."""
     config = fleet.build(policy)
-    sim = Simulator(config, requests)
     t, c = time.perf_counter(), time.process_time()
+    sim = Simulator(config, requests)
     res = sim.run()
     wall, cpu = time.perf_counter() - t, time.process_time() - c
     n = len(requests)

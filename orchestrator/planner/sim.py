@@ -67,8 +67,8 @@ class Simulator:
         self.fleet = fleet
         self.arch = model(fleet.model)
         self.block_bytes = block_bytes(self.arch)
-        self._reserve_memo: dict[int, int] = {}
-        self._handoff_memo: dict[tuple[int, int], int] = {}
+        self._reserve_memo: dict[int, int] = {}  # tokens -> blocks reserved
+        self._handoff_memo: dict[tuple[int, int], int] = {}  # (prompt, reused blocks) -> bytes pulled
         self.params = fleet.fleet_params()
         self.router = Router.named(fleet.policy, self.params)
         self.index = KvIndex()
@@ -128,8 +128,7 @@ class Simulator:
 
     def _reserve_blocks(self, tokens: int) -> int:
         """Blocks reserved for a request that may grow to `tokens` (memoised: lengths recur)."""
-        hit = self._reserve_memo.get(tokens)
-        if hit is None:
+        if (hit := self._reserve_memo.get(tokens)) is None:
             hit = self._reserve_memo[tokens] = self._blocks(request_reserve_bytes(self.arch, tokens))
         return hit
 
@@ -140,10 +139,9 @@ class Simulator:
         return self._reserve_blocks(job.req.prompt_tokens + job.req.output_tokens)
 
     def _handoff_bytes(self, prompt_tokens: int, reused_blocks: int) -> int:
-        key = (prompt_tokens, reused_blocks)
-        hit = self._handoff_memo.get(key)
-        if hit is None:
-            hit = self._handoff_memo[key] = handoff_bytes(self.arch, prompt_tokens, reused_blocks)
+        if (hit := self._handoff_memo.get((prompt_tokens, reused_blocks))) is None:
+            hit = self._handoff_memo[prompt_tokens, reused_blocks] = handoff_bytes(self.arch, prompt_tokens,
+                                                                                   reused_blocks)
         return hit
 
     def _push(self, t: float, kind: Ev, payload: object) -> None:
