@@ -103,41 +103,65 @@ class AutoscaleTask:
         self.autoscaler, self.hooks, self.interval_s = autoscaler, hooks, interval_s
         self.errors = 0
         self._task: asyncio.Task | None = None
+        self._scaling: asyncio.Task | None = None  # the scale in flight (instances start, drain)
 
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.ensure_future(self._run())
 
     def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            self._task = None
+        for t in (self._task, self._scaling):
+            if t is not None:
+                t.cancel()
+        self._task = self._scaling = None
 
     async def round(self) -> Decision:
-        """Read, decide, and apply when the decision changes a pool."""
-        a = self.autoscaler
-        a.observe(await self.hooks.snapshot())
-        decision = a.decide(*self.hooks.sizes())
+        """Read, decide, and apply (awaited) when the decision changes a pool."""
+        self.autoscaler.observe(await self.hooks.snapshot())
+        decision = self._decide()
+        if decision.changes:
+            await self._apply(decision)
+        return decision
+
+    def _decide(self) -> Decision:
+        decision = self.autoscaler.decide(*self.hooks.sizes())
         for name, p in (("prefill", decision.prefill), ("decode", decision.decode)):
             if p.target != p.current:
                 log.info("autoscale %s: %d -> %d (%s: %s)", name, p.current, p.target, p.reason.value,
                          p.detail)
-        if decision.changes:
-            a.changes.append(_row(decision))  # before the scale: status shows why instances are starting
-            await self.hooks.scale(decision.prefill.target, decision.decode.target)
-            a.applied(decision)
+        if decision.changes:  # recorded before the scale: status shows why instances are starting
+            self.autoscaler.changes.append(_row(decision))
         return decision
 
+    async def _apply(self, decision: Decision) -> None:
+        await self.hooks.scale(decision.prefill.target, decision.decode.target)
+        self.autoscaler.applied(decision)
+
+    def _failed(self, what: str, exc: BaseException) -> None:
+        self.errors += 1
+        log.error("autoscale %s failed (%d so far): %s: %s", what, self.errors, type(exc).__name__, exc)
+
     async def _run(self) -> None:
+        """Observe every interval, also while a scale is in flight (instances take a while to start,
+        and the load they meet is what the next decision needs); decide when none is."""
         while True:
             await asyncio.sleep(self.interval_s)
             try:
-                await self.round()
+                self.autoscaler.observe(await self.hooks.snapshot())
+                if self._scaling is not None:
+                    if not self._scaling.done():
+                        continue
+                    exc = self._scaling.exception()
+                    if exc is not None:
+                        self._failed("scale", exc)
+                    self._scaling = None
+                decision = self._decide()
+                if decision.changes:
+                    self._scaling = asyncio.ensure_future(self._apply(decision))
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - one failed round (router busy, scale refused) is logged
-                self.errors += 1
-                log.error("autoscale round failed (%d so far): %s: %s", self.errors, type(exc).__name__, exc)
+            except Exception as exc:  # noqa: BLE001 - one failed round (router busy, restarting) is logged
+                self._failed("round", exc)
 
     def status(self) -> dict:
         return {"enabled": True, "interval_s": self.interval_s, "errors": self.errors,

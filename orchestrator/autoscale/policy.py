@@ -1,8 +1,9 @@
 """The autoscaling policy, pure: signals + per-instance capacity + SLOs + bounds -> pool sizes.
 
 Per pool it computes how many instances the load needs, two ways:
-- prefill: prompt tokens to compute per second, lambda x mean prompt x (1 - hit rate), over what
-  one instance computes (`Capacity.prefill_tok_s`). The queue adds the tokens waiting now, which
+- prefill: prompt tokens to compute per second, lambda x mean prompt x (1 - hit rate) x (1 - the
+  fraction the decode workers prefill themselves), over what one instance computes
+  (`Capacity.prefill_tok_s`). The queue adds the tokens waiting now, which
   must be computed within the TTFT SLO: need = (demand + queued tokens / TTFT SLO) / capacity.
 - decode: streams (running + waiting requests) over the streams one instance holds within the
   TPOT SLO (`Capacity.decode_slots`), for the window's mean (load) and for now (queue).
@@ -118,11 +119,12 @@ def _ceil(x: float) -> int:
 
 def prefill_need(sig: Signals, cap: Capacity, ttft_slo_s: float) -> tuple[int, int, str]:
     """(need from the window's load, need with the queue added, explanation)."""
-    demand = sig.arrival_rps * sig.mean_prompt_tokens * (1.0 - sig.hit_rate)
+    remote = 1.0 - sig.local_prefill_fraction
+    demand = sig.arrival_rps * sig.mean_prompt_tokens * (1.0 - sig.hit_rate) * remote
     per = cap.prefill_tok_s * UTILISATION
     backlog = sig.prefill.queued_prefill_tokens / ttft_slo_s
     detail = (f"{sig.arrival_rps:.2f} req/s x {sig.mean_prompt_tokens:.0f} tokens x "
-              f"(1 - hit {sig.hit_rate:.2f}) = {demand:.0f} tok/s; "
+              f"(1 - hit {sig.hit_rate:.2f}) x {remote:.2f} remote = {demand:.0f} tok/s; "
               f"{sig.prefill.queued_prefill_tokens} tokens queued; "
               f"{cap.prefill_tok_s:.0f} tok/s per instance ({cap.prefill_source.value})")
     return _ceil(demand / per), _ceil((demand + backlog) / per), detail

@@ -51,6 +51,7 @@ class Signals:
     tpot_s: float | None
     prefill: PoolLoad
     decode: PoolLoad
+    local_prefill_fraction: float = 0.0  # of routing decisions, those the decode prefills itself
 
 
 def _pool(ranks: tuple[RankLoad, ...], earlier: tuple[RankLoad, ...], role: Role) -> PoolLoad:
@@ -84,6 +85,7 @@ def signals_between(first: LoadSnapshot, last: LoadSnapshot) -> Signals:
         tpot_s=d.tpot_sum_s / d.tpot_count if d.tpot_count else None,
         prefill=_pool(last.ranks, first.ranks, Role.PREFILL),
         decode=_pool(last.ranks, first.ranks, Role.DECODE),
+        local_prefill_fraction=d.local_prefills / d.routed if d.routed else 0.0,
     )
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry
 
+from orchestrator.router.decision import Reason
 from orchestrator.router.inputs import Role
 
 
@@ -43,6 +44,8 @@ class RequestCounters:
     ttft_count: int
     tpot_sum_s: float
     tpot_count: int
+    routed: int  # routing decisions (a request routed again counts again)
+    local_prefills: int  # of which the decode worker prefills itself (conditional disaggregation)
 
     def minus(self, earlier: RequestCounters) -> RequestCounters:
         """The counts between `earlier` and this; ValueError when a counter went down (a restart)."""
@@ -71,6 +74,10 @@ def read_counters(registry: CollectorRegistry) -> RequestCounters:
             raise KeyError(f"router metric {name!r} is not registered")
         return value
 
+    def decisions(reason: Reason) -> int:
+        value = registry.get_sample_value("tandem_router_decisions_total", {"reason": reason.value})
+        return 0 if value is None else int(value)  # a reason's series appears with its first decision
+
     return RequestCounters(
         arrivals=int(get("tandem_router_arrivals_total")),
         prompt_tokens=int(get("tandem_router_prompt_tokens_total")),
@@ -82,4 +89,6 @@ def read_counters(registry: CollectorRegistry) -> RequestCounters:
         ttft_count=int(get("tandem_router_ttft_seconds_count")),
         tpot_sum_s=get("tandem_router_tpot_seconds_sum"),
         tpot_count=int(get("tandem_router_tpot_seconds_count")),
+        routed=sum(decisions(r) for r in Reason),
+        local_prefills=decisions(Reason.LOCAL_PREFILL),
     )

@@ -65,6 +65,15 @@ def test_a_queue_grows_both_pools_at_once_to_their_whole_need() -> None:
     assert d.changes
 
 
+def test_prompts_the_decode_workers_prefill_themselves_are_not_prefill_demand() -> None:
+    # 8 req/s x 200 tokens = 1600 tok/s -> 2 instances; with 3 in 4 prefilled on the decode
+    # workers (conditional disaggregation) 400 tok/s reach the prefill pool -> 1.
+    sig = dataclasses.replace(_sig(rps=8.0), local_prefill_fraction=0.75)
+    d = decide(sig, 0.0, CAP, CFG, PoolState(1, 0.0), PoolState(1, 0.0), 1.0)
+    assert (d.prefill.need, d.prefill.target, d.prefill.reason) == (1, 1, Reason.STEADY)
+    assert decide(_sig(rps=8.0), 0.0, CAP, CFG, PoolState(1, 0.0), PoolState(1, 0.0), 1.0).prefill.target == 2
+
+
 def test_steady_load_above_one_instance_grows_the_pool_by_load() -> None:
     # 6 req/s x 200 tokens x (1 - 0.25 hit) = 900 tok/s -> 900 / 800 = 1.125 -> 2; no queue.
     # decode: 5 streams on average -> 5 / 3.2 = 1.56 -> 2.
@@ -118,7 +127,7 @@ def test_measured_latency_above_the_slo_asks_for_one_more_only_where_it_helps() 
 # --- signals ------------------------------------------------------------------------------------
 def _counters(**kw: float) -> RequestCounters:
     base = dict(arrivals=0, prompt_tokens=0, finished=0, output_tokens=0, prompt_blocks=0, cached_blocks=0,
-                ttft_sum_s=0.0, ttft_count=0, tpot_sum_s=0.0, tpot_count=0)
+                ttft_sum_s=0.0, ttft_count=0, tpot_sum_s=0.0, tpot_count=0, routed=0, local_prefills=0)
     return RequestCounters(**(base | kw))
 
 
@@ -133,14 +142,14 @@ def test_signals_are_the_counter_differences_over_the_window() -> None:
                          (_rank("decode-0", Role.DECODE, queued=1),))
     last = LoadSnapshot(14.0, _counters(arrivals=13, prompt_tokens=2100, finished=9, output_tokens=130,
                                         prompt_blocks=12, cached_blocks=5, ttft_sum_s=3.0, ttft_count=9,
-                                        tpot_sum_s=0.2, tpot_count=4),
+                                        tpot_sum_s=0.2, tpot_count=4, routed=10, local_prefills=4),
                         (_rank("prefill-0", Role.PREFILL, queued=2, tokens=900),
                          _rank("decode-0", Role.DECODE, queued=3, running=2),
                          _rank("decode-1", Role.DECODE, queued=7, running=2, draining=True)))
     s = signals_between(first, last)
     assert (s.window_s, s.arrival_rps, s.mean_prompt_tokens) == (4.0, 2.0, 200.0)  # 8 in 4 s, 1600 / 8
     assert (s.mean_output_tokens, s.output_tok_s, s.hit_rate) == (20.0, 20.0, 0.5)  # 80 / 4; 80 / 4 s; 4 / 8
-    assert (s.ttft_s, s.tpot_s) == (0.5, 0.05)
+    assert (s.ttft_s, s.tpot_s, s.local_prefill_fraction) == (0.5, 0.05, 0.4)  # 2 / 4; 0.2 / 4; 4 / 10
     assert s.prefill == PoolLoad(1, 2, 900, 0, 2, 900)
     assert s.decode == PoolLoad(1, 3, 0, 2, 2, 0)  # the draining rank is not counted
     assert s.decode.streams == 5
@@ -238,3 +247,43 @@ class _Fixed:
 
     def capacity(self, sig: Signals) -> Capacity:
         return self.cap
+
+
+def test_the_running_task_keeps_observing_while_a_scale_is_in_flight_and_decides_after() -> None:
+    sizes = [1, 1]
+    calls: list[tuple[int, int]] = []
+    taken = [0]
+    gate = asyncio.Event()
+
+    async def snapshot() -> LoadSnapshot:  # a constant burst: 2000 tokens and 10 streams waiting
+        taken[0] += 1
+        return LoadSnapshot(float(taken[0]), _counters(), (
+            _rank("prefill-0", Role.PREFILL, queued=5, tokens=2000),
+            _rank("decode-0", Role.DECODE, queued=6, running=4)))
+
+    async def scale(p: int, d: int) -> None:
+        calls.append((p, d))
+        await gate.wait()  # instances starting
+        sizes[:] = [p, d]
+
+    scaler = Autoscaler(CFG, SignalWindow(30.0), _Fixed(CAP), clock=lambda: float(taken[0]))
+    task = AutoscaleTask(scaler, ScaleHooks(snapshot, lambda: (sizes[0], sizes[1]), scale), interval_s=0.005)
+
+    async def run() -> tuple[int, int]:
+        task.start()
+        while not calls:
+            await asyncio.sleep(0.005)
+        during = taken[0]
+        await asyncio.sleep(0.1)
+        observed_while_scaling = taken[0] - during
+        gate.set()
+        while scaler.last is None or scaler.last.prefill.current != 3:
+            await asyncio.sleep(0.005)
+        task.stop()
+        return observed_while_scaling, len(calls)
+
+    observed, n_calls = asyncio.run(run())
+    assert observed >= 3 and n_calls == 1  # snapshots kept coming; no second decision meanwhile
+    assert calls == [(3, 4)]  # (0 + 2000 / 1 s) / 800 -> 3 prefill; 10 streams / 3.2 -> 4 decode
+    assert (scaler.last.prefill.reason, scaler.last.decode.reason) == (Reason.STEADY, Reason.STEADY)
+    assert task.errors == 0
