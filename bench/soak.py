@@ -309,7 +309,7 @@ def build_report(args: argparse.Namespace, steps: list[StepResult], best: StepRe
         "ramp": [asdict(s) for s in steps],
         "rss_bytes": {k: {"start": start[k], "end": end[k]} for k in both},
         "replaced": replaced,
-        "rss_samples": [{"t_s": t, "total": sum(v.get(k, 0) for k in both)} for t, v in samples],
+        "rss_samples": [{"t_s": t, "total": sum(v.get(k, 0) for k in both), "by_process": v} for t, v in samples],
         "rss_window_s": [t_start, t_end],
         "spec": args.spec, "seed": args.seed, "max_tokens": args.max_tokens,
         "machine": f"{os.cpu_count()} CPUs, shared; Python {sys.version.split()[0]}",
