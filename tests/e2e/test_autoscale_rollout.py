@@ -33,7 +33,7 @@ BASE = {
                "kv_blocks": 32},
     "topology": {"kind": "cpu", "num_cpus": 2},
     "router": {"port": 0, "http_port": 0, "disaggregation": {"mode": "always"}},
-    "autoscale": {"enabled": True, "interval_s": 0.5, "window_s": 3.0, "ttft_slo_s": 0.5, "tpot_slo_s": 1.0,
+    "autoscale": {"enabled": True, "interval_s": 0.5, "window_s": 3.0, "ttft_slo_s": 0.3, "tpot_slo_s": 1.0,
                   "cooldown_s": 2.5, "prefill": {"min": 1, "max": 2}, "decode": {"min": 1, "max": 2}},
 }
 MAX_TOKENS = 16
@@ -102,7 +102,7 @@ def _wait_for(ray, ctl, ok, timeout_s: float) -> dict:  # noqa: ANN001
 def test_pools_follow_a_step_in_load_and_no_request_fails(deployment, ray_session) -> None:  # noqa: ANN001
     ctl = deployment["ctl"]
     assert _sizes(ray_session.get(ctl.status.remote())) == (1, 1)
-    with Load(deployment, prompt_len=300) as load:
+    with Load(deployment, prompt_len=450) as load:
         grown = _wait_for(ray_session, ctl, lambda st: _sizes(st) == (2, 2), 90)
     served = load.results()
     changes = grown["autoscale"]["changes"]
