@@ -51,7 +51,11 @@ def content_tokens(content_id: int, n: int) -> array:
     if not 0 <= content_id < _TOKEN_SPACE:
         raise ValueError(f"content_id = {content_id}: must be in [0, 2**32)")
     start = (content_id * _MIX) % _TOKEN_SPACE
-    return array("I", ((start + i) % _TOKEN_SPACE for i in range(n)))
+    head = min(n, _TOKEN_SPACE - start)  # ids count up from start and wrap around at 2**32
+    out = array("I", range(start, start + head))
+    if head < n:
+        out.extend(range(n - head))
+    return out
 
 
 def _prompt_hashes(hash_ids: list[int], prompt_tokens: int, filler_id: int) -> tuple[int, ...]:

@@ -92,3 +92,13 @@ def test_multi_turn_prompts_extend_the_history() -> None:
         for prev, nxt in zip(turns, turns[1:], strict=False):
             assert nxt.arrival_s > prev.arrival_s
             assert nxt.block_hashes[:len(prev.block_hashes)] == prev.block_hashes
+
+
+@pytest.mark.parametrize("top_gap", [300, 1, 5000])
+def test_content_tokens_count_up_and_wrap_at_2_pow_32(top_gap: int) -> None:
+    space, mix = 2**32, 2654435761
+    content_id = ((space - top_gap) * pow(mix, -1, space)) % space  # starts top_gap below 2**32
+    tokens = list(content_tokens(content_id, 1000))
+    start = space - top_gap
+    assert tokens == [(start + i) % space for i in range(1000)]
+    assert content_tokens(content_id, 0).tolist() == []
