@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections import deque
 from collections.abc import AsyncIterator
 
@@ -26,6 +27,9 @@ from workers.kv.space import PagedKvSpace
 from workers.worker_loop import EngineLoop
 
 EVENT_LOG_LIMIT = 8192
+# A step running longer than this means a wedged rank: steps take milliseconds on a GPU and a few
+# seconds for a full chunk of the tiny model on a loaded CPU; a pull inside a step ends by its timeout.
+STUCK_STEP_S = 300.0
 
 
 class RankActor:
@@ -82,10 +86,14 @@ class RankActor:
     async def health(self) -> str:
         """Liveness for the controller's health check: the rank's name, at once, without waiting for
         the engine lock (a long step is a busy rank, not a dead one); RuntimeError naming the cause
-        once the engine loop has failed."""
+        once the engine loop has failed or one step has run past STUCK_STEP_S (a wedged rank)."""
         loop = self._started()
         if loop.error is not None:
             raise RuntimeError(f"{self.config.name}: the engine loop failed: {loop.error!r}")
+        began = loop.step_started
+        if began is not None and time.monotonic() - began > STUCK_STEP_S:
+            raise RuntimeError(f"{self.config.name}: one engine step has run for "
+                               f"{time.monotonic() - began:.0f} s (limit STUCK_STEP_S = {STUCK_STEP_S:g} s)")
         return self.config.name
 
     async def drain(self) -> None:

@@ -42,6 +42,7 @@ class EngineLoop:
         self._stopped = False
         self._rates = _Rates()
         self.error: BaseException | None = None
+        self.step_started: float | None = None  # monotonic start of the step running now (health checks)
 
     def start(self) -> None:
         if self._task is None:
@@ -93,7 +94,9 @@ class EngineLoop:
     async def _run(self) -> None:
         try:
             while not self._stopped:
+                self.step_started = time.monotonic()
                 out = await asyncio.to_thread(self._step)
+                self.step_started = None
                 if out is None:
                     await self._idle()
                     continue
