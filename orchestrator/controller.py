@@ -25,7 +25,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from orchestrator.adopt import find_instances, find_router
 from orchestrator.autoscale.loop import AutoscaleTask, ScaleHooks, autoscale_task
 from orchestrator.placement import group_requests, place
-from orchestrator.rollout import plan_update, roll
+from orchestrator.rollout import plan_update, pool_shape, roll
 from orchestrator.router.host import RouterAddresses, RouterHost
 from orchestrator.spec import CpuTopology, DeploymentSpec, parse_spec
 from orchestrator.worker_plan import InstancePlan, instance_plan, model_config, router_settings
@@ -49,6 +49,7 @@ class Instance:
     ranks: list = field(default_factory=list)
     state: str = "starting"  # starting | ready | draining | dead
     generation: int = 1  # the controller's config generation it was started with (see `apply`)
+    shape: tuple = ()  # what it was started with (rollout.pool_shape); `apply` replaces it when it differs
 
     @property
     def role_name(self) -> str:
@@ -130,7 +131,9 @@ class Controller:
             local = isinstance(self.spec.topology, CpuTopology)
             plan = instance_plan(self.spec, role, found.instance,
                                  nvlink_domain="local" if local else found.instance)
-            self.instances[found.instance] = Instance(plan, found.placement_group, list(found.ranks), "ready")
+            shape = pool_shape(self.spec, role)  # taken as the spec's: nothing says otherwise
+            self.instances[found.instance] = Instance(plan, found.placement_group, list(found.ranks), "ready",
+                                                      shape=shape)
             self._next[role] = max(self._next[role], found.index + 1)
         log.info("adopted router and %d instances", len(self.instances))
 
@@ -147,7 +150,7 @@ class Controller:
         local = isinstance(self.spec.topology, CpuTopology)
         plan = instance_plan(self.spec, role, instance_id, nvlink_domain="local" if local else instance_id,
                              master_port=_free_port())
-        inst = Instance(plan, pg, generation=self.generation)
+        inst = Instance(plan, pg, generation=self.generation, shape=pool_shape(self.spec, role))
         self.instances[instance_id] = inst
         cls = PrefillActor if role is Role.PREFILL else DecodeActor
         for cfg in plan.configs:
@@ -252,10 +255,12 @@ class Controller:
                         own = dataclasses.replace(plan.router, grpc_port=0, http_port=0)
                         await r.apply_settings.remote(plan.router if r is self.router else own)
                     self.settings = plan.router
-                self.generation += 1 if plan.rolls else 0
-                for role in plan.rolls:
-                    old = sorted(i.plan.instance for i in self.instances.values() if i.plan.role is role
-                                 and i.state == "ready" and i.generation < self.generation)
+                # Every instance started unlike the new spec rolls (also those an interrupted apply left).
+                stale = {role: sorted(i.plan.instance for i in self.instances.values() if i.plan.role is role
+                                      and i.state == "ready" and i.shape != shape)
+                         for role, shape in ((r, pool_shape(new, r)) for r in (Role.PREFILL, Role.DECODE))}
+                self.generation += 1 if any(stale.values()) else 0
+                for role, old in stale.items():
                     await roll(old, lambda role=role: self._add(role),
                                lambda name: self._remove(self.instances[name], drain_timeout_s))
                 auto = new.autoscale  # on: the pools keep their sizes, within the new bounds

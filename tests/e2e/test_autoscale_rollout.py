@@ -153,6 +153,8 @@ def test_a_changed_spec_rolls_every_instance_under_load_and_no_request_fails(dep
     assert after["generation"] == 2 and _sizes(after) == (1, 1) and after["autoscale"] == {"enabled": False}
     assert all(i["generation"] == 2 and i["id"] not in old_ids for i in after["instances"])
     assert [i["kv_blocks_total"] for i in after["instances"]] == [48, 48]  # the new pools' size
+    again = ray_session.get(ctl.apply.remote(new))  # the same spec again: nothing to roll
+    assert again["generation"] == 2 and [i["id"] for i in again["instances"]] == [i["id"] for i in after["instances"]]
     # The router took its new settings in place: a request without max_tokens gets the new default.
     with open_channel(deployment["address"]) as ch:
         chunks = list(generate(ch, make_request(prompt="defaults", ignore_eos=True), token=deployment["token"],
