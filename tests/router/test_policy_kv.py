@@ -241,7 +241,16 @@ def brute_force(workers: list[WorkerState], matches: dict, request: RouteRequest
         pw = None if c[1] is None else c[1].worker
         return (-shared(c), c[3] + pressure(c[2]), pw is not None, pw or ("", -1), c[2].worker)
 
-    return min(ties, key=key)
+    win = min(ties, key=key)
+    if win[1] is None:
+        reason = Reason.LOCAL_PREFILL
+    elif shared(win) > min(shared(c) for c in ties):  # the session's pair beat a tie
+        reason = Reason.SESSION_AFFINITY
+    elif held(win[1]) > 0 or held(win[2]) > 0:
+        reason = Reason.PREFIX_HIT
+    else:
+        reason = Reason.LEAST_LOAD
+    return (*win, reason)
 
 
 settings_kw = {"derandomize": True, "max_examples": 150, "deadline": None}
@@ -294,6 +303,7 @@ def test_choice_equals_brute_force_over_every_candidate(case: tuple) -> None:
         return
     assert isinstance(got, RouteDecision)
     assert (got.prefill, got.decode) == (None if want[1] is None else want[1].worker, want[2].worker)
+    assert got.reason is want[4]
     assert got.expected_ttft_s + got.expected_handoff_s == pytest.approx(
         want[0]
         - 0.5
