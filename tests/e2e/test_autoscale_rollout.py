@@ -139,13 +139,15 @@ def test_a_changed_spec_rolls_every_instance_under_load_and_no_request_fails(dep
     with pytest.raises(ValueError, match="security"):  # refused before anything is touched
         ray_session.get(ctl.apply.remote({**new, "security": {"token_file": "/nonexistent"}}))
     ready_seen: list[tuple[int, int]] = []
-    with Load(deployment, prompt_len=100) as load:
-        applying = ctl.apply.remote(new)
-        while not ray_session.wait([applying], timeout=0.3)[0]:
+    with Load(deployment, prompt_len=100) as load, cf.ThreadPoolExecutor(1) as operator:
+        # The operator's path: `python -m orchestrator.deploy SPEC` on the running deployment.
+        applying = operator.submit(controller_for, parse_spec(new, "update"))
+        while not applying.done():
+            time.sleep(0.3)
             st = ray_session.get(ctl.status.remote())
             ready = [i for i in st["instances"] if i["state"] == "ready"]
             ready_seen.append((sum(i["role"] == "prefill" for i in ready), sum(i["role"] == "decode" for i in ready)))
-        after = ray_session.get(applying)
+        after = applying.result()[1]
     served = load.results()
     assert served and served == [MAX_TOKENS] * len(served)  # every request of the load completed
     assert ready_seen and min(p for p, _ in ready_seen) >= 1 and min(d for _, d in ready_seen) >= 1
@@ -153,7 +155,7 @@ def test_a_changed_spec_rolls_every_instance_under_load_and_no_request_fails(dep
     assert after["generation"] == 2 and _sizes(after) == (1, 1) and after["autoscale"] == {"enabled": False}
     assert all(i["generation"] == 2 and i["id"] not in old_ids for i in after["instances"])
     assert [i["kv_blocks_total"] for i in after["instances"]] == [48, 48]  # the new pools' size
-    again = ray_session.get(ctl.apply.remote(new))  # the same spec again: nothing to roll
+    again = controller_for(parse_spec(new, "again"))[1]  # the same spec again: nothing to roll
     assert again["generation"] == 2 and [i["id"] for i in again["instances"]] == [i["id"] for i in after["instances"]]
     # The router took its new settings in place: a request without max_tokens gets the new default.
     with open_channel(deployment["address"]) as ch:
