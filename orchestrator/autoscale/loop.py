@@ -126,9 +126,9 @@ class AutoscaleTask:
     def _decide(self) -> Decision:
         decision = self.autoscaler.decide(*self.hooks.sizes())
         for name, p in (("prefill", decision.prefill), ("decode", decision.decode)):
-            if p.target != p.current:
-                log.info("autoscale %s: %d -> %d (%s: %s)", name, p.current, p.target, p.reason.value,
-                         p.detail)
+            level = logging.INFO if p.target != p.current else logging.DEBUG
+            log.log(level, "autoscale %s: %d -> %d (%s: %s)", name, p.current, p.target, p.reason.value,
+                    p.detail)
         if decision.changes:  # recorded before the scale: status shows why instances are starting
             self.autoscaler.changes.append(_row(decision))
         return decision

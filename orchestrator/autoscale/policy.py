@@ -11,6 +11,7 @@ Every instance is sized to UTILISATION of its capacity, so a pool at its need ha
 A measured TTFT above its SLO while prompts wait, or a TPOT above its SLO while an instance runs
 several streams, asks for one instance more.
 
+A queue that grew over the window (and is not empty) asks for one instance more at least.
 Growing happens at once, to the whole need: a burst that builds queues is met in one step.
 Shrinking happens one instance at a time, only when the need is below the current size and the
 pool has not changed for `cooldown_s`. The result is always within [min, max] of the pool.
@@ -168,6 +169,13 @@ def decide(sig: Signals, mean_streams: float, cap: Capacity, cfg: PolicyConfig, 
     running + queued requests averaged over the window."""
     p_load, p_now, p_detail = prefill_need(sig, cap, cfg.ttft_slo_s)
     d_load, d_now, d_detail = decode_need(sig, mean_streams, cap)
+    # A queue that grew over the window is arriving faster than the pool serves: one more at least.
+    if sig.prefill.queued_tokens_growth > 0 and sig.prefill.queued_requests > 0:
+        p_now = max(p_now, prefill.current + 1)
+        p_detail += f"; queued tokens grew by {sig.prefill.queued_tokens_growth} over {sig.window_s:.1f} s"
+    if sig.decode.queued_requests_growth > 0 and sig.decode.queued_requests > 0:
+        d_now = max(d_now, decode.current + 1)
+        d_detail += f"; queued requests grew by {sig.decode.queued_requests_growth} over {sig.window_s:.1f} s"
     ttft_missed = sig.ttft_s is not None and sig.ttft_s > cfg.ttft_slo_s and sig.prefill.queued_requests > 0
     # More instances only help TPOT when some instance runs several streams.
     tpot_missed = (sig.tpot_s is not None and sig.tpot_s > cfg.tpot_slo_s

@@ -74,6 +74,22 @@ def test_prompts_the_decode_workers_prefill_themselves_are_not_prefill_demand() 
     assert decide(_sig(rps=8.0), 0.0, CAP, CFG, PoolState(1, 0.0), PoolState(1, 0.0), 1.0).prefill.target == 2
 
 
+def test_a_queue_that_grew_over_the_window_asks_for_one_more_even_when_small() -> None:
+    # 1 req/s x 200 tokens = 200 tok/s and 300 queued tokens: (200 + 300) / 800 -> 1 by size alone,
+    # but the queue grew from 100 to 300 tokens over the window: 2. Decode: 2 streams -> 1 by size,
+    # 1 queued where there was none: 2.
+    grew = PoolLoad(instances=1, queued_requests=2, queued_prefill_tokens=300, running_requests=0,
+                    queued_requests_growth=1, queued_tokens_growth=200)
+    dgrew = PoolLoad(instances=1, queued_requests=1, queued_prefill_tokens=0, running_requests=1,
+                     queued_requests_growth=1, queued_tokens_growth=0)
+    d = decide(_sig(rps=1.0, prefill=grew, decode=dgrew), 1.0, CAP, CFG, PoolState(1, 0.0), PoolState(1, 0.0), 1.0)
+    assert (d.prefill.target, d.prefill.reason) == (2, Reason.BURST)
+    assert (d.decode.target, d.decode.reason) == (2, Reason.BURST)
+    shrinking = dataclasses.replace(grew, queued_tokens_growth=-200)  # the same queue, draining: no change
+    d = decide(_sig(rps=1.0, prefill=shrinking), 1.0, CAP, CFG, PoolState(1, 0.0), PoolState(1, 0.0), 1.0)
+    assert (d.prefill.target, d.prefill.reason) == (1, Reason.STEADY)
+
+
 def test_steady_load_above_one_instance_grows_the_pool_by_load() -> None:
     # 6 req/s x 200 tokens x (1 - 0.25 hit) = 900 tok/s -> 900 / 800 = 1.125 -> 2; no queue.
     # decode: 5 streams on average -> 5 / 3.2 = 1.56 -> 2.
@@ -114,8 +130,8 @@ def test_bounds_cap_the_need_and_pull_a_pool_back_inside_at_once() -> None:
 
 def test_measured_latency_above_the_slo_asks_for_one_more_only_where_it_helps() -> None:
     # 100 queued tokens: (400 + 100) / 800 -> 1, but TTFT 2 s > 1 s with prompts waiting: 2.
-    sig = _sig(rps=2.0, prefill=_queue(queued=1, tokens=100), ttft=2.0, tpot=0.3,
-               decode=_queue(queued=0, running=1))
+    steady_queue = dataclasses.replace(_queue(queued=1, tokens=100), queued_requests_growth=0, queued_tokens_growth=0)
+    sig = _sig(rps=2.0, prefill=steady_queue, ttft=2.0, tpot=0.3, decode=_queue(queued=0, running=1))
     d = decide(sig, 1.0, CAP, CFG, PoolState(1, 0.0), PoolState(1, 0.0), 1.0)
     assert (d.prefill.target, d.prefill.reason) == (2, Reason.SLO)
     # TPOT 0.3 s > 0.1 s, but the one decode instance runs a single stream: another would not help.
