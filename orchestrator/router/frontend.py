@@ -182,8 +182,6 @@ class Frontend:
             raise RouterError(ErrorCode.RESOURCE_EXHAUSTED, str(exc)) from None
         self.metrics.arrivals.inc()
         self.metrics.prompt_tokens.inc(len(req.prompt_ids))
-        self.metrics.arrivals.inc()
-        self.metrics.prompt_tokens.inc(len(req.prompt_ids))
         self.metrics.in_flight.inc()
         self.tracer.begin(req.trace_id, req.request_id, prompt_tokens=len(req.prompt_ids),
                           max_tokens=req.sampling.max_tokens)
