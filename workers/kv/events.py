@@ -1,10 +1,12 @@
 """KV events: what a worker's prefix cache started or stopped being able to serve as a hit.
 
-Mirrors tandem.v1 KvEvent / KvEventBatch / KvSnapshot (the worker converts at its edge). Only
-boundaries that can really hit are reported: block hash h_k is "stored" once the compressed pages of
-blocks 0..k AND the window before boundary k+1 (with its compressor state) are held, and "removed" as
-soon as either goes. Because hashes are chained, h_k alone names the whole prefix: an index must not
-assume h_{k-1} is held when h_k is (window pages of inner boundaries are evicted on their own).
+Mirrors tandem.v1 KvEvent / KvEventBatch / KvSnapshot (the worker converts at its edge). Block
+hash h_k is "stored" once the compressed pages of blocks 0..k AND the window before boundary k+1
+(with its compressor state) are held (a hit a computation can resume after), or once block k's page
+was pulled in a handoff (it spares a later pull of that prefix; workers/kv/prefix_cache.py), and
+"removed" as soon as neither holds. Because hashes are chained, h_k alone names the whole prefix:
+an index must not assume h_{k-1} is held when h_k is (window pages of inner boundaries are evicted
+on their own).
 
 Every event gets the next per-worker sequence number when recorded, from 0: a log starts with
 event 0 = Cleared, the worker announcing that it (re)started with an empty cache (the router's

@@ -11,7 +11,10 @@ admitted to max_len never runs out of pages later.
 Prefix caching: `admit` takes the sequence's tandem.blocks hashes; a hit of k blocks references
 the cached block pages and the boundary window page (a step must still compute at least one
 token, so k <= (prompt_len - 1) // block). `advance` registers blocks as they fill and a boundary
-when a step ends exactly on a block end with its compressor state written.
+when a step ends exactly on a block end with its compressor state written. A sequence whose
+pages are filled from elsewhere (a KV handoff) first takes the registered blocks its prompt
+starts with (`reuse_blocks`: held, not resumable), then registers the pulled ones
+(`advance(..., pulled=True)`), so a later handoff sharing the prefix pulls only what is missing.
 """
 
 from __future__ import annotations
@@ -237,21 +240,50 @@ class KvCacheManager:
     def state_page(self, seq: int) -> int:
         return self._get(seq).state
 
+    def reuse_blocks(self, seq: int, n_blocks: int) -> int:
+        """For a sequence about to be filled from elsewhere: reference the registered block pages
+        of its blocks len(blocks)..n_blocks-1 while their hashes are registered, whether or not
+        a boundary follows them, so a pull skips them. Its length does not move (nothing can be
+        computed after a block without its boundary): only a fill to at least 256 * n_blocks
+        tokens may follow. Returns the leading block pages it now takes from the cache."""
+        s = self._get(seq)
+        if len(s.blocks) != s.registered or s.length != s.registered * self.block_size:
+            raise ValueError(
+                f"reuse_blocks: sequence {seq} is no longer as admitted ({len(s.blocks)} block pages, "
+                f"{s.registered} registered, length {s.length}): call it once, before any write"
+            )
+        if not 0 <= n_blocks <= min(len(s.hashes), self._budget(PoolKind.BLOCK, s.max_len)):
+            raise ValueError(
+                f"reuse_blocks: sequence {seq} n_blocks {n_blocks} outside [0, {len(s.hashes)} hashes "
+                f"and max_len {s.max_len}]"
+            )
+        k = len(s.blocks)
+        held = k + self.prefix.held(s.hashes[k:n_blocks])
+        for h in s.hashes[k:held]:
+            page = self.prefix.block_page(h)
+            self.allocators[PoolKind.BLOCK].ref(page)
+            self.prefix.touch_block(page)
+            s.blocks.append(page)
+        s.registered = held
+        return held
+
     def add_hashes(self, seq: int, hashes: list[int]) -> None:
         """Extend the sequence's known block hashes (blocks filled by generated tokens)."""
         self._get(seq).hashes.extend(hashes)
 
     # --- step end ------------------------------------------------------------------------------
-    def advance(self, seq: int, new_len: int, boundary_state_written: bool, settle: bool = True) -> None:
+    def advance(
+        self, seq: int, new_len: int, boundary_state_written: bool, settle: bool = True, pulled: bool = False
+    ) -> None:
         """Every layer has written the sequence up to `new_len`: register the blocks that filled,
         then (unless settle=False, for a caller that still writes below new_len, e.g. an MTP layer
-        after the step) `settle`."""
+        after the step) `settle`. `pulled`: the pages came from a handoff (reported as stored)."""
         s = self._get(seq)
         self.ensure(seq, new_len)
         s.length = new_len
         full = min(new_len // self.block_size, len(s.hashes))
         for k in range(s.registered, full):
-            self.prefix.register_block(s.hashes[k], s.hashes[k - 1] if k else None, s.blocks[k])
+            self.prefix.register_block(s.hashes[k], s.hashes[k - 1] if k else None, s.blocks[k], pulled)
         s.registered = max(s.registered, full)
         if settle:
             self.settle(seq, boundary_state_written)

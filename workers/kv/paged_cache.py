@@ -113,7 +113,7 @@ class PagedModelCache:
                 start = max(done - 1, 0) * m if kind is LayerKind.CSA else done * m
                 meta.entries[(layer, ek)] = done
                 meta.states[(layer, ek)] = _StateMeta(start, length - start)
-        self.m.advance(seq, length, boundary_state_written=False, settle=False)
+        self.m.advance(seq, length, boundary_state_written=False, settle=False, pulled=True)
 
     def free(self, seq: int) -> None:
         """The sequence ended: settle it (its last boundary can still be cached) and drop it."""

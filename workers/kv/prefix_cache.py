@@ -10,7 +10,11 @@
 A hit of k blocks needs blocks h_0..h_{k-1} registered and the boundary of h_{k-1}: `lookup` finds
 the deepest such k. Unreferenced registered pages sit in per-pool LRU order (oldest first) until
 evicted; pages that were never registered go straight back to the free list.
-Events (workers/kv/events.py) report exactly the registered boundaries.
+"Block held" and "boundary resumable" are separate: `held` counts the leading registered blocks
+(enough to skip pulling their pages in a handoff), `lookup` only those a computation can resume
+after. A block registered from a pull (`pulled=True`) has no boundary of its own on this worker.
+Events (workers/kv/events.py) report the registered boundaries and the pulled blocks: a hash is
+"stored" once it has a boundary or was pulled, "removed" once it has neither.
 """
 
 from __future__ import annotations
@@ -28,6 +32,11 @@ class _Block:
     parent: int | None
     children: set[int] = field(default_factory=set)
     boundary: int | None = None  # window page id
+    pulled: bool = False  # registered from a handoff: reported although it has no boundary
+
+    @property
+    def reported(self) -> bool:
+        return self.boundary is not None or self.pulled
 
 
 class PrefixCache:
@@ -54,6 +63,15 @@ class PrefixCache:
                 best = i + 1
         return best
 
+    def held(self, hashes: list[int]) -> int:
+        """The largest k such that hashes[0..k-1] are registered blocks, boundaries or not: their
+        pages can stand in for pulled ones, but no computation can resume after them unless
+        `lookup` says so."""
+        k = 0
+        while k < len(hashes) and hashes[k] in self._by_hash:
+            k += 1
+        return k
+
     def block_page(self, h: int) -> int:
         return self._by_hash[h].page
 
@@ -73,8 +91,8 @@ class PrefixCache:
         return page in self._boundary_hash
 
     def hit_able(self) -> tuple[int, ...]:
-        """Hashes with a boundary, in registration order."""
-        return tuple(self._boundary_hash.values())
+        """The reported hashes (with a boundary, or pulled), in block registration order."""
+        return tuple(h for h, b in self._by_hash.items() if b.reported)
 
     @property
     def evictable_blocks(self) -> int:
@@ -91,17 +109,20 @@ class PrefixCache:
         return page in self._lru_w
 
     # --- registration --------------------------------------------------------------------------
-    def register_block(self, h: int, parent: int | None, page: int) -> bool:
+    def register_block(self, h: int, parent: int | None, page: int, pulled: bool = False) -> bool:
         """Register a (held, fully written) block page under h; False when h is already registered
-        or its parent is not (the caller's page then stays private)."""
+        or its parent is not (the caller's page then stays private). `pulled`: the page came from a
+        handoff; it is reported (stored) now, as it can spare a later pull."""
         if h in self._by_hash or (parent is not None and parent not in self._by_hash):
             return False
         if page in self._block_hash:
             raise ValueError(f"block page {page} is already registered under {self._block_hash[page]:#x}")
-        self._by_hash[h] = _Block(page, parent)
+        self._by_hash[h] = _Block(page, parent, pulled=pulled)
         self._block_hash[page] = h
         if parent is not None:
             self._by_hash[parent].children.add(h)
+        if pulled:
+            self.events.stored(h, parent)
         return True
 
     def register_boundary(self, h: int, page: int) -> bool:
@@ -112,9 +133,11 @@ class PrefixCache:
             return False
         if page in self._boundary_hash:
             raise ValueError(f"window page {page} is already the boundary of {self._boundary_hash[page]:#x}")
+        was = b.reported
         b.boundary = page
         self._boundary_hash[page] = h
-        self.events.stored(h, b.parent)
+        if not was:
+            self.events.stored(h, b.parent)
         return True
 
     # --- references dropping to zero, hits taking them back -----------------------------------
@@ -170,7 +193,7 @@ class PrefixCache:
         if page in self._lru_w:
             del self._lru_w[page]
             self._alloc_w.give_back(page)
-        if report:
+        if report and not b.pulled:  # a pulled block stays reported while its page is held
             self.events.removed(h)
 
     def _drop_block(self, h: int, report: bool = True) -> None:
@@ -180,7 +203,10 @@ class PrefixCache:
             order.append(x)
             stack.extend(self._by_hash[x].children)
         for x in reversed(order):  # leaves first
-            self._drop_boundary(x, report)
+            reported = self._by_hash[x].reported
+            self._drop_boundary(x, report=False)
+            if report and reported:
+                self.events.removed(x)
             b = self._by_hash.pop(x)
             del self._block_hash[b.page]
             if b.parent is not None and b.parent in self._by_hash:

@@ -83,6 +83,8 @@ class DecodeTransfer:
             if length != desc.num_tokens:
                 raise ValueError(f"handoff of {desc.request_id!r}: prompt of {length} tokens, "
                                  f"descriptor num_tokens {desc.num_tokens}")
+            # Full prompt blocks this rank holds (pulled before or computed here) are not pulled again.
+            self.manager.reuse_blocks(seq, length // self.manager.block_size)
             self.manager.ensure(seq, length)
             sp = sequence_pages(self.manager, seq, length)
             if sp.window_start != desc.window_start:
