@@ -222,6 +222,7 @@ def events_proto(config: WorkerConfig, events: tuple[KvEvent, ...]) -> worker_pb
             msg.stored.block_hashes.extend(ev.body.block_hashes)
             if ev.body.parent_hash is not None:
                 msg.stored.parent_hash = ev.body.parent_hash
+            msg.stored.held_only = ev.body.held_only
         elif isinstance(ev.body, KvRemoved):
             msg.removed.block_hashes.extend(ev.body.block_hashes)
         elif isinstance(ev.body, KvCleared):

@@ -134,15 +134,17 @@ class RankActor:
         return events_proto(self.config, tuple(e for e in self._event_log if e.seq > after_seq))
 
     async def kv_snapshot(self) -> worker_pb2.KvSnapshot:
-        """Every block hash this rank can serve as a prefix hit, as of its last KV event (for a router
-        that missed events: it resyncs from this, then applies only later events)."""
+        """Every block hash this rank can serve as a prefix hit (block_hashes) and every pulled one it
+        holds but cannot resume after (held_only_hashes), as of its last KV event (for a router that
+        missed events: it resyncs from this, then applies only later events)."""
         kv = self._built.engine.kv
         if not isinstance(kv, PagedKvSpace):
             raise TypeError(f"{self.config.name}: KV space {type(kv).__name__} has no prefix cache")
         snap = await self._started().call(kv.manager.snapshot)
         return worker_pb2.KvSnapshot(worker=worker_pb2.WorkerId(instance=self.config.instance,
                                                                 dp_rank=self.config.rank),
-                                     seq=snap.seq, block_hashes=list(snap.block_hashes))
+                                     seq=snap.seq, block_hashes=list(snap.block_hashes),
+                                     held_only_hashes=list(snap.held_only))
 
     async def stream(self) -> AsyncIterator[StepBatch]:
         """Every StepBatch of this rank from now on: one message per engine step."""

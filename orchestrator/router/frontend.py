@@ -243,9 +243,10 @@ class Frontend:
 
     def _route(self, req: GenerationRequest, now: float, lost: set[WorkerId]) -> RouteDecision:
         route_req = RouteRequest(req.request_id, len(req.prompt_ids), req.block_hashes, req.session_id)
-        matches = self.index.match(req.block_hashes)
+        # resumable hits decide where the prompt is computed; held pulled pages only spare a handoff
+        matches, held = self.index.match_views(req.block_hashes)
         reports = [w for w in self.gateway.reports() if w.worker not in lost]
-        outcome = self.router.route(route_req, reports, matches, now)
+        outcome = self.router.route(route_req, reports, matches, now, held)
         if isinstance(outcome, Refusal):
             code = (ErrorCode.RESOURCE_EXHAUSTED if outcome.reason is RefusalReason.QUEUES_FULL
                     else ErrorCode.UNAVAILABLE)

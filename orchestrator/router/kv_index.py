@@ -12,6 +12,13 @@ worker's own holdings are found by one scan of the index (C speed), which only s
 re-syncs and worker removal need. bench/router_index.py measures it against Dynamo's Rust radix
 tree.
 
+Two kinds of holding (KvStored.held_only): a worker's resumable blocks are hits a computation can
+resume after (`match`: what a prefill or a local prefill starts from); its held-only blocks are
+pages it pulled in a handoff and holds without a boundary (they only spare a later pull). A second
+dict of the same shape keeps the held-only masks; a hash is in at most one of a worker's two views.
+`match_held` counts the leading blocks a worker holds of either kind (what a handoff to it need
+not move). While no worker holds a held-only block, the resumable path does no extra work.
+
 Sequencing: each worker numbers its events 0, 1, 2, ... from its start. `apply` checks the
 number; a gap means events were lost, so that worker's entries are dropped (the router cannot
 know what it missed) and its events are ignored until `resync` replaces its holdings with a
@@ -22,60 +29,21 @@ across a router restart or to a new router replica.
 
 from __future__ import annotations
 
-import enum
 import heapq
 from collections import Counter, deque
 from collections.abc import Hashable, Iterable, Sequence
-from dataclasses import dataclass
 from itertools import compress, repeat, takewhile
-from operator import and_, is_not, not_
+from operator import and_, is_not, ne, not_, or_
 
+from orchestrator.router.kv_messages import (  # re-exported: the index's API names them
+    ApplyResult,
+    IndexSnapshot,
+    KvEvent,
+    KvEventKind,
+    WorkerSnapshot,
+)
 
-class KvEventKind(enum.Enum):
-    STORED = "stored"  # the worker's cache now holds these blocks
-    REMOVED = "removed"  # the worker evicted these blocks
-    CLEARED = "cleared"  # the worker dropped its whole cache
-
-
-@dataclass(frozen=True)
-class KvEvent:
-    """One KV event of one worker. seq counts the worker's events from 0 at its start.
-    parent_hash is accepted for compatibility with radix-tree indexes and not needed here."""
-
-    seq: int
-    kind: KvEventKind
-    block_hashes: tuple[int, ...] = ()
-    parent_hash: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.seq < 0:
-            raise ValueError(f"KvEvent.seq = {self.seq}: must be >= 0")
-
-
-class ApplyResult(enum.Enum):
-    """What `apply` did with an event."""
-
-    APPLIED = "applied"  # in sequence: applied
-    RESTARTED = "restarted"  # seq 0 from a known worker: old entries dropped, event applied
-    DUPLICATE = "duplicate"  # seq already applied (at-least-once delivery): ignored
-    GAP = "gap"  # events were missed: the worker's entries dropped, it needs `resync`
-    UNSYNCED = "unsynced"  # the worker awaits `resync`: ignored
-
-
-@dataclass(frozen=True)
-class WorkerSnapshot:
-    """A worker's holdings in the index. seq: its last applied event (None when it was fed only
-    through `stored`/`removed`); synced False while it awaits `resync`."""
-
-    worker: Hashable
-    seq: int | None
-    synced: bool
-    block_hashes: frozenset[int]
-
-
-@dataclass(frozen=True)
-class IndexSnapshot:
-    workers: tuple[WorkerSnapshot, ...]
+__all__ = ["ApplyResult", "IndexSnapshot", "KvEvent", "KvEventKind", "KvIndex", "WorkerSnapshot"]
 
 
 class KvIndex:
@@ -83,9 +51,11 @@ class KvIndex:
 
     def __init__(self) -> None:
         self._owners: dict[int, int] = {}  # block hash -> bitmask of slots holding it (never 0)
+        self._held: dict[int, int] = {}  # block hash -> bitmask of slots holding it held-only
         self._slot: dict[Hashable, int] = {}  # worker -> slot
         self._by_slot: list[Hashable] = []  # slot -> worker (stale for free slots)
-        self._count: list[int] = []  # slot -> blocks it holds
+        self._count: list[int] = []  # slot -> blocks it holds (resumable)
+        self._held_count: list[int] = []  # slot -> blocks it holds held-only
         self._free: list[int] = []  # heap of free slots: reuse the lowest, keep masks small
         self._seq: dict[Hashable, int] = {}  # worker -> last applied event seq
         self._unsynced: set[Hashable] = set()
@@ -96,17 +66,43 @@ class KvIndex:
 
     # -- the event API (benchmarks and outside checks call exactly these) --
 
-    def stored(self, worker: Hashable, block_hashes: Iterable[int], parent_hash: int | None = None) -> None:
-        """worker now holds block_hashes. Idempotent. parent_hash is not needed (chained hashes)."""
+    def stored(
+        self, worker: Hashable, block_hashes: Iterable[int], parent_hash: int | None = None,
+        held_only: bool = False,
+    ) -> None:
+        """worker now holds block_hashes: as resumable hits, or (held_only) as held-only pages; a
+        hash it held as the other kind changes kind. Idempotent. parent_hash is not needed."""
         slot = self._slot_of(worker)
-        bit = self._canonical(1 << slot)
-        owners = self._owners
         hashes = block_hashes if isinstance(block_hashes, list | tuple) else list(block_hashes)
+        if held_only:
+            if self._count[slot]:
+                self._sub(self._owners, self._count, slot, hashes)
+            self._add(self._held, self._held_count, slot, hashes)
+            return
+        if self._held_count[slot]:
+            self._sub(self._held, self._held_count, slot, hashes)
+        self._add(self._owners, self._count, slot, hashes)
+
+    def removed(self, worker: Hashable, block_hashes: Iterable[int]) -> None:
+        """worker no longer holds block_hashes (of either kind); hashes it does not hold (or an
+        unknown worker): no-op."""
+        slot = self._slot.get(worker)
+        if slot is None:
+            return
+        hashes = block_hashes if isinstance(block_hashes, list | tuple) else list(block_hashes)
+        if self._count[slot]:
+            self._sub(self._owners, self._count, slot, hashes)
+        if self._held_count[slot]:
+            self._sub(self._held, self._held_count, slot, hashes)
+
+    def _add(self, owners: dict[int, int], count: list[int], slot: int, hashes: Sequence[int]) -> None:
+        """Set slot's bit on hashes in owners (one of the two views), counting new blocks."""
+        bit = self._canonical(1 << slot)
         before = len(owners)
         # Every per-block step runs in C. The common case: no block of the event is indexed yet.
         if owners.keys().isdisjoint(hashes):
             owners.update(zip(hashes, repeat(bit)))
-            self._count[slot] += len(owners) - before
+            count[slot] += len(owners) - before
             return
         masks = list(map(owners.get, hashes, repeat(0)))
         cut = masks.index(0) if 0 in masks else len(masks)
@@ -121,29 +117,24 @@ class KvIndex:
         gained = sum(c for m, c in counts.items() if not m & bit)  # blocks new to this worker
         owners.update(zip(held, map(table.__getitem__, held.values()), strict=True))
         owners.update(zip(fresh, repeat(bit)))
-        self._count[slot] += gained + len(owners) - before
+        count[slot] += gained + len(owners) - before
 
-    def removed(self, worker: Hashable, block_hashes: Iterable[int]) -> None:
-        """worker no longer holds block_hashes; hashes it does not hold (or an unknown worker): no-op."""
-        slot = self._slot.get(worker)
-        if slot is None or not self._count[slot]:
-            return
+    def _sub(self, owners: dict[int, int], count: list[int], slot: int, hashes: Sequence[int]) -> None:
+        """Clear slot's bit on hashes in owners (one of the two views); hashes without it: no-op."""
         bit = self._canonical(1 << slot)
-        owners = self._owners
-        hashes = block_hashes if isinstance(block_hashes, list | tuple) else list(block_hashes)
         masks = list(map(owners.get, hashes, repeat(0)))
         if masks.count(bit) == len(masks):  # the usual eviction: blocks only this worker holds
             before = len(owners)
             deque(map(owners.pop, hashes, repeat(None)), 0)  # pop with a default: duplicates are fine
-            self._count[slot] -= before - len(owners)
+            count[slot] -= before - len(owners)
             return
         mine = list(map(and_, masks, repeat(bit)))
         gone = dict(
             zip(compress(hashes, mine), compress(masks, mine), strict=True)
         )  # hash -> mask, deduplicated
         if gone:
-            self._count[slot] -= len(gone)
-            self._release(gone, bit)
+            count[slot] -= len(gone)
+            self._release(owners, gone, bit)
 
     def remove_worker(self, worker: Hashable) -> None:
         """Forget worker entirely (entries, sequence state); an unknown worker: no-op."""
@@ -163,11 +154,31 @@ class KvIndex:
         # holders share one mask object (`_canonical`), so the running AND can only change where
         # the object changes: find those few points by identity, in C, and AND only there.
         masks = list(takewhile(bool, map(owners.get, block_hashes, repeat(0))))
-        if not masks:
-            return {}
+        return self._depths(masks, map(is_not, masks[1:], masks)) if masks else {}
+
+    def match_held(self, block_hashes: Sequence[int]) -> dict[Hashable, int]:
+        """As `match`, counting the blocks a worker holds of either kind (resumable or held-only):
+        the leading blocks a KV handoff to it need not move. >= `match` for every worker."""
+        owners, held = self._owners, self._held
+        if not held:
+            return self.match(block_hashes)
+        hs = block_hashes if isinstance(block_hashes, list | tuple) else list(block_hashes)
+        masks = list(takewhile(bool, map(or_, map(owners.get, hs, repeat(0)), map(held.get, hs, repeat(0)))))
+        # ORed masks are not interned: the change points are found by value
+        return self._depths(masks, map(ne, masks[1:], masks)) if masks else {}
+
+    def match_views(self, block_hashes: Sequence[int]) -> tuple[dict[Hashable, int], dict[Hashable, int]]:
+        """(`match`, `match_held`) of one query; the same dict twice while no worker holds a
+        held-only block (read them, do not change them)."""
+        resumable = self.match(block_hashes)
+        return resumable, (self.match_held(block_hashes) if self._held else resumable)
+
+    def _depths(self, masks: list[int], changed: Iterable[bool]) -> dict[Hashable, int]:
+        """worker -> where its bit first drops out of the running AND of masks (non-empty, all
+        non-zero); changed[k - 1]: whether masks[k] may differ from masks[k - 1]."""
         out: dict[Hashable, int] = {}
         names, cum = self._names, masks[0]
-        for k in compress(range(1, len(masks)), map(is_not, masks[1:], masks)):
+        for k in compress(range(1, len(masks)), changed):
             now = cum & masks[k]
             if now != cum:
                 self._credit(out, names, cum & ~now, k)
@@ -195,17 +206,29 @@ class KvIndex:
         return len(self._owners)
 
     def blocks_of(self, worker: Hashable) -> int:
-        """How many blocks worker holds (0 for an unknown worker)."""
+        """How many resumable blocks worker holds (0 for an unknown worker)."""
         slot = self._slot.get(worker)
         return 0 if slot is None else self._count[slot]
 
+    def held_only_blocks_of(self, worker: Hashable) -> int:
+        """How many held-only blocks worker holds (0 for an unknown worker)."""
+        slot = self._slot.get(worker)
+        return 0 if slot is None else self._held_count[slot]
+
     def holdings(self, worker: Hashable) -> frozenset[int]:
-        """The hashes worker holds. A scan of the whole index (C speed): for snapshots and
-        re-syncs, not for the request path."""
+        """The resumable hashes worker holds. A scan of the whole index (C speed): for snapshots
+        and re-syncs, not for the request path."""
         slot = self._slot.get(worker)
         if slot is None or not self._count[slot]:
             return frozenset()
-        return frozenset(self._scan(slot))
+        return frozenset(self._scan(self._owners, slot))
+
+    def held_only(self, worker: Hashable) -> frozenset[int]:
+        """The held-only hashes worker holds (a scan of the held-only view, as `holdings`)."""
+        slot = self._slot.get(worker)
+        if slot is None or not self._held_count[slot]:
+            return frozenset()
+        return frozenset(self._scan(self._held, slot))
 
     # -- sequenced events, re-sync, snapshots --
 
@@ -231,21 +254,28 @@ class KvIndex:
             result = ApplyResult.APPLIED
         self._seq[worker] = event.seq
         if event.kind is KvEventKind.STORED:
-            self.stored(worker, event.block_hashes, event.parent_hash)
+            self.stored(worker, event.block_hashes, event.parent_hash, event.held_only)
         elif event.kind is KvEventKind.REMOVED:
             self.removed(worker, event.block_hashes)
         else:
             self._drop(worker)
         return result
 
-    def resync(self, worker: Hashable, block_hashes: Iterable[int], seq: int) -> None:
-        """Replace worker's holdings with block_hashes, taken by the worker after its event seq;
-        events up to seq are then duplicates and seq + 1 is the next one applied."""
+    def resync(
+        self, worker: Hashable, block_hashes: Iterable[int], seq: int, held_only: Iterable[int] = ()
+    ) -> None:
+        """Replace worker's holdings with block_hashes (resumable) and held_only (disjoint), taken
+        by the worker after its event seq; events up to seq are then duplicates and seq + 1 is the
+        next one applied."""
         if seq < 0:
             raise ValueError(f"resync seq = {seq} for worker {worker!r}: must be >= 0")
-        want = set(block_hashes)
-        have = self.holdings(worker)
-        self.removed(worker, list(have - want))
+        want, want_held = set(block_hashes), set(held_only)
+        if both := want & want_held:
+            raise ValueError(f"resync of worker {worker!r}: hashes {sorted(both)[:4]} are in both "
+                             "block_hashes and held_only")
+        have, have_held = self.holdings(worker), self.held_only(worker)
+        self.removed(worker, list((have | have_held) - (want | want_held)))
+        self.stored(worker, list(want_held - have_held), held_only=True)
         self.stored(worker, list(want - have))
         self._seq[worker] = seq
         self._unsynced.discard(worker)
@@ -258,7 +288,9 @@ class KvIndex:
         """Every worker's holdings and sequence state, immutable (one index scan per worker)."""
         return IndexSnapshot(
             tuple(
-                WorkerSnapshot(w, self._seq.get(w), w not in self._unsynced, self.holdings(w))
+                WorkerSnapshot(
+                    w, self._seq.get(w), w not in self._unsynced, self.holdings(w), self.held_only(w)
+                )
                 for w in self._slot
             )
         )
@@ -269,6 +301,7 @@ class KvIndex:
         index = cls()
         for ws in snap.workers:
             index.stored(ws.worker, list(ws.block_hashes))
+            index.stored(ws.worker, list(ws.held_only), held_only=True)
             if ws.seq is not None:
                 index._seq[ws.worker] = ws.seq
             if not ws.synced:
@@ -288,6 +321,7 @@ class KvIndex:
                 slot = len(self._by_slot)
                 self._by_slot.append(worker)
                 self._count.append(0)
+                self._held_count.append(0)
             self._slot[worker] = slot
         return slot
 
@@ -314,22 +348,24 @@ class KvIndex:
         self._names[mask] = found = tuple(names)
         return found
 
-    def _scan(self, slot: int) -> list[int]:
-        """The hashes slot holds, by one C-speed pass over the index (keys and values align)."""
-        owners = self._owners
+    def _scan(self, owners: dict[int, int], slot: int) -> list[int]:
+        """The hashes slot holds in owners (one view), by one C-speed pass (keys and values align)."""
         return list(compress(owners.keys(), map(and_, owners.values(), repeat(1 << slot))))
 
     def _drop(self, worker: Hashable) -> None:
-        """Remove all of worker's entries, keeping its slot."""
+        """Remove all of worker's entries (both views), keeping its slot."""
         slot = self._slot.get(worker)
-        if slot is not None and self._count[slot]:
-            gone = self._scan(slot)
-            self._release(dict(zip(gone, map(self._owners.__getitem__, gone), strict=True)), 1 << slot)
-            self._count[slot] = 0
+        if slot is None:
+            return
+        for owners, count in ((self._owners, self._count), (self._held, self._held_count)):
+            if count[slot]:
+                gone = self._scan(owners, slot)
+                self._release(owners, dict(zip(gone, map(owners.__getitem__, gone), strict=True)), 1 << slot)
+                count[slot] = 0
 
-    def _release(self, gone: dict[int, int], bit: int) -> None:
-        """Clear bit on gone (hash -> its current mask, which has bit); delete hashes left unheld."""
-        owners = self._owners
+    def _release(self, owners: dict[int, int], gone: dict[int, int], bit: int) -> None:
+        """Clear bit on gone (hash -> its current mask in owners, which has bit); delete hashes
+        left unheld."""
         table = {m: self._canonical(m ^ bit) for m in set(gone.values())}
         left = list(map(table.__getitem__, gone.values()))
         if any(left):

@@ -3,13 +3,17 @@
 Candidates: for every admitting decode worker d, the local option (None, d) when
 `DisaggThresholds.local(uncached[d], prompt)` says d prefills this request itself, otherwise the
 pairs (p, d) over admitting prefill workers p. With n = prompt tokens, B = n's blocks (partial
-last block included), held[w] = leading blocks of the prompt w holds:
+last block included), held[w] = leading blocks of the prompt w holds as resumable hits
+(`view.matches`), kept[d] >= held[d] = leading blocks d holds resumable or pulled without a boundary
+(`view.held`: pages a handoff need not move, but no computation starts after them):
 
-    uncached[w]  = max(n - held[w] * block_size, 1)
+    uncached[w]  = max(n - held[w] * block_size, 1)         (also decides d's local option)
     ttft(w)      = (queued_prefill_tokens[w] + uncached[w]) / prefill_rate[w]
-    handoff(p,d) = link(p, d).latency + (B - held[d]) * kv_bytes_per_block / link.bandwidth
+    handoff(p,d) = link(p, d).latency + (B - kept[d]) * kv_bytes_per_block / link.bandwidth
                    (NVLink within a domain, RDMA across; only the blocks d lacks move; 0 if local)
-    kv(d)        = (kv_used[d] + B - reuse_credit * held[d]) / kv_total[d]
+    kv(d)        = (kv_used[d] + B - reuse_credit * reused[d]) / kv_total[d]
+                   (reused[d] = held[d] for the local option, kept[d] for a pair: a local prefill
+                   takes only resumable pages, a handoff every held one)
     run(d)       = (running[d] + 1) / max_running[d]
     dp(d)        = max(running[d] + 1 - busiest other dp rank of d's instance, 0) / max_running[d]
                    (0 for a single-rank instance)
@@ -102,14 +106,16 @@ class KvPolicy:
         self.fleet = fleet
         self.params = params if params is not None else KvParams()
 
-    def pressure(self, view: RoutingView, d: WorkerState) -> float:
-        """pressure(d) of the module formula, for view.request."""
-        return self._pressure(view, d, _busiest_other_ranks(view).get(d.worker))
+    def pressure(self, view: RoutingView, d: WorkerState, local: bool = True) -> float:
+        """pressure(d) of the module formula, for view.request: of d's local option, or (local
+        False) of a pair with d as its decode."""
+        reused = view.matched_blocks(d.worker) if local else view.held_blocks(d.worker)
+        return self._pressure(view, d, _busiest_other_ranks(view).get(d.worker), reused)
 
-    def _pressure(self, view: RoutingView, d: WorkerState, busiest_other: int | None) -> float:
+    def _pressure(self, view: RoutingView, d: WorkerState, busiest_other: int | None, reused: int) -> float:
         p, bs = self.params, self.fleet.block_size
         blocks = prompt_blocks(view.request.prompt_tokens, bs)
-        kv = (d.kv_blocks_used + blocks - p.reuse_credit * view.matched_blocks(d.worker)) / d.kv_blocks_total
+        kv = (d.kv_blocks_used + blocks - p.reuse_credit * reused) / d.kv_blocks_total
         run = (d.running_requests + 1) / d.max_running_requests
         dp = (
             0.0
@@ -149,14 +155,16 @@ class KvPolicy:
         local: list[_Tie] = []
         rows = []  # (cost with the domain's best prefill, decode, members, handoff, pressure)
         for d in decodes:
-            held = matches.get(d.worker, 0)
-            pressure = self._pressure(view, d, busiest.get(d.worker))
+            held, kept = matches.get(d.worker, 0), view.held_blocks(d.worker)
+            pressure = self._pressure(view, d, busiest.get(d.worker), held)
             unc_d = max(n - held * bs, 1)
             if local_ok(unc_d, n):
                 t = (d.queued_prefill_tokens + unc_d) / d.prefill_rate_tps
                 local.append(_Tie(t + weight * pressure, None, d, t, 0.0, pressure))
                 continue
-            moved = max(blocks - held, 0)
+            if kept != held:
+                pressure = self._pressure(view, d, busiest.get(d.worker), kept)
+            moved = max(blocks - kept, 0)
             for best_t, members in domains:
                 h = handoff_seconds(self.fleet, members[0][0], d, moved)
                 rows.append((best_t + h + weight * pressure, d, members, h, pressure))
@@ -228,11 +236,13 @@ class KvPolicy:
         # plus decode pressure), then local before remote, then the lowest (prefill, decode) ids
         best_key, pick = min(ties, key=itemgetter(0))
         n, bs = view.request.prompt_tokens, self.fleet.block_size
-        held = view.matched_blocks(pick.decode.worker)
-        alloc = transfer_blocks(n, held, bs)
         if pick.prefill is None:
+            held = view.matched_blocks(pick.decode.worker)
+            alloc = transfer_blocks(n, held, bs)
             reason, cached, moved = Reason.LOCAL_PREFILL, held, 0
         else:
+            held = view.held_blocks(pick.decode.worker)
+            alloc = transfer_blocks(n, held, bs)
             cached, moved = view.matched_blocks(pick.prefill.worker), alloc
             if best_key[0] < top:  # fewer negated shared = more shared than some other tie
                 reason = Reason.SESSION_AFFINITY

@@ -62,12 +62,17 @@ def _kv_event(ev: worker_pb2.KvEvent) -> KvEvent:
     kind = ev.WhichOneof("kind")
     if kind == "stored":
         parent = ev.stored.parent_hash if ev.stored.HasField("parent_hash") else None
-        return KvEvent(ev.seq, KvEventKind.STORED, tuple(ev.stored.block_hashes), parent)
+        return KvEvent(ev.seq, KvEventKind.STORED, tuple(ev.stored.block_hashes), parent, ev.stored.held_only)
     if kind == "removed":
         return KvEvent(ev.seq, KvEventKind.REMOVED, tuple(ev.removed.block_hashes))
     if kind == "cleared":
         return KvEvent(ev.seq, KvEventKind.CLEARED)
     raise ValueError(f"KV event seq {ev.seq} has no kind")
+
+
+def _resync(index: KvIndex, wid: WorkerId, snap: worker_pb2.KvSnapshot) -> None:
+    """Replace wid's index entries (both kinds) with its snapshot."""
+    index.resync(wid, tuple(snap.block_hashes), snap.seq, tuple(snap.held_only_hashes))
 
 
 class _Rank:
@@ -101,7 +106,7 @@ class RayGateway:
             raise ValueError(f"worker {wid} is already registered")
         after_seq = -1
         if snapshot is not None:
-            self.index.resync(wid, tuple(snapshot.block_hashes), snapshot.seq)
+            _resync(self.index, wid, snapshot)
             after_seq = snapshot.seq
             if self.metrics is not None:
                 self.metrics.kv_resyncs.inc()
@@ -232,7 +237,7 @@ class RayGateway:
                                     rank.wid, ev.seq)
                 if rank.wid in self.index.needs_resync():
                     snap = await rank.handle.kv_snapshot.remote()
-                    self.index.resync(rank.wid, tuple(snap.block_hashes), snap.seq)
+                    _resync(self.index, rank.wid, snap)
                     if self.metrics is not None:
                         self.metrics.kv_resyncs.inc()
         except asyncio.CancelledError:

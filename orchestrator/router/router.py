@@ -37,12 +37,15 @@ class Router:
         workers: Sequence[WorkerState],
         matches: Mapping[WorkerId, int],
         now_s: float,
+        held: Mapping[WorkerId, int] | None = None,
     ) -> RouteOutcome:
         """Choose a pair for request and, if one is chosen, book it at now_s.
 
         workers are the live workers' latest reports; matches maps worker -> leading blocks of
-        request.block_hashes it holds. Raises ValueError when the request's block hashes do not
-        cover exactly its full blocks, or a match exceeds them.
+        request.block_hashes it holds as resumable hits (`KvIndex.match`), held -> leading blocks it
+        holds of either kind (`KvIndex.match_held`; None: no worker holds held-only blocks). Raises
+        ValueError when the request's block hashes do not cover exactly its full blocks, a match
+        exceeds them, or a held count is below the worker's match.
         """
         full = request.prompt_tokens // self.fleet.block_size
         if len(request.block_hashes) != full:
@@ -55,6 +58,12 @@ class Router:
                 raise ValueError(
                     f"matches[{wid}] = {n}: must be in [0, {full}] for request {request.request_id!r}"
                 )
+        for wid, n in (held.items() if held is not None and held is not matches else ()):
+            if not matches.get(wid, 0) <= n <= full:
+                raise ValueError(
+                    f"held[{wid}] = {n}: must be in [matches[{wid}] = {matches.get(wid, 0)}, {full}] "
+                    f"for request {request.request_id!r}"
+                )
         view = RoutingView(
             request=request,
             workers=self.book.fold(workers),
@@ -63,6 +72,7 @@ class Router:
             affinity=self.book.affinity(request.session_id),
             decisions_made=self.book.decisions_made,
             now_s=now_s,
+            held=held if held is not None else {},
         )
         outcome = self.policy.choose(view)
         if isinstance(outcome, RouteDecision):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from orchestrator.router.inputs import FleetParams, Role, RouteRequest, WorkerId, WorkerState
 
@@ -22,7 +22,12 @@ class RoutingView:
 
     - workers: every live worker, with this router's not-yet-reported bookings added to its
       reported load (see `LoadBook.fold`), sorted by WorkerId.
-    - matches: worker -> leading blocks of the request it holds (`KvIndex.match`); missing = 0.
+    - matches: worker -> leading blocks of the request it holds as resumable hits (`KvIndex.match`):
+      what a prefill, local or not, starts from; missing = 0.
+    - held: worker -> leading blocks it holds of either kind, resumable or pulled without a boundary
+      (`KvIndex.match_held`): what a handoff to it need not move. Never below `matches`; a worker
+      missing here holds no more than its `matches` count (a caller without held-only blocks
+      passes nothing).
     - affinity: the pair this request's session was last routed to, None if none / no session.
     - decisions_made: how many routes this router booked before (round-robin's counter).
     - now_s: the caller's clock; policies never read one.
@@ -35,11 +40,16 @@ class RoutingView:
     affinity: WorkerPair | None = None
     decisions_made: int = 0
     now_s: float = 0.0
+    held: Mapping[WorkerId, int] = field(default_factory=dict)
 
     def of_role(self, role: Role) -> tuple[WorkerState, ...]:
         """The workers of one role, in WorkerId order."""
         return tuple(w for w in self.workers if w.role is role)
 
     def matched_blocks(self, worker: WorkerId) -> int:
-        """Leading blocks of the request this worker holds (0 when unknown)."""
+        """Leading blocks of the request this worker holds as resumable hits (0 when unknown)."""
         return self.matches.get(worker, 0)
+
+    def held_blocks(self, worker: WorkerId) -> int:
+        """Leading blocks of the request this worker holds of either kind (>= `matched_blocks`)."""
+        return max(self.held.get(worker, 0), self.matches.get(worker, 0))

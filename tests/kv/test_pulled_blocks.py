@@ -3,9 +3,9 @@ point a computation resumes from; refcounted and evicted like any cached block.
 
 The manager runs on meta-device pools (no bytes needed: this is page bookkeeping only). A random
 walk over register / boundary / release / evict is checked against an independent model of what
-must be reported (a hash is reported iff it is registered and has a boundary or was pulled):
-replaying the emitted events must always give exactly that set, with no duplicate stored or
-removed.
+must be reported (a hash is resumable iff it is registered and has a boundary, held only iff it
+was pulled and has none): replaying the emitted events must always give exactly those two sets,
+with no duplicate stored (of one kind) or removed.
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ def test_pulled_blocks_are_held_and_reported_but_not_resumable() -> None:
     m.admit(1, HASHES[:3], 3 * 256 + 10, 3 * 256 + 20)
     m.ensure(1, 3 * 256 + 10)
     m.advance(1, 3 * 256 + 10, boundary_state_written=False, settle=False, pulled=True)
-    assert _bodies(m) == [KvStored(tuple(HASHES[:3]), None)]
+    assert _bodies(m) == [KvStored(tuple(HASHES[:3]), None, held_only=True)]
+    assert m.snapshot().block_hashes == () and m.snapshot().held_only == tuple(HASHES[:3])
     assert m.prefix.held(HASHES) == 3 and m.prefix.lookup(HASHES) == 0
     pages = m.block_pages(1)[:3]
     m.free(1)
@@ -61,7 +62,7 @@ def test_pulled_blocks_are_held_and_reported_but_not_resumable() -> None:
         m.reuse_blocks(2, 4)
     m.ensure(2, 4 * 256 + 1)
     m.advance(2, 4 * 256 + 1, boundary_state_written=False, settle=False, pulled=True)
-    assert _bodies(m) == [KvStored((HASHES[3],), HASHES[2])]
+    assert _bodies(m) == [KvStored((HASHES[3],), HASHES[2], held_only=True)]
     m.free(2)
     used = m.allocators[PoolKind.BLOCK]
     assert used.num_free + m.prefix.evictable_blocks == used.num_pages
@@ -77,6 +78,37 @@ def test_reuse_refuses_a_sequence_that_already_wrote() -> None:
         m.reuse_blocks(1, 2)
 
 
+def test_a_pulled_block_changes_kind_with_its_boundary() -> None:
+    """held only -> (boundary registered) resumable -> (boundary evicted) held only -> removed."""
+    blocks, windows = PageAllocator(PoolKind.BLOCK, 4), PageAllocator(PoolKind.WINDOW, 4)
+    log = EventLog("w")
+    cache = PrefixCache(blocks, windows, log)
+    log.flush()
+    root, child = HASHES[0], HASHES[1]
+    for h, parent, pulled in ((root, None, True), (child, root, False)):
+        page = blocks.take()
+        assert cache.register_block(h, parent, page, pulled)
+        blocks.unref(page)
+        cache.release_block(page)
+    assert [e.body for e in log.flush().events] == [KvStored((root,), None, held_only=True)]
+    for h in (root, child):
+        page = windows.take()
+        assert cache.register_boundary(h, page)
+        windows.unref(page)
+        cache.release_window(page)
+    assert [e.body for e in log.flush().events] == [KvStored((root, child), None)]
+    assert cache.reported() == ((root, child), ())
+    cache.evict_window()  # the root's boundary (LRU): its block stays, pulled
+    cache.evict_window()  # the child's: it was computed here, nothing is left to report
+    assert [e.body for e in log.flush().events] == [
+        KvStored((root,), None, held_only=True), KvRemoved((child,))]
+    assert cache.reported() == ((), (root,))
+    cache.evict_block()  # the root's page (LRU), its child with it
+    assert not cache.is_registered(child)
+    assert [e.body for e in log.flush().events] == [KvRemoved((root,))]
+    assert cache.reported() == ((), ())
+
+
 def test_random_walk_reports_exactly_the_held_pulled_or_bounded_hashes() -> None:
     rng = random.Random(7)
     for _ in range(40):
@@ -85,7 +117,8 @@ def test_random_walk_reports_exactly_the_held_pulled_or_bounded_hashes() -> None
         cache = PrefixCache(blocks, windows, log)
         reg: dict[int, tuple[int | None, bool]] = {}  # hash -> (parent, pulled): the model
         bounded: set[int] = set()
-        seen: set[int] = set()  # replayed events
+        seen_res: set[int] = set()  # replayed events: resumable hashes
+        seen_held: set[int] = set()  # and held-only ones
         for _step in range(60):
             op = rng.randrange(5)
             if op < 2:  # register a child of a random registered hash (or a root)
@@ -113,16 +146,23 @@ def test_random_walk_reports_exactly_the_held_pulled_or_bounded_hashes() -> None
                 reg = {h: v for h, v in reg.items() if cache.is_registered(h)}
                 bounded &= set(reg)
             for e in log.flush().events:
+                hs = set(e.body.block_hashes) if not isinstance(e.body, KvCleared) else set()
                 if isinstance(e.body, KvStored):
-                    assert not seen & set(e.body.block_hashes), "stored twice"
-                    seen |= set(e.body.block_hashes)
+                    into, other = (seen_held, seen_res) if e.body.held_only else (seen_res, seen_held)
+                    assert not into & hs, "stored twice as the same kind"
+                    into |= hs
+                    other -= hs
                 elif isinstance(e.body, KvRemoved):
-                    assert set(e.body.block_hashes) <= seen, "removed what was not stored"
-                    seen -= set(e.body.block_hashes)
+                    assert hs <= seen_res | seen_held, "removed what was not stored"
+                    seen_res -= hs
+                    seen_held -= hs
                 else:
                     assert isinstance(e.body, KvCleared) and e.seq == 0
-            want = {h for h, (_, pulled) in reg.items() if pulled or h in bounded}
-            assert seen == want == set(cache.hit_able())
+            want_res = set(bounded)
+            want_held = {h for h, (_, pulled) in reg.items() if pulled and h not in bounded}
+            res, held = cache.reported()
+            assert (seen_res, seen_held) == (want_res, want_held) == (set(res), set(held))
+            assert set(cache.hit_able()) == want_res | want_held
 
 
 def _has_boundary(cache: PrefixCache, h: int) -> bool:

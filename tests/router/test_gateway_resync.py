@@ -1,5 +1,6 @@
 """The router's gateway keeps its KV index true to a worker across lost events: a gap drops the
-worker's entries, and the gateway resyncs them from the worker's snapshot at once."""
+worker's entries, and the gateway resyncs them from the worker's snapshot at once; held-only
+(pulled, not resumable) blocks keep their kind through events and the snapshot."""
 
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ def _stats() -> worker_pb2.WorkerStats:
     return worker_pb2.WorkerStats(kv_blocks_free=10, nvlink_domain="local")
 
 
-def _stored(seq: int, *hashes: int) -> worker_pb2.KvEvent:
-    return worker_pb2.KvEvent(seq=seq, stored=worker_pb2.KvStored(block_hashes=list(hashes)))
+def _stored(seq: int, *hashes: int, held_only: bool = False) -> worker_pb2.KvEvent:
+    return worker_pb2.KvEvent(seq=seq, stored=worker_pb2.KvStored(block_hashes=list(hashes), held_only=held_only))
 
 
 class _Method:
@@ -51,7 +52,7 @@ class FakeRank:
         batches = [
             [worker_pb2.KvEvent(seq=0, cleared=worker_pb2.KvCleared()), _stored(1, 11, 12)],
             [_stored(3, 99)],  # seq 2 (which removed 12 and stored 13) was lost
-            [_stored(5, 14)],
+            [_stored(5, 14), _stored(6, 15, held_only=True)],
         ]
         for events in batches:
             yield self._ref((_stats(), worker_pb2.KvEventBatch(events=events)))
@@ -63,11 +64,11 @@ class FakeRank:
 
     async def _snapshot(self) -> worker_pb2.KvSnapshot:
         self.snapshots += 1
-        return worker_pb2.KvSnapshot(seq=4, block_hashes=[11, 13, 99])
+        return worker_pb2.KvSnapshot(seq=4, block_hashes=[11, 13], held_only_hashes=[99])
 
 
 def test_a_gap_is_resynced_from_the_worker_snapshot() -> None:
-    async def go() -> tuple[int, int, int]:
+    async def go() -> tuple[int, int, int, int]:
         index = KvIndex()
         gw = RayGateway(index, RankLimits(8, 8, 1000.0), report_interval_s=0.0)
         rank = FakeRank()
@@ -78,10 +79,12 @@ def test_a_gap_is_resynced_from_the_worker_snapshot() -> None:
                 break
         old_path = index.match([11, 12]).get(W, 0)
         new_path = index.match([11, 13, 99, 14]).get(W, 0)
+        held_path = index.match_held([11, 13, 99, 14, 15]).get(W, 0)
         gw.remove(W)
-        return old_path, new_path, rank.snapshots
+        return old_path, new_path, held_path, rank.snapshots
 
-    old_path, new_path, snapshots = asyncio.run(go())
+    old_path, new_path, held_path, snapshots = asyncio.run(go())
     assert snapshots == 1
     assert old_path == 1  # block 12 left with the lost event: the index no longer claims it
-    assert new_path == 4  # the snapshot's 13 and 99, then the later event's 14
+    assert new_path == 2  # the snapshot's 13; its 99 is held only: no resuming after it
+    assert held_path == 5  # 99 (snapshot, held only), then the later events' 14 and 15 (held only)

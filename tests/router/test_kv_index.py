@@ -1,4 +1,5 @@
-"""KvIndex against a brute-force reference (worker -> set of hashes), sequencing, re-sync, snapshots."""
+"""KvIndex against a brute-force reference (worker -> resumable and held-only sets of hashes),
+sequencing, re-sync, snapshots."""
 
 from __future__ import annotations
 
@@ -33,19 +34,27 @@ def reference_match(held: dict[object, set[int]], query: list[int]) -> dict[obje
     return out
 
 
-def assert_same(index: KvIndex, held: dict[object, set[int]]) -> None:
+def assert_same(index: KvIndex, res: dict[object, set[int]], held: dict[object, set[int]]) -> None:
+    """index equals the reference: res = resumable hashes, held = held-only ones (disjoint)."""
+    both = {w: res.get(w, set()) | held.get(w, set()) for w in set(res) | set(held)}
     for q in QUERIES:
-        assert index.match(q) == reference_match(held, q), q
-    assert len(index) == len(set().union(*held.values()) if held else set())
-    for w, hs in held.items():
-        assert index.blocks_of(w) == len(hs)
-        assert index.holdings(w) == frozenset(hs)
+        assert index.match(q) == reference_match(res, q), q
+        assert index.match_held(q) == reference_match(both, q), q
+        assert index.match_views(q) == (reference_match(res, q), reference_match(both, q)), q
+    assert len(index) == len(set().union(*res.values()) if res else set())
+    for w in both:
+        assert not res.get(w, set()) & held.get(w, set())
+        assert index.blocks_of(w) == len(res.get(w, set()))
+        assert index.holdings(w) == frozenset(res.get(w, set()))
+        assert index.held_only_blocks_of(w) == len(held.get(w, set()))
+        assert index.held_only(w) == frozenset(held.get(w, set()))
 
 
 workers_st = st.sampled_from(["a", "b", WorkerId("p", 1), 7])
 hashes_st = st.lists(st.sampled_from(UNIVERSE), max_size=12)  # duplicates and unknown removals too
 op_st = st.one_of(
     st.tuples(st.just("stored"), workers_st, hashes_st),
+    st.tuples(st.just("stored_held"), workers_st, hashes_st),
     st.tuples(st.just("removed"), workers_st, hashes_st),
     st.tuples(st.just("remove_worker"), workers_st, st.just([])),
 )
@@ -55,20 +64,25 @@ op_st = st.one_of(
 @given(st.lists(op_st, max_size=40))
 def test_random_event_streams_match_the_brute_force_reference(ops: list[tuple]) -> None:
     index = KvIndex()
+    res: dict[object, set[int]] = {}
     held: dict[object, set[int]] = {}
     for kind, w, hs in ops:
-        if kind == "stored":
-            index.stored(w, hs)
-            held.setdefault(w, set()).update(hs)
+        if kind in ("stored", "stored_held"):
+            index.stored(w, hs, held_only=kind == "stored_held")
+            into, other = (held, res) if kind == "stored_held" else (res, held)
+            into.setdefault(w, set()).update(hs)
+            other.setdefault(w, set()).difference_update(hs)
         elif kind == "removed":
             index.removed(w, iter(hs))  # any iterable is accepted
-            if w in held:
-                held[w].difference_update(hs)
+            for view in (res, held):
+                if w in view:
+                    view[w].difference_update(hs)
         else:
             index.remove_worker(w)
+            res.pop(w, None)
             held.pop(w, None)
-        assert_same(index, held)
-    assert set(index.workers()) == set(held)
+        assert_same(index, res, held)
+    assert set(index.workers()) == set(res) | set(held)
 
 
 def test_hand_example_counts_only_leading_blocks() -> None:
@@ -107,6 +121,52 @@ def test_a_hundred_workers_cross_the_64_bit_boundary() -> None:
         index.removed(w, chain[:1])
     assert index.match(chain) == {w: w + 1 for w in range(100) if w % 3}
     assert len(index) == 100
+
+
+def test_held_only_blocks_change_kind_and_count_only_for_transfers() -> None:
+    index = KvIndex()
+    c = CHAINS[0]
+    index.stored("d", c[:6], held_only=True)  # pulled in a handoff: no boundary
+    index.stored("d", c[:2])  # blocks 0-1 gained their boundaries
+    index.stored("p", c[:3])
+    assert index.match(c) == {"d": 2, "p": 3}
+    assert index.match_held(c) == {"d": 6, "p": 3}
+    assert index.match_views(c) == ({"d": 2, "p": 3}, {"d": 6, "p": 3})
+    index.stored("d", c[1:2], held_only=True)  # block 1's boundary evicted, its page stays
+    assert index.match(c) == {"d": 1, "p": 3} and index.match_held(c) == {"d": 6, "p": 3}
+    assert (index.blocks_of("d"), index.held_only_blocks_of("d")) == (1, 5)
+    index.removed("d", [c[3]])  # the page itself goes
+    assert index.match_held(c) == {"d": 3, "p": 3} and index.held_only("d") == frozenset(c[1:3] + c[4:6])
+    assert index.apply("d", KvEvent(0, KvEventKind.STORED, tuple(c[:4]), None, held_only=True)) \
+        is ApplyResult.APPLIED  # seq 0 (a fresh start) drops both views, then the event applies
+    assert index.match(c) == {"p": 3} and index.match_held(c) == {"d": 4, "p": 3}
+    assert index.apply("d", KvEvent(1, KvEventKind.CLEARED)) is ApplyResult.APPLIED
+    assert index.match_held(c) == {"p": 3} and index.held_only("d") == frozenset()
+    m, h = index.match_views(c)  # no held-only block left: one dict serves as both views
+    assert m == h == {"p": 3} and h is m
+    with pytest.raises(ValueError, match=r"held_only is set on a removed event"):
+        KvEvent(2, KvEventKind.REMOVED, (1,), held_only=True)
+
+
+def test_resync_and_snapshot_carry_both_views() -> None:
+    index = KvIndex()
+    c = CHAINS[0]
+    index.stored("d", c[:2])
+    index.stored("d", c[2:8], held_only=True)
+    index.resync("d", c[:3], seq=4, held_only=c[3:5] + CHAINS[2][:2])  # block 2 became resumable
+    assert index.holdings("d") == frozenset(c[:3])
+    assert index.held_only("d") == frozenset(c[3:5] + CHAINS[2][:2])
+    assert index.match(c) == {"d": 3} and index.match_held(c) == {"d": 5}
+    with pytest.raises(ValueError, match=r"hashes \[1002\] are in both block_hashes and held_only"):
+        index.resync("d", c[:3], seq=5, held_only=c[2:4])
+    snap = index.snapshot()
+    assert snap.workers[0].held_only == frozenset(c[3:5] + CHAINS[2][:2])
+    copy = KvIndex.from_snapshot(snap)
+    assert copy.snapshot() == snap
+    for q in QUERIES:
+        assert (copy.match(q), copy.match_held(q)) == (index.match(q), index.match_held(q))
+    assert copy.apply("d", KvEvent(5, KvEventKind.STORED, (c[3],))) is ApplyResult.APPLIED
+    assert copy.match(c) == {"d": 4} and copy.match_held(c) == {"d": 5}
 
 
 # -- sequenced events --
@@ -193,7 +253,9 @@ def test_snapshot_round_trip_keeps_entries_and_sequence_state() -> None:
 @settings(derandomize=True, max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     st.lists(
-        st.tuples(st.sampled_from(["a", "b", "c"]), st.booleans(), hashes_st, st.booleans()), max_size=40
+        st.tuples(st.sampled_from(["a", "b", "c"]), st.sampled_from(["stored", "held", "removed"]), hashes_st,
+                  st.booleans()),
+        max_size=40,
     )
 )
 def test_lossy_delivery_with_resync_converges_to_the_workers_state(steps: list[tuple]) -> None:
@@ -201,28 +263,38 @@ def test_lossy_delivery_with_resync_converges_to_the_workers_state(steps: list[t
     re-synced from its true holdings. A worker whose latest event was delivered is then exactly
     right in the index; one whose latest event was lost is simply not yet known to be stale."""
     index = KvIndex()
-    truth: dict[str, set[int]] = {}
+    truth: dict[str, set[int]] = {}  # resumable
+    truth_held: dict[str, set[int]] = {}  # held only
     seq: dict[str, int] = {}
     behind: set[str] = set()
-    for w, store, hs, delivered in steps:
+    for w, op, hs, delivered in steps:
         s = seq[w] = seq.get(w, -1) + 1
-        mine = truth.setdefault(w, set())
-        if store:
+        mine, mine_held = truth.setdefault(w, set()), truth_held.setdefault(w, set())
+        if op == "stored":
             mine.update(hs)
+            mine_held.difference_update(hs)
+        elif op == "held":
+            mine_held.update(hs)
+            mine.difference_update(hs)
         else:
             mine.difference_update(hs)
+            mine_held.difference_update(hs)
         if not delivered:
             behind.add(w)
             continue
         behind.discard(w)
-        kind = KvEventKind.STORED if store else KvEventKind.REMOVED
-        result = index.apply(w, KvEvent(s, kind, tuple(hs)))
+        kind = KvEventKind.REMOVED if op == "removed" else KvEventKind.STORED
+        result = index.apply(w, KvEvent(s, kind, tuple(hs), held_only=op == "held"))
         if result in (ApplyResult.GAP, ApplyResult.UNSYNCED):
-            index.resync(w, mine, seq=s)
+            index.resync(w, mine, seq=s, held_only=mine_held)
         current = {k: v for k, v in truth.items() if k not in behind}
+        current_all = {k: v | truth_held[k] for k, v in truth.items() if k not in behind}
         for q in QUERIES:
             got = {k: n for k, n in index.match(q).items() if k not in behind}
             assert got == reference_match(current, q), q
+            got = {k: n for k, n in index.match_held(q).items() if k not in behind}
+            assert got == reference_match(current_all, q), q
         for k, v in current.items():
             assert index.holdings(k) == frozenset(v)
+            assert index.held_only(k) == frozenset(truth_held[k])
     assert index.needs_resync() == frozenset()

@@ -157,7 +157,7 @@ def test_a_shared_k_block_prefix_is_pulled_once(
         assert got_a == prefills.reference(a)
         ha, hb = _hashes(a), _hashes(b)
         assert ha[:k] == hb[:k] and ha[k] != hb[k]
-        assert dec.events() == [KvStored(tuple(ha), None)]  # the k + 1 full blocks pulled
+        assert dec.events() == [KvStored(tuple(ha), None, held_only=True)]  # the k + 1 full blocks pulled
 
         got_b, s_b = dec.handoff(b, via=second)
         assert got_b == prefills.reference(b)
@@ -167,12 +167,13 @@ def test_a_shared_k_block_prefix_is_pulled_once(
         assert s_a.kv_transfer_bytes == pages_bytes(geom, n)
         assert s_b.kv_transfer_bytes == s_a.kv_transfer_bytes - k * geom.page(PoolKind.BLOCK).nbytes
         assert s_b.cached_tokens == n
-        assert dec.events() == [KvStored((hb[k],), hb[k - 1])]  # only the block it pulled is new
+        assert dec.events() == [KvStored((hb[k],), hb[k - 1], held_only=True)]  # only the block it pulled is new
         assert dec.engine.stats().prefill_tokens == 0  # the decode computed no prompt token
         assert dec.tx.metrics.value("kv_transfer_bytes_total") == s_a.kv_transfer_bytes + s_b.kv_transfer_bytes
         dec.assert_nothing_used()
         assert dec.manager.prefix.evictable_blocks == k + 2  # the prefix, a's and b's next block
-        assert set(dec.manager.snapshot().block_hashes) == set(ha) | set(hb)
+        snap = dec.manager.snapshot()  # held, none resumable: no window or state at their ends here
+        assert snap.block_hashes == () and set(snap.held_only) == set(ha) | set(hb)
     finally:
         dec.close()
 
@@ -185,6 +186,8 @@ def test_a_pulled_prefix_is_never_where_local_computation_resumes(
         prefix = prompt_of(512, seed=70)
         pulled = GenerationRequest("pulled", prefix + prompt_of(100, seed=71), GREEDY)
         assert dec.handoff(pulled, via=1)[0] == prefills.reference(pulled)
+        # reported as held only: the router may count them for a transfer, never for a local prefill
+        assert dec.events() == [KvStored(tuple(_hashes(pulled)), None, held_only=True)]
         local = GenerationRequest("local", prefix + prompt_of(100, seed=72), GREEDY)
         hashes = _hashes(local)
         # Both blocks are held (a pull may skip them), none is resumable (no window or state here).
@@ -195,6 +198,7 @@ def test_a_pulled_prefix_is_never_where_local_computation_resumes(
         assert summary.cached_tokens == 0
         # The whole prompt was computed here (plus the 3 tokens decoded after the first).
         assert dec.engine.stats().prefill_tokens == len(local.prompt_ids)
+        assert dec.events() == []  # nothing of the prefix became resumable either
         dec.assert_nothing_used()
     finally:
         dec.close()
@@ -215,18 +219,18 @@ def test_eviction_in_a_small_pool_takes_the_pulled_tail_first(
 
         got, s = dec.handoff(a, via=0)
         assert got == prefills.reference(a) and s.kv_transfer_bytes == cold
-        assert dec.events() == [KvStored(tuple(ha), None)]
+        assert dec.events() == [KvStored(tuple(ha), None, held_only=True)]
         # c needs 3 pages: 2 free, and the least recently used cached one, a's tail block (a
         # released its blocks tail first).
         got, s = dec.handoff(c, via=1)
         assert got == prefills.reference(c) and s.kv_transfer_bytes == cold
-        assert dec.events() == [KvRemoved((ha[1],)), KvStored(tuple(hc), None)]
+        assert dec.events() == [KvRemoved((ha[1],)), KvStored(tuple(hc), None, held_only=True)]
         # b still finds block 0 of the prefix (1 page skipped) and evicts c's tail for its pages.
         got, s = dec.handoff(b, via=0)
         assert got == prefills.reference(b)
         assert s.kv_transfer_bytes == cold - block
         assert (dec.tx.records[-1].result.blocks_pulled, dec.tx.records[-1].result.blocks_skipped) == (2, 1)
-        assert dec.events() == [KvRemoved((hc[1],)), KvStored((hb[1],), hb[0])]
+        assert dec.events() == [KvRemoved((hc[1],)), KvStored((hb[1],), hb[0], held_only=True)]
         dec.assert_nothing_used()
         assert dec.manager.prefix.evictable_blocks == 3  # prefix block 0, b's block 1, c's block 0
     finally:

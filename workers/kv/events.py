@@ -1,10 +1,14 @@
 """KV events: what a worker's prefix cache started or stopped being able to serve as a hit.
 
 Mirrors tandem.v1 KvEvent / KvEventBatch / KvSnapshot (the worker converts at its edge). Block
-hash h_k is "stored" once the compressed pages of blocks 0..k AND the window before boundary k+1
-(with its compressor state) are held (a hit a computation can resume after), or once block k's page
-was pulled in a handoff (it spares a later pull of that prefix; workers/kv/prefix_cache.py), and
-"removed" as soon as neither holds. Because hashes are chained, h_k alone names the whole prefix:
+hash h_k is reported in one of two kinds (workers/kv/prefix_cache.py):
+- resumable: the compressed pages of blocks 0..k AND the window before boundary k+1 (with its
+  compressor state) are held, so a computation can resume after block k (a hit);
+- held only (`KvStored.held_only`): block k's page was pulled in a handoff and has no boundary
+  here; it spares a later pull of that prefix, but a local prefill cannot start after it.
+"stored" reports a hash entering either kind, or changing kind (a pulled block that gains a
+boundary: stored resumable; one whose boundary is evicted while the block stays: stored held
+only); "removed" when it is neither. Because hashes are chained, h_k alone names the whole prefix:
 an index must not assume h_{k-1} is held when h_k is (window pages of inner boundaries are evicted
 on their own).
 
@@ -26,11 +30,13 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class KvStored:
-    """Blocks now hit-able, in chain order; parent_hash is the block before block_hashes[0] in the
-    chain (None for block 0), whether or not the parent itself is hit-able."""
+    """Blocks now reported, in chain order; parent_hash is the block before block_hashes[0] in the
+    chain (None for block 0), whether or not the parent itself is reported. held_only: the blocks
+    are held but not resumable (see the module docstring); False = resumable hits."""
 
     block_hashes: tuple[int, ...]
     parent_hash: int | None
+    held_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -60,11 +66,13 @@ class KvEventBatch:
 
 @dataclass(frozen=True)
 class KvSnapshot:
-    """What `worker` can serve as hits after applying every event with seq <= `seq`."""
+    """What `worker` reports after applying every event with seq <= `seq`: block_hashes can be
+    served as hits (resumable), held_only are held but not resumable (disjoint from block_hashes)."""
 
     worker: str
     seq: int
     block_hashes: tuple[int, ...]
+    held_only: tuple[int, ...] = ()
 
 
 class EventLog:
@@ -81,13 +89,19 @@ class EventLog:
     def last_seq(self) -> int:
         return self._seq
 
-    def stored(self, block_hash: int, parent_hash: int | None) -> None:
+    def stored(self, block_hash: int, parent_hash: int | None, held_only: bool = False) -> None:
+        """block_hash is now reported as resumable, or as held only (see the module docstring)."""
         last = self._mergeable()
-        if last is not None and isinstance(last.body, KvStored) and last.body.block_hashes[-1] == parent_hash:
-            body = KvStored(last.body.block_hashes + (block_hash,), last.body.parent_hash)
+        if (
+            last is not None
+            and isinstance(last.body, KvStored)
+            and last.body.held_only == held_only
+            and last.body.block_hashes[-1] == parent_hash
+        ):
+            body = KvStored(last.body.block_hashes + (block_hash,), last.body.parent_hash, held_only)
             self._pending[-1] = KvEvent(last.seq, body)
             return
-        self._record(KvStored((block_hash,), parent_hash))
+        self._record(KvStored((block_hash,), parent_hash, held_only))
 
     def removed(self, block_hash: int) -> None:
         last = self._mergeable()
@@ -112,8 +126,9 @@ class EventLog:
         self._pending, self._sealed = [], 0
         return batch
 
-    def snapshot(self, held: tuple[int, ...]) -> KvSnapshot:
-        """A snapshot of `held` (the caller's current hit-able hashes) at the last recorded seq.
-        Events already pending stop growing, so none numbered <= that seq changes afterwards."""
+    def snapshot(self, resumable: tuple[int, ...], held_only: tuple[int, ...] = ()) -> KvSnapshot:
+        """A snapshot of the caller's current reported hashes (`resumable` hits and `held_only`
+        ones) at the last recorded seq. Events already pending stop growing, so none numbered <=
+        that seq changes afterwards."""
         self._sealed = len(self._pending)
-        return KvSnapshot(self.worker, self._seq, held)
+        return KvSnapshot(self.worker, self._seq, resumable, held_only)

@@ -334,7 +334,7 @@ class KvCacheManager:
         return self.events.flush()
 
     def snapshot(self) -> KvSnapshot:
-        return self.events.snapshot(self.prefix.hit_able())
+        return self.events.snapshot(*self.prefix.reported())
 
     def clear_cache(self) -> None:
         """Forget every cached prefix (running sequences keep their pages); emits Cleared."""

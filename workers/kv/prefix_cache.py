@@ -13,8 +13,9 @@ evicted; pages that were never registered go straight back to the free list.
 "Block held" and "boundary resumable" are separate: `held` counts the leading registered blocks
 (enough to skip pulling their pages in a handoff), `lookup` only those a computation can resume
 after. A block registered from a pull (`pulled=True`) has no boundary of its own on this worker.
-Events (workers/kv/events.py) report the registered boundaries and the pulled blocks: a hash is
-"stored" once it has a boundary or was pulled, "removed" once it has neither.
+Events (workers/kv/events.py) report the registered boundaries (resumable) and the pulled blocks
+without one (held only): a hash is "stored" when it enters either kind or changes kind (a pulled
+block gains a boundary, or loses it while the block stays), "removed" once it has neither.
 """
 
 from __future__ import annotations
@@ -94,6 +95,13 @@ class PrefixCache:
         """The reported hashes (with a boundary, or pulled), in block registration order."""
         return tuple(h for h, b in self._by_hash.items() if b.reported)
 
+    def reported(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(resumable, held only): the hashes with a boundary, and the pulled ones without one,
+        each in block registration order (what a snapshot lists)."""
+        resumable = tuple(h for h, b in self._by_hash.items() if b.boundary is not None)
+        held_only = tuple(h for h, b in self._by_hash.items() if b.pulled and b.boundary is None)
+        return resumable, held_only
+
     @property
     def evictable_blocks(self) -> int:
         return len(self._lru_b)
@@ -122,7 +130,7 @@ class PrefixCache:
         if parent is not None:
             self._by_hash[parent].children.add(h)
         if pulled:
-            self.events.stored(h, parent)
+            self.events.stored(h, parent, held_only=True)
         return True
 
     def register_boundary(self, h: int, page: int) -> bool:
@@ -133,11 +141,9 @@ class PrefixCache:
             return False
         if page in self._boundary_hash:
             raise ValueError(f"window page {page} is already the boundary of {self._boundary_hash[page]:#x}")
-        was = b.reported
         b.boundary = page
         self._boundary_hash[page] = h
-        if not was:
-            self.events.stored(h, b.parent)
+        self.events.stored(h, b.parent)  # new, or a pulled (held-only) block becoming resumable
         return True
 
     # --- references dropping to zero, hits taking them back -----------------------------------
@@ -193,7 +199,11 @@ class PrefixCache:
         if page in self._lru_w:
             del self._lru_w[page]
             self._alloc_w.give_back(page)
-        if report and not b.pulled:  # a pulled block stays reported while its page is held
+        if not report:
+            return
+        if b.pulled:  # the block's page is still held: back to held only
+            self.events.stored(h, b.parent, held_only=True)
+        else:
             self.events.removed(h)
 
     def _drop_block(self, h: int, report: bool = True) -> None:

@@ -51,12 +51,14 @@ class WorkerId(_message.Message):
     def __init__(self, instance: _Optional[str] = ..., dp_rank: _Optional[int] = ...) -> None: ...
 
 class KvStored(_message.Message):
-    __slots__ = ("block_hashes", "parent_hash")
+    __slots__ = ("block_hashes", "parent_hash", "held_only")
     BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
     PARENT_HASH_FIELD_NUMBER: _ClassVar[int]
+    HELD_ONLY_FIELD_NUMBER: _ClassVar[int]
     block_hashes: _containers.RepeatedScalarFieldContainer[int]
     parent_hash: int
-    def __init__(self, block_hashes: _Optional[_Iterable[int]] = ..., parent_hash: _Optional[int] = ...) -> None: ...
+    held_only: bool
+    def __init__(self, block_hashes: _Optional[_Iterable[int]] = ..., parent_hash: _Optional[int] = ..., held_only: _Optional[bool] = ...) -> None: ...
 
 class KvRemoved(_message.Message):
     __slots__ = ("block_hashes",)
@@ -89,14 +91,16 @@ class KvEventBatch(_message.Message):
     def __init__(self, worker: _Optional[_Union[WorkerId, _Mapping]] = ..., events: _Optional[_Iterable[_Union[KvEvent, _Mapping]]] = ...) -> None: ...
 
 class KvSnapshot(_message.Message):
-    __slots__ = ("worker", "seq", "block_hashes")
+    __slots__ = ("worker", "seq", "block_hashes", "held_only_hashes")
     WORKER_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
+    HELD_ONLY_HASHES_FIELD_NUMBER: _ClassVar[int]
     worker: WorkerId
     seq: int
     block_hashes: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, worker: _Optional[_Union[WorkerId, _Mapping]] = ..., seq: _Optional[int] = ..., block_hashes: _Optional[_Iterable[int]] = ...) -> None: ...
+    held_only_hashes: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, worker: _Optional[_Union[WorkerId, _Mapping]] = ..., seq: _Optional[int] = ..., block_hashes: _Optional[_Iterable[int]] = ..., held_only_hashes: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class PoolBlocks(_message.Message):
     __slots__ = ("kind", "block_ids")
