@@ -7,7 +7,6 @@ readable line on stderr and a non-zero exit status.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import typer
@@ -64,6 +63,20 @@ def _token_ids(text: str) -> list[int]:
 def generate(
     prompt: str | None = typer.Option(None, "--prompt", help="Prompt text (tokenised by the router)."),
     token_ids: str | None = typer.Option(None, "--token-ids", help="Prompt as token ids: '1,2,3'."),
+    message: list[str] = typer.Option(
+        [], "--message", metavar="ROLE:TEXT",
+        help="A chat turn (repeatable, in order); ROLE is system, developer, user or assistant. The router "
+             "renders the conversation with the model's chat encoding; the last turn must be the user's."),
+    system: str | None = typer.Option(None, "--system", help="Chat: a system turn, before every --message."),
+    user: str | None = typer.Option(None, "--user", help="Chat: a user turn, put after every --message."),
+    thinking: bool = typer.Option(False, "--thinking",
+                                  help="Chat: thinking mode; the reasoning streams first (dimmed)."),
+    tools: Path | None = typer.Option(None, "--tools", metavar="FILE",
+                                      help="Chat: a JSON array of OpenAI function tools the model may call; "
+                                           "its calls are printed after the answer."),
+    reasoning_effort: str | None = typer.Option(None, "--reasoning-effort", metavar="high|max",
+                                                help="Chat: how hard to reason; implies --thinking ('max' "
+                                                     "adds the encoding's maximum-effort instruction)."),
     max_tokens: int | None = typer.Option(None, "--max-tokens", min=1, help="Tokens to generate at most."),
     temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy."),
     seed: int | None = typer.Option(None, "--seed", min=0, help="Sampling seed."),
@@ -76,24 +89,43 @@ def generate(
     token: str | None = typer.Option(None, "--token", envvar="TANDEM_TOKEN", help="Bearer token."),
     timeout: float = typer.Option(600.0, "--timeout", min=0.1, help="Seconds before giving up."),
 ) -> None:
-    """Stream a generation from the router; text to stdout, or JSON lines with --json. With
-    --logprobs the text is followed by one line per token: id, logprob, then the alternatives."""
+    """Stream a generation from the router; text to stdout, or JSON lines with --json. The input is
+    --prompt, --token-ids, or a chat (--message/--system/--user): a chat prints its reasoning dimmed
+    before the answer and its tool calls after it (JSON lines carry reasoning_text and tool_calls).
+    With --logprobs the text is followed by one line per token: id, logprob, then the alternatives."""
     import grpc
+    from rich.console import Console
 
+    from orchestrator.cli_chat import ChatOptionError, ChatPrinter, conversation, load_tools, parse_effort
     from orchestrator.router.client import chunk_to_json, logprob_line, make_request, open_channel
     from orchestrator.router.client import generate as stream
     from orchestrator.state import ServeState
 
-    if (prompt is None) == (token_ids is None):
-        _fail("give exactly one of --prompt and --token-ids")
+    try:
+        turns = conversation(system, message, user)
+        effort = parse_effort(reasoning_effort) if reasoning_effort is not None else None
+        offered = load_tools(tools) if tools is not None else []
+    except ChatOptionError as exc:
+        _fail(str(exc))
+    chat = "--message/--system/--user"
+    given = [o for o, on in (("--prompt", prompt is not None), ("--token-ids", token_ids is not None),
+                             (chat, bool(turns))) if on]
+    if len(given) != 1:
+        _fail(f"give exactly one of --prompt, --token-ids and {chat}, got {', '.join(given) or 'none'}")
+    chat_only = [o for o, on in (("--thinking", thinking), ("--tools", tools is not None),
+                                 ("--reasoning-effort", effort is not None)) if on]
+    if chat_only and not turns:
+        _fail(f"{', '.join(chat_only)}: only with a chat ({chat}), not with {given[0]}")
     state = ServeState.read()
     addr = address or (state.router_address if state else None)
     if addr is None:
         _fail("no router address: pass --address, set TANDEM_ADDRESS, or start one with `tandem serve`")
     tok = token or (state.token if state else None)
     request = make_request(prompt=prompt, token_ids=_token_ids(token_ids) if token_ids else None,
-                           max_tokens=max_tokens, temperature=temperature, seed=seed,
+                           messages=turns or None, thinking=thinking or effort is not None, tools=offered,
+                           reasoning_effort=effort, max_tokens=max_tokens, temperature=temperature, seed=seed,
                            ignore_eos=ignore_eos, session_id=session, logprobs=logprobs)
+    printer = ChatPrinter(Console())
     lines: list[str] = []
     try:
         with open_channel(addr) as channel:
@@ -101,19 +133,19 @@ def generate(
                 if as_json:
                     typer.echo(json.dumps(chunk_to_json(chunk), separators=(",", ":")))
                 else:
-                    sys.stdout.write(chunk.text)
-                    sys.stdout.flush()
+                    printer.chunk(chunk)
                     lines += [logprob_line(lp) for lp in chunk.logprobs]
     except grpc.RpcError as exc:
         _fail(f"{exc.code().name}: {exc.details()}")
     if not as_json:
-        typer.echo()
+        printer.close()
         for line in lines:
             typer.echo(line)
 
 
 def _fail(message: str) -> None:
-    _err.print(f"error: {message}", markup=False, highlight=False)
+    # soft_wrap: one line whatever the terminal's width (scripts read the first line).
+    _err.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
     raise typer.Exit(1)
 
 
