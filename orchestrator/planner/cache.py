@@ -6,9 +6,19 @@ LRU order and evicted, oldest first, when a reservation needs room. Every block 
 present is announced to the router's `KvIndex` (`stored`) and every eviction too (`removed`),
 exactly the events a real worker sends; blocks count as present only once computed (`complete`).
 
-A request's life on a cache: `acquire_leading(hashes)` holds the leading blocks already present,
-`complete(hashes, start)` holds the rest once computed or received, `release(hashes)` lets go of
-them all. LRU order: a block's place is its latest release; the blocks one `release` frees are
+A request's life on a cache: `acquire_leading(hashes)` holds the leading resumable blocks (what a
+computation starts after) or `acquire_kept(hashes)` the leading blocks of either kind (what a KV
+handoff need not move), `complete(hashes, start)` holds the rest once computed or received,
+`release(hashes)` lets go of them all.
+
+Two kinds of present block, as on a real decode (workers/kv/prefix_cache.py): resumable blocks were
+computed here; held-only blocks (`pulled`) came in a KV handoff (`complete(..., held_only=True)`)
+and have no boundary here, so no computation resumes after them. They are announced to the index
+as held-only (`stored(..., held_only=True)`), and become resumable (announced again, resumable) only
+when this worker computes them itself (`complete` without held_only). Prefill caches never hold
+held-only blocks, so their path does no extra work.
+
+LRU order: a block's place is its latest release; the blocks one `release` frees are
 ordered as the request lists them (prompt order).
 
 Two modes, one behaviour (tests/planner/test_planner_cache.py checks both against a per-block
@@ -39,8 +49,8 @@ from orchestrator.router.kv_index import KvIndex
 class PrefixCache:
     """Mutable simulation state of one worker's KV pool (one simulator owns it)."""
 
-    __slots__ = ("_cached", "capacity", "exact", "holds", "index", "present", "released", "releases",
-                 "reserved", "seq", "worker")
+    __slots__ = ("_cached", "capacity", "exact", "holds", "index", "present", "pulled", "released",
+                 "releases", "reserved", "seq", "worker")
 
     def __init__(self, worker: WorkerId, capacity_blocks: int, index: KvIndex) -> None:
         if capacity_blocks < 1:
@@ -55,11 +65,12 @@ class PrefixCache:
         self.releases: deque[tuple[int, Sequence[int]]] = deque()  # exact: the LRU
         self.seq = 0  # releases so far (exact mode numbers them on)
         self._cached = 0  # exact: blocks with no holder
+        self.pulled: set[int] = set()  # the present blocks that are held-only (received, not computed)
         self.reserved = 0
 
     # ---- queries ---------------------------------------------------------------------------------
     def leading(self, hashes: Sequence[int]) -> int:
-        """How many leading blocks of `hashes` are present (held or cached)."""
+        """How many leading blocks of `hashes` are present (held or cached), of either kind."""
         present = self.present
         if not hashes or hashes[0] not in present:
             return 0
@@ -100,28 +111,44 @@ class PrefixCache:
         self.reserved -= blocks
 
     def acquire_leading(self, hashes: Sequence[int]) -> int:
-        """Hold the leading present blocks of `hashes`; how many there are."""
-        present = self.present
+        """Hold the leading resumable blocks of `hashes` (present and not held-only: a computation
+        can start after them); how many there are."""
+        return self._acquire(hashes, True)
+
+    def acquire_kept(self, hashes: Sequence[int]) -> int:
+        """Hold the leading present blocks of `hashes` of either kind (resumable or held-only: a
+        KV handoff need not move them); how many there are."""
+        return self._acquire(hashes, False)
+
+    def _acquire(self, hashes: Sequence[int], resumable: bool) -> int:
+        present, pulled = self.present, self.pulled
         if not hashes or hashes[0] not in present:
             return 0
         if not self.exact:
             n = len(list(takewhile(present.__contains__, hashes)))
-            self.holds.append((hashes, 0, n))
+            if resumable and pulled:
+                n = next(compress(range(n), map(pulled.__contains__, hashes[:n])), n)
+            if n:
+                self.holds.append((hashes, 0, n))
             return n
         counts = list(takewhile(bool, map(present.get, hashes, repeat(0))))
+        if resumable and pulled:
+            del counts[next(compress(range(len(counts)), map(pulled.__contains__, hashes)), len(counts)):]
         self._hold(hashes[: len(counts)], counts)
         return len(counts)
 
-    def complete(self, hashes: Sequence[int], start: int = 0) -> None:
-        """The request computed (or received) hashes[start:]: hold them, announcing new ones."""
-        present = self.present
+    def complete(self, hashes: Sequence[int], start: int = 0, held_only: bool = False) -> None:
+        """The request computed (or, held_only, received in a KV handoff) hashes[start:]: hold
+        them, announcing new ones (as held-only when received). Computed blocks that were held-only
+        become resumable and are announced again."""
+        present, pulled = self.present, self.pulled
         part = hashes[start:] if start else hashes
         if not part:
             return
         counts = list(map(present.get, part))  # None: absent
         if counts.count(None) == len(counts):  # the usual case: every block is new here
             present.update(zip(part, repeat(1)))
-            self.index.stored(self.worker, part)
+            self._announce(part, held_only)
             if not self.exact:
                 self.holds.append((hashes, start, len(hashes)))
             return
@@ -133,6 +160,19 @@ class PrefixCache:
         fresh = list(compress(part, map(not_, known)))
         if fresh:
             present.update(zip(fresh, repeat(1)))
+            self._announce(fresh, held_only)
+        if pulled and not held_only:  # computed here now: the boundary exists, resumable from now on
+            promoted = list(filter(pulled.__contains__, compress(part, known)))
+            if promoted:
+                pulled.difference_update(promoted)
+                self.index.stored(self.worker, promoted)
+
+    def _announce(self, fresh: Sequence[int], held_only: bool) -> None:
+        """Blocks new to this cache: tell the index, as held-only when they were received."""
+        if held_only:
+            self.pulled.update(fresh)
+            self.index.stored(self.worker, fresh, held_only=True)
+        else:
             self.index.stored(self.worker, fresh)
 
     def release(self, hashes: Sequence[int]) -> None:
@@ -213,5 +253,7 @@ class PrefixCache:
                 gone += compress(blocks[:cut], live)
                 releases[0] = (seq, blocks[cut:])
         deque(map(present.__delitem__, gone), maxlen=0)
+        if self.pulled:
+            self.pulled.difference_update(gone)
         self._cached -= len(gone)
         self.index.removed(self.worker, gone)

@@ -6,8 +6,8 @@ Events are per request and per prefill iteration, never per token (decode batche
 analytically, see `instances`). Every routing decision sees the fleet's exact state: worker
 reports are rebuilt at each decision and stamped just after the decision time, so the router's
 load book adds nothing twice, and the index is fed by the instances' caches with the same stored /
-removed calls a real worker's KV events make. Placement: instances fill NVLink domains in order,
-prefill and decode interleaved in proportion, never split across domains.
+removed calls a real worker's KV events make (blocks a decode pulled are held-only: `cache`). Placement:
+instances fill NVLink domains in order, prefill and decode interleaved in proportion, never split.
 """
 
 from __future__ import annotations
@@ -245,7 +245,8 @@ class Simulator:
         self.jobs.append(job)
         rreq = RouteRequest(request_id=req.request_id, prompt_tokens=req.prompt_tokens,
                             block_hashes=req.block_hashes, session_id=req.session_id)
-        outcome = self.router.route(rreq, self._states(), self.index.match(req.block_hashes), self.now)
+        matches, held = self.index.match_views(req.block_hashes)  # resumable; either kind (handoffs)
+        outcome = self.router.route(rreq, self._states(), matches, self.now, held=held)
         if isinstance(outcome, Refusal):
             self.rejected += 1
             self.misses += 1
@@ -311,8 +312,7 @@ class Simulator:
             decode.waiting.popleft()
             promised[0] -= 1
             promised[1] -= job.decode_reserve
-            n = decode.cache.acquire_leading(job.hashes)
-            job.reused_blocks = n
+            job.reused_blocks = n = decode.cache.acquire_kept(job.hashes)  # held-only pages spare a pull too
             same = self._domain_of_engine[id(job.prefill)] == decode.domain
             link = self.params.topology.intra_domain if same else self.params.topology.cross_domain
             decode.incoming += 1
@@ -330,7 +330,7 @@ class Simulator:
         decode = job.decode
         self._dirty.add(decode.slot)
         decode.incoming -= 1
-        decode.cache.complete(job.hashes, job.reused_blocks)
+        decode.cache.complete(job.hashes, job.reused_blocks, held_only=True)  # pulled: no boundary here
         decode.join(job, self.now)
         self._reschedule(decode)
 

@@ -5,6 +5,11 @@ block to the LRU's end when its last holder releases it, and evicting from the f
 semantics the cache documents. Random request lifecycles (shared prefixes, partial prefix hits,
 re-holding cached blocks, evictions under pressure) must leave both in the same state after every
 operation, and the router's `KvIndex` must hold exactly the cache's blocks.
+
+Some requests receive their blocks in a KV handoff (as on a decode): the reference marks the blocks
+new to it held-only (`pulled`), a computed request's blocks resumable, a computation resumes only
+after leading resumable blocks and a handoff skips leading blocks of either kind; the index's two
+views must equal the reference's two kinds.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ class _Reference:
         self.holders: dict[int, int] = {}
         self.lru: OrderedDict[int, None] = OrderedDict()
         self.reserved = 0
+        self.pulled: set[int] = set()  # present blocks received, not computed: held-only
         self.stored: list[int] = []
         self.removed: list[int] = []
 
@@ -39,9 +45,9 @@ class _Reference:
         self._evict()
         return True
 
-    def acquire_leading(self, hashes: list[int]) -> int:
+    def acquire_leading(self, hashes: list[int], resumable: bool = True) -> int:
         n = 0
-        while n < len(hashes) and hashes[n] in self.holders:
+        while n < len(hashes) and hashes[n] in self.holders and not (resumable and hashes[n] in self.pulled):
             n += 1
         for h in hashes[:n]:
             self._hold(h)
@@ -52,13 +58,17 @@ class _Reference:
             del self.lru[h]
         self.holders[h] += 1
 
-    def complete(self, hashes: list[int]) -> None:
+    def complete(self, hashes: list[int], held_only: bool = False) -> None:
         for h in hashes:
             if h in self.holders:
                 self._hold(h)
+                if not held_only:
+                    self.pulled.discard(h)  # computed here: resumable now
             else:
                 self.holders[h] = 1
                 self.stored.append(h)
+                if held_only:
+                    self.pulled.add(h)
 
     def release(self, hashes: list[int]) -> None:
         for h in hashes:
@@ -71,6 +81,7 @@ class _Reference:
         while self.reserved + len(self.lru) > self.capacity and self.lru:
             h, _ = self.lru.popitem(last=False)
             del self.holders[h]
+            self.pulled.discard(h)
             self.removed.append(h)
 
 
@@ -87,13 +98,14 @@ def test_cache_equals_the_per_block_reference(seed: int, capacity: int) -> None:
     cache, ref = PrefixCache(worker, capacity, index), _Reference(capacity)
     prefixes = [_chain([], rng.randint(1, 12), rng) for _ in range(4)]
     history: list[list[int]] = []
-    live: list[tuple[list[int], int, int]] = []  # (hashes, blocks held by acquire, reservation)
+    # (hashes, blocks held by acquire, reservation, received in a handoff)
+    live: list[tuple[list[int], int, int, bool]] = []
     for _ in range(400):
         if live and (rng.random() < 0.45 or len(live) > 6):
-            hashes, n, need = live.pop(rng.randrange(len(live)))
+            hashes, n, need, pulled = live.pop(rng.randrange(len(live)))
             if n < len(hashes):
-                cache.complete(hashes, n)
-                ref.complete(hashes[n:])
+                cache.complete(hashes, n, held_only=pulled)
+                ref.complete(hashes[n:], held_only=pulled)
             cache.unreserve(need)
             ref.reserved -= need
             cache.release(hashes)
@@ -111,19 +123,23 @@ def test_cache_equals_the_per_block_reference(seed: int, capacity: int) -> None:
             assert ok == ref.reserve(need)
             if not ok:
                 continue
-            n = cache.acquire_leading(hashes)
-            assert n == ref.acquire_leading(hashes)
-            live.append((hashes, n, need))
+            pulled = rng.random() < 0.4
+            n = cache.acquire_kept(hashes) if pulled else cache.acquire_leading(hashes)
+            assert n == ref.acquire_leading(hashes, resumable=not pulled)
+            live.append((hashes, n, need, pulled))
             history.append(hashes)
         # the same blocks, holders, cached count and the same LRU order
         assert cache.holders() == ref.holders
         assert cache.cached == len(ref.lru) and cache.held() == len(ref.holders) - len(ref.lru)
         assert cache.reserved == ref.reserved and cache.reserved + cache.cached <= capacity
-        assert index.holdings(worker) == frozenset(ref.holders)
+        assert cache.pulled == ref.pulled
+        assert index.holdings(worker) == frozenset(ref.holders) - ref.pulled
+        assert index.held_only(worker) == frozenset(ref.pulled)
+    assert ref.pulled and len(ref.pulled) < len(ref.holders)  # both kinds were exercised
     # drain: every block ends cached, and eviction order must match the reference's LRU exactly
-    for hashes, n, need in live:
-        cache.complete(hashes, n)
-        ref.complete(hashes[n:])
+    for hashes, n, need, pulled in live:
+        cache.complete(hashes, n, held_only=pulled)
+        ref.complete(hashes[n:], held_only=pulled)
         cache.unreserve(need)
         ref.reserved -= need
         cache.release(hashes)
@@ -139,10 +155,11 @@ def test_cache_equals_the_per_block_reference(seed: int, capacity: int) -> None:
         assert ok == ref.reserve(1)
         if not ok:
             break
-        assert cache.holders() == ref.holders
-        assert index.holdings(worker) == frozenset(ref.holders)
+        assert cache.holders() == ref.holders and cache.pulled == ref.pulled
+        assert index.holdings(worker) == frozenset(ref.holders) - ref.pulled
+        assert index.held_only(worker) == frozenset(ref.pulled)
     assert cache.cached == len(ref.lru)
-    assert sorted(index.holdings(worker)) == sorted(ref.holders)
+    assert sorted(index.holdings(worker) | index.held_only(worker)) == sorted(ref.holders)
     assert cache.exact
 
 

@@ -83,7 +83,9 @@ def test_littles_law_and_conservation(trace_slice: list[TraceRequest], policy: P
     for c in caches:
         assert c.reserved == 0 and c.held() == 0
         assert c.cached == len(c.present) <= c.capacity
-        assert sim.index.blocks_of(c.worker) == len(c.present)
+        # resumable and held-only views: exactly the cache's two kinds (held-only: received, not computed)
+        assert sim.index.held_only(c.worker) == frozenset(c.pulled) <= c.present.keys()
+        assert sim.index.blocks_of(c.worker) == len(c.present) - len(c.pulled)
     assert len(sim.index) == len(set().union(*(c.present.keys() for c in caches)))
     assert all(j.t_first <= j.t_finish for j in done)
 
