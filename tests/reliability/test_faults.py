@@ -157,6 +157,14 @@ def test_router_killed_is_restarted_with_its_kv_index_rebuilt(dep, reference, ra
         assert time.monotonic() < end, f"the new router's index of {holder} differs from its snapshot"
         time.sleep(0.2)
     assert held <= rebuilt
+    want = {(i, 0) for i in dep.instances("prefill") + dep.instances("decode")}
+    end = time.monotonic() + 15
+    while True:  # every rank registered again (the controller adds them one after another)
+        snap = ray_session.get(router.load_snapshot.remote())
+        if {(r.instance, r.rank) for r in snap.ranks} >= want:
+            break
+        assert time.monotonic() < end, f"the new router has {len(snap.ranks)} of {len(want)} ranks"
+        time.sleep(0.2)
 
     again = fl.run(dep, [prompt], max_tokens=4, salt="router")[0]
     assert again.code is None, again.details
