@@ -8,6 +8,9 @@ token, 403 for a client token. With no tokens configured every door is open (dev
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from fastapi import HTTPException, Request
 
 from orchestrator.router.tenancy import Caller, Credentials, Forbidden, Unauthenticated
@@ -15,6 +18,17 @@ from orchestrator.router.tenancy import Caller, Credentials, Forbidden, Unauthen
 
 def _client_host(request: Request) -> str:
     return request.client.host if request.client is not None else "unknown"
+
+
+@contextmanager
+def _as_http_errors() -> Iterator[None]:
+    """Unauthenticated -> 401 (with WWW-Authenticate), Forbidden -> 403."""
+    try:
+        yield
+    except Unauthenticated as exc:
+        raise HTTPException(401, str(exc), headers={"WWW-Authenticate": "Bearer"}) from None
+    except Forbidden as exc:
+        raise HTTPException(403, str(exc)) from None
 
 
 class Auth:
@@ -30,18 +44,10 @@ class Auth:
 
     async def client(self, request: Request) -> Caller:
         """Generation endpoints: the caller (tenant, client host) of a tenant's client token."""
-        try:
+        with _as_http_errors():
             return self.credentials.caller(request.headers.get("authorization"), _client_host(request))
-        except Unauthenticated as exc:
-            raise HTTPException(401, str(exc), headers={"WWW-Authenticate": "Bearer"}) from None
-        except Forbidden as exc:
-            raise HTTPException(403, str(exc)) from None
 
     async def admin(self, request: Request) -> None:
         """Admin endpoints: the admin token only."""
-        try:
+        with _as_http_errors():
             self.credentials.require_admin(request.headers.get("authorization"))
-        except Unauthenticated as exc:
-            raise HTTPException(401, str(exc), headers={"WWW-Authenticate": "Bearer"}) from None
-        except Forbidden as exc:
-            raise HTTPException(403, str(exc)) from None
