@@ -205,6 +205,12 @@ class Controller:
     def _routers(self) -> list:
         return [r for r in (self.router, *self.replicas) if r is not None]
 
+    async def _register_ready(self, router) -> None:  # noqa: ANN001
+        """Register every rank of every ready instance with `router`."""
+        for inst in [i for i in self.instances.values() if i.state == "ready"]:
+            for cfg, handle in zip(inst.plan.configs, inst.ranks, strict=True):
+                await router.add_worker.remote(cfg.instance, cfg.rank, inst.role_name, handle)
+
     async def add_router(self) -> dict:
         """Start one more router process (free ports) serving the same workers; returns its addresses.
         Each router follows every rank's token stream and KV events on its own."""
@@ -213,10 +219,7 @@ class Controller:
             me = ray.get_runtime_context().current_actor
             replica = ray.remote(RouterHost).options(num_cpus=0, max_concurrency=1000).remote(settings, me)
             addresses = await replica.start.remote()
-            for inst in self.instances.values():
-                if inst.state == "ready":
-                    for cfg, handle in zip(inst.plan.configs, inst.ranks, strict=True):
-                        await replica.add_worker.remote(cfg.instance, cfg.rank, inst.role_name, handle)
+            await self._register_ready(replica)
             self.replicas.append(replica)
         return {"router_address": addresses.grpc, "http_address": addresses.http}
 
@@ -301,7 +304,6 @@ class Controller:
             finally:
                 ray.kill(self.router, no_restart=True)
                 self.router = None
-        self.replicas: list = []  # more router processes fed by the same workers and events
         for inst in list(self.instances.values()):
             self._kill(inst)
 
@@ -361,9 +363,7 @@ class Controller:
                 max_concurrency=1000).remote(settings, me)
             try:
                 self.addresses = await self.router.start.remote()
-                for inst in [i for i in self.instances.values() if i.state == "ready"]:
-                    for cfg, handle in zip(inst.plan.configs, inst.ranks, strict=True):
-                        await self.router.add_worker.remote(cfg.instance, cfg.rank, inst.role_name, handle)
+                await self._register_ready(self.router)
             except BaseException:  # a half-started router (no ports, missing ranks) is replaced next round
                 ray.kill(self.router, no_restart=True)
                 raise
