@@ -134,14 +134,16 @@ class NixlPuller:
             pulled = from_proto(desc, rank.manager.window_tokens)
             await self._meet(loop, desc)
         except (ValueError, KeyError, ray.exceptions.RayError) as exc:  # LayoutMismatch is a ValueError
-            why = f"{type(exc).__name__}: {exc}"
-            await loop.call(rank.recompute, desc.request_id, why)
-            await loop.call(engine.add_prefilled, request, desc.first_token, None)
-            return PulledKv(False, error=why)
+            return await self._recompute(loop, request, desc, exc)
         try:
             return await loop.call(engine.add_pulled, request, desc.first_token, rank.fill_from(pulled))
         except AdmissionRefused as exc:  # no room for prompt + max_tokens now: queue it to recompute
-            why = f"{type(exc).__name__}: {exc}"
-            await loop.call(rank.recompute, desc.request_id, why)
-            await loop.call(engine.add_prefilled, request, desc.first_token, None)
-            return PulledKv(False, error=why)
+            return await self._recompute(loop, request, desc, exc)
+
+    async def _recompute(self, loop: EngineLoop, request: GenerationRequest,
+                         desc: worker_pb2.HandoffDescriptor, exc: Exception) -> PulledKv:
+        """Count and log the failed pull, and queue `request` to recompute its prompt."""
+        why = f"{type(exc).__name__}: {exc}"
+        await loop.call(self.transfer.recompute, desc.request_id, why)
+        await loop.call(self._engine.add_prefilled, request, desc.first_token, None)
+        return PulledKv(False, error=why)
