@@ -70,11 +70,6 @@ def _kv_event(ev: worker_pb2.KvEvent) -> KvEvent:
     raise ValueError(f"KV event seq {ev.seq} has no kind")
 
 
-def _resync(index: KvIndex, wid: WorkerId, snap: worker_pb2.KvSnapshot) -> None:
-    """Replace wid's index entries (both kinds) with its snapshot."""
-    index.resync(wid, tuple(snap.block_hashes), snap.seq, tuple(snap.held_only_hashes))
-
-
 class _Rank:
     def __init__(self, wid: WorkerId, role: Role, handle: object) -> None:
         self.wid, self.role, self.handle = wid, role, handle
@@ -97,6 +92,12 @@ class RayGateway:
         self._ranks: dict[WorkerId, _Rank] = {}
         self._clock = clock or time.monotonic
 
+    def _resync(self, wid: WorkerId, snap: worker_pb2.KvSnapshot) -> None:
+        """Replace wid's index entries (both kinds) with its snapshot, and count the resync."""
+        self.index.resync(wid, tuple(snap.block_hashes), snap.seq, tuple(snap.held_only_hashes))
+        if self.metrics is not None:
+            self.metrics.kv_resyncs.inc()
+
     # --- membership ----------------------------------------------------------------------------
     def add(self, wid: WorkerId, role: Role, handle: object, stats: worker_pb2.WorkerStats,
             snapshot: worker_pb2.KvSnapshot | None = None) -> None:
@@ -106,10 +107,8 @@ class RayGateway:
             raise ValueError(f"worker {wid} is already registered")
         after_seq = -1
         if snapshot is not None:
-            _resync(self.index, wid, snapshot)
+            self._resync(wid, snapshot)
             after_seq = snapshot.seq
-            if self.metrics is not None:
-                self.metrics.kv_resyncs.inc()
         rank = _Rank(wid, role, handle)
         rank.state = _worker_state(wid, role, stats, self.limits, self._clock())
         rank.stats = stats
@@ -237,9 +236,7 @@ class RayGateway:
                                     rank.wid, ev.seq)
                 if rank.wid in self.index.needs_resync():
                     snap = await rank.handle.kv_snapshot.remote()
-                    _resync(self.index, rank.wid, snap)
-                    if self.metrics is not None:
-                        self.metrics.kv_resyncs.inc()
+                    self._resync(rank.wid, snap)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001
