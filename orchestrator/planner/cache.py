@@ -69,13 +69,6 @@ class PrefixCache:
         self.reserved = 0
 
     # ---- queries ---------------------------------------------------------------------------------
-    def leading(self, hashes: Sequence[int]) -> int:
-        """How many leading blocks of `hashes` are present (held or cached), of either kind."""
-        present = self.present
-        if not hashes or hashes[0] not in present:
-            return 0
-        return len(list(takewhile(present.__contains__, hashes)))
-
     def holders(self) -> dict[int, int]:
         """Every present block -> how many live requests hold it (0: cached)."""
         if self.exact:
