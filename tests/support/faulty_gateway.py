@@ -3,22 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from collections.abc import AsyncIterator, Sequence
 
 from prometheus_client import CollectorRegistry
 
-from orchestrator.router.admission import Limits
 from orchestrator.router.frontend import Frontend, WorkerLost
-from orchestrator.router.inputs import DisaggMode, DisaggThresholds, Role, WorkerId, WorkerState
-from orchestrator.router.kv_index import KvIndex
-from orchestrator.router.metrics import RouterMetrics
-from orchestrator.router.policy import PolicyName
-from orchestrator.router.router import Router
-from support.gateways import FLEET
+from orchestrator.router.inputs import DisaggMode, Role, WorkerId, WorkerState
+from support.gateways import byte_frontend
 from tandem.request import GenerationRequest
 from tandem.stream import Finish, PrefillResult, RequestSummary, TokenDelta
-from tandem.tokenizer import ByteTokenizer
 
 
 def script_token(prompt_ids: Sequence[int], position: int) -> int:
@@ -104,7 +97,4 @@ class FaultyWorkers:
 def faulty_frontend(gateway: FaultyWorkers, registry: CollectorRegistry, *, max_migrations: int = 2,
                       mode: DisaggMode = DisaggMode.ALWAYS) -> Frontend:
     """A byte-tokenizer frontend over a FaultyWorkers; every request disaggregated by default."""
-    fleet = dataclasses.replace(FLEET, disagg=DisaggThresholds(mode))
-    return Frontend(tokenizer=ByteTokenizer(), limits=Limits(max_context=1024, default_max_tokens=16, max_tokens=512),
-                    router=Router.named(PolicyName.KV, fleet), index=KvIndex(), gateway=gateway,
-                    metrics=RouterMetrics(registry), max_migrations=max_migrations)
+    return byte_frontend(gateway, registry, mode=mode, max_migrations=max_migrations)

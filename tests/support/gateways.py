@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator, Sequence
 
 from prometheus_client import CollectorRegistry
 
 from orchestrator.router.admission import Limits
-from orchestrator.router.frontend import Frontend
-from orchestrator.router.inputs import FleetParams, Link, Role, Topology, WorkerId, WorkerState
+from orchestrator.router.frontend import Frontend, Gateway
+from orchestrator.router.inputs import (
+    DisaggMode,
+    DisaggThresholds,
+    FleetParams,
+    Link,
+    Role,
+    Topology,
+    WorkerId,
+    WorkerState,
+)
 from orchestrator.router.kv_index import KvIndex
 from orchestrator.router.metrics import RouterMetrics
 from orchestrator.router.policy import PolicyName
@@ -51,8 +61,19 @@ def full_worker(instance: str, role: Role) -> WorkerState:
                        queue_limit=4, running_requests=8, max_running_requests=8)
 
 
+SMALL = Limits(max_context=1024, default_max_tokens=16, max_tokens=512)
+
+
+def byte_frontend(gateway: Gateway, registry: CollectorRegistry, *, limits: Limits = SMALL,
+                  mode: DisaggMode | None = None, index: KvIndex | None = None, **kwargs) -> Frontend:
+    """A byte-tokenizer frontend (by default context 1024, max_tokens 512, default 16) over `gateway`,
+    routing with the KV policy on FLEET (its disaggregation `mode` when given); `kwargs` go to Frontend."""
+    fleet = FLEET if mode is None else dataclasses.replace(FLEET, disagg=DisaggThresholds(mode))
+    return Frontend(tokenizer=ByteTokenizer(), limits=limits, router=Router.named(PolicyName.KV, fleet),
+                    index=KvIndex() if index is None else index, gateway=gateway, metrics=RouterMetrics(registry),
+                    **kwargs)
+
+
 def refusing_frontend(reports: Sequence[WorkerState], registry: CollectorRegistry) -> Frontend:
     """A byte-tokenizer frontend (context 1024, max_tokens 512, default 16) over a ReportsOnly gateway."""
-    return Frontend(tokenizer=ByteTokenizer(), limits=Limits(max_context=1024, default_max_tokens=16, max_tokens=512),
-                    router=Router.named(PolicyName.KV, FLEET), index=KvIndex(), gateway=ReportsOnly(reports),
-                    metrics=RouterMetrics(registry))
+    return byte_frontend(ReportsOnly(reports), registry)

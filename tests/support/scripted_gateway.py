@@ -9,7 +9,6 @@ first step, the decode streams the rest after it; without, decode workers do it 
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
@@ -17,17 +16,10 @@ from prometheus_client import CollectorRegistry
 
 from orchestrator.router.admission import Limits
 from orchestrator.router.frontend import Frontend
-from orchestrator.router.inputs import DisaggMode, DisaggThresholds, Role, WorkerId, WorkerState
-from orchestrator.router.kv_index import KvIndex
-from orchestrator.router.metrics import RouterMetrics
-from orchestrator.router.policy import PolicyName
-from orchestrator.router.router import Router
-from support.gateways import FLEET
+from orchestrator.router.inputs import DisaggMode, Role, WorkerId, WorkerState
+from support.gateways import SMALL, byte_frontend
 from tandem.request import GenerationRequest
 from tandem.stream import Finish, PrefillResult, RequestSummary, TokenDelta, TokenLogprob
-from tandem.tokenizer import ByteTokenizer
-
-SMALL = Limits(max_context=1024, default_max_tokens=16, max_tokens=512)
 
 
 @dataclass(frozen=True)
@@ -94,8 +86,4 @@ class ScriptedGateway:
 def scripted_frontend(gateway: ScriptedGateway, registry: CollectorRegistry, *, split: bool,
                       limits: Limits = SMALL) -> Frontend:
     """A byte-tokenizer frontend (by default context 1024, max_tokens 512, default 16) over `gateway`."""
-    mode = DisaggMode.ALWAYS if split else DisaggMode.NEVER
-    fleet = dataclasses.replace(FLEET, disagg=DisaggThresholds(mode=mode))
-    return Frontend(tokenizer=ByteTokenizer(), limits=limits,
-                    router=Router.named(PolicyName.KV, fleet), index=KvIndex(), gateway=gateway,
-                    metrics=RouterMetrics(registry))
+    return byte_frontend(gateway, registry, limits=limits, mode=DisaggMode.ALWAYS if split else DisaggMode.NEVER)

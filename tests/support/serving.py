@@ -16,20 +16,16 @@ from prometheus_client import CollectorRegistry
 
 from orchestrator.router.admission import Limits
 from orchestrator.router.frontend import Frontend, WorkerGone
-from orchestrator.router.inputs import DisaggMode, DisaggThresholds, FleetParams, Role, WorkerId, WorkerState
+from orchestrator.router.inputs import DisaggMode, Role, WorkerId, WorkerState
 from orchestrator.router.kv_index import KvIndex
-from orchestrator.router.metrics import RouterMetrics
-from orchestrator.router.policy import PolicyName
 from orchestrator.router.quotas import RequestLimits
-from orchestrator.router.router import Router
-from support.gateways import FLEET
+from support.gateways import byte_frontend
 from tandem.blocks import BLOCK_SIZE
 from tandem.request import GenerationRequest
 from tandem.stream import Finish, PrefillResult, RequestSummary, TokenDelta
 from tandem.tokenizer import ByteTokenizer
 
 DECODE = WorkerId("decode-0")
-LOCAL_FLEET = FleetParams(FLEET.kv_bytes_per_block, FLEET.topology, DisaggThresholds(DisaggMode.NEVER))
 
 
 class ServingGateway:
@@ -81,8 +77,6 @@ def serving_frontend(registry: CollectorRegistry, quotas: RequestLimits = Reques
     """A byte-tokenizer frontend (max_tokens 512, default 8) over a fresh ServingGateway."""
     index = KvIndex()
     gateway = ServingGateway(index)
-    frontend = Frontend(tokenizer=ByteTokenizer(),
-                        limits=Limits(max_context=max_context, default_max_tokens=8, max_tokens=512),
-                        router=Router.named(PolicyName.KV, LOCAL_FLEET), index=index, gateway=gateway,
-                        metrics=RouterMetrics(registry), quotas=quotas)
+    limits = Limits(max_context=max_context, default_max_tokens=8, max_tokens=512)
+    frontend = byte_frontend(gateway, registry, limits=limits, mode=DisaggMode.NEVER, index=index, quotas=quotas)
     return frontend, gateway
