@@ -24,6 +24,7 @@ from rich.color import ColorSystem
 from rich.console import Console
 from rich.style import Style
 
+from orchestrator.api.chat import tool_to_proto
 from orchestrator.api.chat_schemas import ToolBody
 from orchestrator.router.chat.conversation import ReasoningEffort, conversation_from_proto
 from orchestrator.router.client import tool_call_line
@@ -102,9 +103,7 @@ def _tool(path: Path, i: int, entry: object) -> generate_pb2.Tool:
         first = exc.errors()[0]
         loc = ".".join(str(x) for x in first["loc"]) or "(the entry)"
         raise ChatOptionError(f"{where}: {loc}: {first['msg']}") from None
-    f = body.function
-    tool = generate_pb2.Tool(name=f.name, description=f.description or "",
-                             parameters_json=json.dumps(f.parameters) if f.parameters is not None else "")
+    tool = tool_to_proto(body)
     # The router's own rules (function name, parameters a JSON object), checked before sending.
     probe = generate_pb2.GenerateRequest(messages=[generate_pb2.ChatMessage(role="user")],
                                          chat=generate_pb2.ChatOptions(tools=[tool]))

@@ -12,11 +12,18 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 
-from orchestrator.api.chat_schemas import ChatFields
+from orchestrator.api.chat_schemas import ChatFields, ToolBody
 from tandem.v1 import generate_pb2
 
 _EFFORT = {None: generate_pb2.REASONING_EFFORT_UNSPECIFIED, "high": generate_pb2.REASONING_EFFORT_HIGH,
            "max": generate_pb2.REASONING_EFFORT_MAX}
+
+
+def tool_to_proto(tool: ToolBody) -> generate_pb2.Tool:
+    """An OpenAI function tool as the proto's Tool (parameters as JSON text, "" when absent)."""
+    f = tool.function
+    return generate_pb2.Tool(name=f.name, description=f.description or "",
+                             parameters_json=json.dumps(f.parameters) if f.parameters is not None else "")
 
 
 def fill_chat(msg: generate_pb2.GenerateRequest, body: ChatFields) -> None:
@@ -27,10 +34,7 @@ def fill_chat(msg: generate_pb2.GenerateRequest, body: ChatFields) -> None:
         msg.messages.append(generate_pb2.ChatMessage(
             role=m.role, content=m.text, reasoning_content=m.reasoning_content or "", tool_calls=calls,
             tool_call_id=m.tool_call_id or "", name=m.name or ""))
-    tools = [generate_pb2.Tool(name=t.function.name, description=t.function.description or "",
-                               parameters_json=json.dumps(t.function.parameters)
-                               if t.function.parameters is not None else "")
-             for t in body.offered_tools]
+    tools = [tool_to_proto(t) for t in body.offered_tools]
     msg.chat.CopyFrom(generate_pb2.ChatOptions(thinking=body.thinking_on, tools=tools,
                                                reasoning_effort=_EFFORT[body.reasoning_effort]))
 
