@@ -9,10 +9,8 @@ over the router's real gRPC server and a scripted decode worker:
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from support.scripted import scripted_chat
 from support.scripted_gateway import ScriptedGateway
+from support.servers import grpc_router
 from typer.testing import CliRunner
 
 from orchestrator.cli import app
@@ -27,7 +26,6 @@ from orchestrator.router.chat.conversation import ChatOptions, Message, Reasonin
 from orchestrator.router.chat.encoding import render
 from orchestrator.router.chat.stream import call_id
 from orchestrator.router.client import make_request
-from orchestrator.router.server import start_server
 from tandem.tokenizer import ByteTokenizer
 from tandem.v1 import generate_pb2
 
@@ -48,14 +46,8 @@ PIECES = [OUTPUT[i:i + 9] for i in range(0, len(OUTPUT), 9)]  # steps cut the ma
 def serving(pieces: list[str]) -> Iterator[tuple[str, ScriptedGateway]]:
     """A gRPC router over a decode worker that writes `pieces`, on a loop in a thread; its address."""
     gateway, frontend = scripted_chat(pieces, CollectorRegistry())
-    loop = asyncio.new_event_loop()
-    threading.Thread(target=loop.run_forever, daemon=True).start()
-    server, port = asyncio.run_coroutine_threadsafe(start_server(frontend, port=0), loop).result(30)
-    try:
-        yield f"127.0.0.1:{port}", gateway
-    finally:
-        asyncio.run_coroutine_threadsafe(server.stop(None), loop).result(30)
-        loop.call_soon_threadsafe(loop.stop)
+    with grpc_router(frontend) as address:
+        yield address, gateway
 
 
 @pytest.fixture()

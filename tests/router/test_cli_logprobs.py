@@ -5,19 +5,17 @@ The workers are the scripted in-memory gateway; its logprobs are dyadic (exact i
 
 from __future__ import annotations
 
-import asyncio
 import json
-import threading
 from collections.abc import Iterator
 
 import pytest
 from prometheus_client import CollectorRegistry
 from support.scripted_gateway import ScriptedGateway, Step, idle_worker, scripted_frontend
+from support.servers import grpc_router
 from typer.testing import CliRunner
 
 from orchestrator.cli import app
 from orchestrator.router.inputs import Role
-from orchestrator.router.server import start_server
 from tandem.stream import TokenLogprob
 
 pytestmark = pytest.mark.router
@@ -32,15 +30,8 @@ def served(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, ScriptedGatew
     monkeypatch.setenv("TANDEM_STATE", "/nonexistent/state.json")
     monkeypatch.delenv("TANDEM_TOKEN", raising=False)
     gateway = ScriptedGateway(SCRIPT, [idle_worker("decode-0", Role.DECODE)])
-    loop = asyncio.new_event_loop()
-    threading.Thread(target=loop.run_forever, daemon=True).start()
-    frontend = scripted_frontend(gateway, CollectorRegistry(), split=False)
-    server, port = asyncio.run_coroutine_threadsafe(start_server(frontend, port=0), loop).result(30)
-    try:
-        yield f"127.0.0.1:{port}", gateway
-    finally:
-        asyncio.run_coroutine_threadsafe(server.stop(None), loop).result(30)
-        loop.call_soon_threadsafe(loop.stop)
+    with grpc_router(scripted_frontend(gateway, CollectorRegistry(), split=False)) as address:
+        yield address, gateway
 
 
 def test_generate_json_lines_carry_the_logprobs(served: tuple[str, ScriptedGateway]) -> None:

@@ -1,17 +1,20 @@
 """Real servers on 127.0.0.1 (port 0) for tests of the front doors: the HTTP app under uvicorn, with
-or without TLS, inside the test's own event loop."""
+or without TLS, inside the test's own event loop; the router's gRPC server on a loop in a thread."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import threading
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 
 import uvicorn
 from fastapi import FastAPI
 
+from orchestrator.router.frontend import Frontend
 from orchestrator.router.host import TlsPaths
+from orchestrator.router.server import start_server
 
 
 @asynccontextmanager
@@ -41,3 +44,16 @@ async def settle(timeout_s: float = 5.0) -> None:
     others = asyncio.all_tasks() - {asyncio.current_task()}
     if others:
         await asyncio.wait(others, timeout=timeout_s)
+
+
+@contextmanager
+def grpc_router(frontend: Frontend) -> Iterator[str]:
+    """The router's gRPC server over `frontend`, on an event loop in a thread; yields its address."""
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    server, port = asyncio.run_coroutine_threadsafe(start_server(frontend, port=0), loop).result(30)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(None), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
