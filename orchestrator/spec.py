@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from orchestrator.spec_autoscale import AutoscaleSpec, check_autoscale
+from orchestrator.spec_base import Strict
 from orchestrator.spec_faults import FaultsSpec
 from orchestrator.spec_limits import LimitsSpec, TenantSpec, check_tenants
 
@@ -29,10 +30,6 @@ class SpecError(ValueError):
         super().__init__(f"invalid deployment spec {source}:\n" + "\n".join(f"  {p}" for p in problems))
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
 class ModelPreset(StrEnum):
     TINY = "tiny"
     V4_FLASH = "v4-flash"
@@ -44,7 +41,7 @@ class ComputeDtype(StrEnum):
     BFLOAT16 = "bfloat16"
 
 
-class ModelSpec(_Strict):
+class ModelSpec(Strict):
     """Which model to serve: a preset (random or demo weights) or a checkpoint directory."""
 
     preset: ModelPreset | None = None
@@ -61,7 +58,7 @@ class ModelSpec(_Strict):
         return self
 
 
-class PoolSpec(_Strict):
+class PoolSpec(Strict):
     """One role's worker pool: `instances` groups of `ep_ranks` ranks each."""
 
     instances: int = Field(ge=0, le=4096)
@@ -73,7 +70,7 @@ class PoolSpec(_Strict):
     kv_blocks: int | None = Field(default=None, ge=1)
 
 
-class SpeculationSpec(_Strict):
+class SpeculationSpec(Strict):
     """MTP speculative decoding: draft tokens the MTP layer proposes per decode step (0: off).
     Output is the same with it on; the checkpoint must have its MTP layer (mtp.* tensors)."""
 
@@ -87,13 +84,13 @@ class DecodePoolSpec(PoolSpec):
     speculation: SpeculationSpec = SpeculationSpec()
 
 
-class CpuTopology(_Strict):
+class CpuTopology(Strict):
     kind: Literal["cpu"]
     # Logical CPUs Ray may hand out; actors get logical resources so 2 cores never stall placement.
     num_cpus: int = Field(default=2, ge=1, le=1024)
 
 
-class Gb200Nvl72Topology(_Strict):
+class Gb200Nvl72Topology(Strict):
     kind: Literal["gb200-nvl72"]
     racks: int = Field(ge=1, le=1024)
     trays_per_rack: int = Field(default=18, ge=1, le=18)
@@ -104,7 +101,7 @@ class Gb200Nvl72Topology(_Strict):
         return self.trays_per_rack * self.gpus_per_tray
 
 
-class B300HgxTopology(_Strict):
+class B300HgxTopology(Strict):
     kind: Literal["b300-hgx"]
     nodes: int = Field(ge=1, le=4096)
     gpus_per_node: int = Field(default=8, ge=1, le=8)
@@ -135,7 +132,7 @@ class DisaggregationMode(StrEnum):
     NEVER = "never"
 
 
-class DisaggregationSpec(_Strict):
+class DisaggregationSpec(Strict):
     mode: DisaggregationMode = DisaggregationMode.CONDITIONAL
     # CONDITIONAL: prefill locally when uncached tokens < this ...
     max_local_prefill_tokens: int = Field(default=2048, ge=0)
@@ -143,7 +140,7 @@ class DisaggregationSpec(_Strict):
     max_local_uncached_fraction: float = Field(default=0.7, ge=0.0, le=1.0)
 
 
-class KvPolicyWeights(_Strict):
+class KvPolicyWeights(Strict):
     """Weights of the `kv` policy's decode score (each term is normalised to [0, 1])."""
 
     kv_usage: float = Field(default=1.0, ge=0)
@@ -152,7 +149,7 @@ class KvPolicyWeights(_Strict):
     reuse_credit: float = Field(default=1.0, ge=0)
 
 
-class RouterSpec(_Strict):
+class RouterSpec(Strict):
     host: str = "127.0.0.1"
     # gRPC port; 0 picks a free one (written to the state file).
     port: int = Field(default=50051, ge=0, le=65535)
@@ -174,7 +171,7 @@ class TransferBackend(StrEnum):
     NIXL_UCX = "nixl-ucx"
 
 
-class TransferSpec(_Strict):
+class TransferSpec(Strict):
     backend: TransferBackend = TransferBackend.NIXL_UCX
     # A prefill frees a handoff's blocks when no decode claims them within this many seconds.
     lease_s: float = Field(default=10.0, gt=0, le=3600)
@@ -182,14 +179,14 @@ class TransferSpec(_Strict):
     timeout_s: float = Field(default=30.0, gt=0, le=3600)
 
 
-class TlsSpec(_Strict):
+class TlsSpec(Strict):
     cert_file: str = Field(min_length=1)
     key_file: str = Field(min_length=1)
     # With a CA file the servers require client certificates signed by it (mutual TLS).
     client_ca_file: str | None = Field(default=None, min_length=1)
 
 
-class SecuritySpec(_Strict):
+class SecuritySpec(Strict):
     tls: TlsSpec | None = None
     # Bearer token for generation clients; unset = a random token written to the state file.
     token_file: str | None = Field(default=None, min_length=1)
@@ -204,7 +201,7 @@ class SecuritySpec(_Strict):
         return self
 
 
-class DeploymentSpec(_Strict):
+class DeploymentSpec(Strict):
     name: str = Field(min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
     model: ModelSpec
     prefill: PoolSpec

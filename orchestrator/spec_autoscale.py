@@ -14,14 +14,12 @@ the spec (orchestrator/spec.py); the controller's autoscaler (orchestrator/autos
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from orchestrator.spec_base import Strict
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class PoolBounds(_Strict):
+class PoolBounds(Strict):
     """The fewest and most instances the autoscaler may run in one pool."""
 
     min: int = Field(ge=0, le=4096)
@@ -34,7 +32,7 @@ class PoolBounds(_Strict):
         return self
 
 
-class AutoscaleSpec(_Strict):
+class AutoscaleSpec(Strict):
     """Online P:D autoscaling (see docs/operations.md)."""
 
     enabled: bool = False

@@ -9,14 +9,12 @@ SIGKILL.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from orchestrator.spec_base import Strict
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class FaultPickSpec(_Strict):
+class FaultPickSpec(Strict):
     """Which events a fault hits, numbered from 0 per rank: none of the first `skip`, the next
     `count`, and after those each with `probability` (seeded by `seed`)."""
 
@@ -26,7 +24,7 @@ class FaultPickSpec(_Strict):
     seed: int = 0
 
 
-class TransferFaultsSpec(_Strict):
+class TransferFaultsSpec(Strict):
     """READs posted by decode ranks (the side that pulls a handoff)."""
 
     fail: FaultPickSpec = FaultPickSpec()
@@ -42,13 +40,13 @@ class TransferFaultsSpec(_Strict):
         return self
 
 
-class KvEventFaultsSpec(_Strict):
+class KvEventFaultsSpec(Strict):
     """KV events of every rank, dropped before its event log (routers see a sequence gap)."""
 
     drop: FaultPickSpec = FaultPickSpec()
 
 
-class FaultsSpec(_Strict):
+class FaultsSpec(Strict):
     """TEST ONLY (see the module docstring); all off by default."""
 
     transfer: TransferFaultsSpec = TransferFaultsSpec()

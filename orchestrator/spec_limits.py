@@ -8,17 +8,14 @@ RESOURCE_EXHAUSTED / 413 for a message past max_request_bytes.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from orchestrator.router.quotas import DEFAULT_MAX_REQUEST_BYTES
+from orchestrator.spec_base import Strict
 from tandem.request import MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class LimitsSpec(_Strict):
+class LimitsSpec(Strict):
     """What one request and one client may take (defaults suit a 1M-token context)."""
 
     # Prompt tokens; unset = the model's context bounds it.
@@ -35,7 +32,7 @@ class LimitsSpec(_Strict):
     max_streams_per_tenant: int = Field(default=1024, ge=1, le=1_000_000)
 
 
-class TenantSpec(_Strict):
+class TenantSpec(Strict):
     """A tenant: its own client token, prefix-cache salt and concurrent-stream budget. The token of
     security.token_file belongs to the tenant named "default" (a reserved name)."""
 
