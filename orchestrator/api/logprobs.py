@@ -34,7 +34,11 @@ def token_bytes(tokenizer: Tokenizer, token_id: int) -> bytes:
 
 def token_string(tokenizer: Tokenizer, token_id: int) -> str:
     """How a token is shown (see the module docstring)."""
-    raw = token_bytes(tokenizer, token_id)
+    return _shown(tokenizer, token_id, token_bytes(tokenizer, token_id))
+
+
+def _shown(tokenizer: Tokenizer, token_id: int, raw: bytes) -> str:
+    """`token_string` from the token's bytes (`token_bytes`), which the caller already has."""
     if not raw:
         if token_id == tokenizer.eos_id:
             return "<eos>"
@@ -62,23 +66,24 @@ class LogprobsWriter:
             return {"content": [self._chat_entry(e) for e in entries]}
         out: dict = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
         for e in entries:
-            chosen = token_string(self._tok, e.token_id)
+            raw = token_bytes(self._tok, e.token_id)
+            chosen = _shown(self._tok, e.token_id, raw)
             top = {token_string(self._tok, t.token_id): t.logprob for t in e.top}
             top.setdefault(chosen, e.logprob)
             out["tokens"].append(chosen)
             out["token_logprobs"].append(e.logprob)
             out["top_logprobs"].append(top)
-            out["text_offset"].append(self._advance(e.token_id))
+            out["text_offset"].append(self._advance(raw))
         return out
 
     def merged(self, chunks: Sequence[Sequence[generate_pb2.TokenLogprob]]) -> dict:
         """One object for a whole non-streamed answer (the chunks' entries in order)."""
         return self.chunk([e for c in chunks for e in c])
 
-    def _advance(self, token_id: int) -> int:
-        """The offset where this token's bytes start; then count the characters they complete."""
+    def _advance(self, raw: bytes) -> int:
+        """The offset where a token's bytes `raw` start; then count the characters they complete."""
         start = self._chars
-        self._chars += len(self._utf8.decode(token_bytes(self._tok, token_id)))
+        self._chars += len(self._utf8.decode(raw))
         return start
 
     def _chat_entry(self, e: generate_pb2.TokenLogprob) -> dict:
@@ -88,5 +93,5 @@ class LogprobsWriter:
 
     def _chat_item(self, token_id: int, logprob: float) -> dict:
         raw = token_bytes(self._tok, token_id)
-        return {"token": token_string(self._tok, token_id), "logprob": logprob,
+        return {"token": _shown(self._tok, token_id, raw), "logprob": logprob,
                 "bytes": list(raw) if raw else None}
