@@ -25,6 +25,7 @@ from workers.engine.engine import Role
 from workers.pullers import HandoffPuller, NixlPuller, RayObjectPuller
 from workers.rank_actor import RankActor
 from workers.transfer.agent import AgentInfo
+from workers.transfer.decode_side import DecodeTransfer
 
 __all__ = ["DecodeActor", "DecodeWorker", "HandoffPuller", "NixlPuller", "RayObjectPuller"]
 
@@ -77,11 +78,14 @@ class DecodeWorker(RankActor):
         msg.kv_transfers = int(m.value("kv_transfer_seconds_count"))
         msg.kv_transfer_failures = int(m.value("kv_transfer_failures_total"))
 
-    async def agent_info(self) -> AgentInfo:
-        """This rank's NIXL agent info (metadata, layout, pool regions)."""
+    def _nixl(self) -> DecodeTransfer:
         if not isinstance(self._puller, NixlPuller):
             raise RuntimeError(f"{self.config.name}: handoff is {self.config.handoff.name}, not NIXL")
-        return self._puller.transfer.info()
+        return self._puller.transfer
+
+    async def agent_info(self) -> AgentInfo:
+        """This rank's NIXL agent info (metadata, layout, pool regions)."""
+        return self._nixl().info()
 
     async def tokens_run(self) -> tuple[int, int]:
         """(prompt or recompute tokens, sampled tokens) this rank's model has run since start."""
@@ -90,17 +94,13 @@ class DecodeWorker(RankActor):
 
     async def transfer_metric(self, name: str) -> float:
         """A sample of this rank's NIXL transfer metrics (e.g. 'kv_transfer_bytes_total')."""
-        if not isinstance(self._puller, NixlPuller):
-            raise RuntimeError(f"{self.config.name}: handoff is {self.config.handoff.name}, not NIXL")
-        return self._puller.transfer.metrics.value(name)
+        return self._nixl().metrics.value(name)
 
     async def pulls(self) -> list[tuple[str, int, int, int, str | None]]:
         """The last NIXL handoffs taken here (at most decode_side.RECORDS_KEPT): (request id, bytes,
         blocks pulled, blocks skipped, error)."""
-        if not isinstance(self._puller, NixlPuller):
-            raise RuntimeError(f"{self.config.name}: handoff is {self.config.handoff.name}, not NIXL")
         return [(r.request_id, r.result.nbytes if r.result else 0, r.result.blocks_pulled if r.result else 0,
-                 r.result.blocks_skipped if r.result else 0, r.error) for r in self._puller.transfer.records]
+                 r.result.blocks_skipped if r.result else 0, r.error) for r in self._nixl().records]
 
     async def resume(self, request: GenerationRequest, generated: Sequence[int]) -> None:
         """Continue a request migrated from a failed worker after the tokens it already streamed."""
