@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from orchestrator.planner.fleet import FleetConfig
     from orchestrator.planner.sim import Simulator
+    from orchestrator.planner.trace import TraceRequest
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -72,29 +74,51 @@ class SimResult:
 
 def collect(sim: Simulator) -> SimResult:
     """Read a finished simulation's jobs and instances."""
-    done = [j for j in sim.jobs if j.t_finish >= 0]
     if sim.in_system:
         raise RuntimeError(f"simulation ended with {sim.in_system} requests still in the system")
-    routed = [j for j in sim.jobs if j.decode is not None]
-    start = sim.requests[0].arrival_s if sim.requests else 0.0
-    end = max((j.t_finish for j in done), default=start)
+    jobs = sim.jobs
+    return summarize(
+        sim.fleet, sim.requests,
+        t_first=[j.t_first for j in jobs], t_finish=[j.t_finish for j in jobs],
+        cached_tokens=[j.cached_tokens for j in jobs], routed=[j.decode is not None for j in jobs],
+        prefill_busy_s=[p.engine.busy_time for p in sim.prefills],
+        decode_busy_s=[d.active_time + d.local.busy_time for d in sim.decodes],
+        area=sim.area, rejected=sim.rejected)
+
+
+def summarize(
+    fleet: FleetConfig, requests: Sequence[TraceRequest], *, t_first: Sequence[float],
+    t_finish: Sequence[float], cached_tokens: Sequence[int], routed: Sequence[bool],
+    prefill_busy_s: Sequence[float], decode_busy_s: Sequence[float], area: float, rejected: int,
+) -> SimResult:
+    """The metrics of a finished replay of `requests` (arrival order) from its per-request times
+    (-1.0: never reached), cached tokens and routed flags, each instance's busy seconds (decode:
+    decoding plus local prefills) and the integral of requests in the system."""
+    done = [i for i, t in enumerate(t_finish) if t >= 0]
+    start = requests[0].arrival_s if requests else 0.0
+    end = max((t_finish[i] for i in done), default=start)
     span = max(end - start, 1e-12)
-    gpus = sim.fleet.gpus
-    busy = sum(p.engine.busy_time for p in sim.prefills) * sim.fleet.prefill.par.gpus
-    busy += sum(d.active_time + d.local.busy_time for d in sim.decodes) * sim.fleet.decode.par.gpus
-    prompt = sum(j.req.prompt_tokens for j in routed)
-    tokens_in = sum(j.req.prompt_tokens for j in done)
-    tokens_out = sum(j.req.output_tokens for j in done)
+    gpus = fleet.gpus
+    busy = sum(prefill_busy_s) * fleet.prefill.par.gpus
+    busy += sum(decode_busy_s) * fleet.decode.par.gpus
+    prompt = sum(r.prompt_tokens for r, ok in zip(requests, routed, strict=True) if ok)
+    cached = sum(c for c, ok in zip(cached_tokens, routed, strict=True) if ok)
+    arrival = [requests[i].arrival_s for i in done]
+    first = [t_first[i] for i in done]
+    last = [t_finish[i] for i in done]
+    out_tokens = [requests[i].output_tokens for i in done]
+    tokens_in = sum(requests[i].prompt_tokens for i in done)
+    tokens_out = sum(out_tokens)
     return SimResult(
-        requests=len(sim.requests), completed=len(done), rejected=sim.rejected,
-        ttft=tuple(j.t_first - j.req.arrival_s for j in done),
-        tpot=tuple((j.t_finish - j.t_first) / (j.req.output_tokens - 1) if j.req.output_tokens > 1 else 0.0
-                   for j in done),
-        latency=tuple(j.t_finish - j.req.arrival_s for j in done),
-        hit_rate=sum(j.cached_tokens for j in routed) / prompt if prompt else 0.0,
+        requests=len(requests), completed=len(done), rejected=rejected,
+        ttft=tuple(f - a for f, a in zip(first, arrival, strict=True)),
+        tpot=tuple((e - f) / (n - 1) if n > 1 else 0.0
+                   for f, e, n in zip(first, last, out_tokens, strict=True)),
+        latency=tuple(e - a for e, a in zip(last, arrival, strict=True)),
+        hit_rate=cached / prompt if prompt else 0.0,
         gpu_utilisation=busy / (gpus * span),
         total_tok_s_per_gpu=(tokens_in + tokens_out) / (gpus * span),
         output_tok_s_per_gpu=tokens_out / (gpus * span),
         makespan_s=span,
-        mean_in_system=sim.area / span,
+        mean_in_system=area / span,
     )

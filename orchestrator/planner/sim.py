@@ -21,7 +21,7 @@ from orchestrator.planner.cache import PrefixCache
 from orchestrator.planner.fleet import FleetConfig, PoolConfig
 from orchestrator.planner.instances import DecodeInstance, Job, PrefillEngine
 from orchestrator.planner.kv_layout import block_bytes, handoff_bytes, request_reserve_bytes
-from orchestrator.planner.models import model
+from orchestrator.planner.models import ModelArch, model
 from orchestrator.planner.results import SimResult, collect
 from orchestrator.planner.trace import TraceRequest
 from orchestrator.router.decision import Refusal
@@ -45,7 +45,7 @@ class _Prefill:
         self.worker, self.domain, self.engine = worker, domain, engine
 
 
-def _placement(fleet: FleetConfig) -> tuple[list[str], list[str]]:
+def placement(fleet: FleetConfig) -> tuple[list[str], list[str]]:
     """NVLink domain of each prefill and each decode instance."""
     order = sorted([((i + 0.5) / fleet.prefill.instances, 0, i) for i in range(fleet.prefill.instances)]
                    + [((i + 0.5) / fleet.decode.instances, 1, i) for i in range(fleet.decode.instances)])
@@ -58,6 +58,41 @@ def _placement(fleet: FleetConfig) -> tuple[list[str], list[str]]:
         domains[role][i] = f"domain{dom}"
         used += size
     return domains
+
+
+def pool_capacity(fleet: FleetConfig, pool: PoolConfig, block_bytes_: int) -> int:
+    """KV blocks of one instance of `pool`: the spec's, or what HBM leaves after the weights."""
+    if pool.kv_blocks is not None:
+        return pool.kv_blocks
+    return int(fleet.cost_model(pool).kv_pool_bytes() // block_bytes_)
+
+
+def pool_rate(fleet: FleetConfig, pool: PoolConfig) -> float:
+    """The prefill rate a worker reports: one full chunk from an empty context, per the cost model."""
+    chunk = pool.max_batched_tokens
+    return chunk / fleet.cost_model(pool).prefill_chunk_seconds(((0, chunk),), 1)
+
+
+def check_fits(requests: Sequence[TraceRequest], arch: ModelArch, block_bytes_: int, *, decode_capacity: int,
+               prefill_capacity: int | None) -> None:
+    """Every request must fit one worker of each role it may use, or the replay would stall
+    (prefill_capacity None: no prefill pool)."""
+    if not requests:
+        raise ValueError("no requests to simulate")
+
+    def blocks(tokens: int) -> int:
+        return -(-request_reserve_bytes(arch, tokens) // block_bytes_)
+
+    big = max(requests, key=lambda r: r.prompt_tokens + r.output_tokens)
+    where = f"request {big.request_id!r} ({big.prompt_tokens} prompt + {big.output_tokens} output tokens)"
+    need = blocks(big.prompt_tokens + big.output_tokens)
+    if need > decode_capacity:
+        raise ValueError(f"{where} needs {need} KV blocks; a decode instance holds {decode_capacity}")
+    big = max(requests, key=lambda r: r.prompt_tokens)
+    need = blocks(big.prompt_tokens)
+    if prefill_capacity is not None and need > prefill_capacity:
+        raise ValueError(f"request {big.request_id!r} ({big.prompt_tokens} prompt tokens) needs {need} "
+                         f"KV blocks to prefill; a prefill instance holds {prefill_capacity}")
 
 
 class Simulator:
@@ -79,7 +114,7 @@ class Simulator:
         self.in_system = 0
         self.area = 0.0  # integral of requests in the system over time
         self._t_area = 0.0
-        pdom, ddom = _placement(fleet)
+        pdom, ddom = placement(fleet)
         pcost, dcost = fleet.cost_model(fleet.prefill), fleet.cost_model(fleet.decode)
         self.prefill_rate = self._rate(fleet.prefill)
         self.decode_rate = self._rate(fleet.decode)
@@ -114,14 +149,10 @@ class Simulator:
 
     # ---- set-up helpers --------------------------------------------------------------------------
     def _capacity(self, pool: PoolConfig) -> int:
-        if pool.kv_blocks is not None:
-            return pool.kv_blocks
-        return int(self.fleet.cost_model(pool).kv_pool_bytes() // self.block_bytes)
+        return pool_capacity(self.fleet, pool, self.block_bytes)
 
     def _rate(self, pool: PoolConfig) -> float:
-        """The prefill rate a worker reports: one full chunk from an empty context, per the cost model."""
-        chunk = pool.max_batched_tokens
-        return chunk / self.fleet.cost_model(pool).prefill_chunk_seconds(((0, chunk),), 1)
+        return pool_rate(self.fleet, pool)
 
     def _blocks(self, nbytes: int) -> int:
         return -(-nbytes // self.block_bytes)
@@ -149,21 +180,9 @@ class Simulator:
         heapq.heappush(self.events, (t, self._seq, kind, payload))
 
     def _check_fits(self) -> None:
-        """Every request must fit one worker of each role it may use, or the replay would stall."""
-        if not self.requests:
-            raise ValueError("no requests to simulate")
-        big = max(self.requests, key=lambda r: r.prompt_tokens + r.output_tokens)
-        where = f"request {big.request_id!r} ({big.prompt_tokens} prompt + {big.output_tokens} output tokens)"
-        need = self._blocks(request_reserve_bytes(self.arch, big.prompt_tokens + big.output_tokens))
-        have = min(d.cache.capacity for d in self.decodes)
-        if need > have:
-            raise ValueError(f"{where} needs {need} KV blocks; a decode instance holds {have}")
-        big = max(self.requests, key=lambda r: r.prompt_tokens)
-        need = self._blocks(request_reserve_bytes(self.arch, big.prompt_tokens))
-        have = min((p.engine.cache.capacity for p in self.prefills), default=need)
-        if need > have:
-            raise ValueError(f"request {big.request_id!r} ({big.prompt_tokens} prompt tokens) needs {need} "
-                             f"KV blocks to prefill; a prefill instance holds {have}")
+        check_fits(self.requests, self.arch, self.block_bytes,
+                   decode_capacity=min(d.cache.capacity for d in self.decodes),
+                   prefill_capacity=min((p.engine.cache.capacity for p in self.prefills), default=None))
 
     # ---- the loop --------------------------------------------------------------------------------
     def run(self) -> SimResult:

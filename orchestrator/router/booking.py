@@ -56,6 +56,11 @@ class LoadBook:
         self._max_sessions = max_sessions
         self.decisions_made = 0
 
+    @property
+    def max_sessions(self) -> int:
+        """How many sessions' last pairs are remembered (the least recently routed goes first)."""
+        return self._max_sessions
+
     def __len__(self) -> int:
         """Open bookings."""
         return len(self._open)
