@@ -8,24 +8,29 @@ names the bad value.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import typer
 
+from orchestrator.planner.engines import SimEngine
 from orchestrator.planner.estimate import EstimateQuery, estimate
 from orchestrator.planner.fleet import FleetConfig, fleet_from_spec
 from orchestrator.planner.goodput import Slo, goodput
 from orchestrator.planner.hardware import CALIBRATED, GpuKind, shared_constants
 from orchestrator.planner.hardware import gpu as gpu_spec
 from orchestrator.planner.models import ModelName, Precision
+from orchestrator.planner.native.lib import NativeBuildError
 from orchestrator.planner.plan import plan
 from orchestrator.planner.trace import TraceRequest, load_mooncake
 from orchestrator.router.policy import PolicyName
 from orchestrator.spec import SpecError, load_spec
 
+T = TypeVar("T")
 TraceOpt = Annotated[Path, typer.Option("--trace", help="Mooncake JSON-lines trace")]
 SpecOpt = Annotated[Path, typer.Option("--spec", help="deployment spec YAML")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON document on stdout")]
@@ -33,6 +38,9 @@ ModelOpt = Annotated[ModelName | None, typer.Option("--model", help="the model a
 LimitOpt = Annotated[int | None, typer.Option("--limit", min=2, help="replay only the first N requests")]
 TtftOpt = Annotated[float, typer.Option("--ttft-slo", min=0.0, help="TTFT target, seconds")]
 TpotOpt = Annotated[float, typer.Option("--tpot-slo", min=0.0, help="TPOT target, seconds")]
+EngineOpt = Annotated[SimEngine, typer.Option(
+    "--engine", help="native: the compiled simulator core (built with the system C compiler on first use); "
+    "python: the reference simulator (same results, 15-50x slower)")]
 
 
 def _progress(msg: str) -> None:
@@ -42,6 +50,14 @@ def _progress(msg: str) -> None:
 def _fail(msg: str) -> typer.Exit:
     typer.echo(f"error: {msg}", err=True)
     return typer.Exit(code=2)
+
+
+def _native_errors(call: Callable[[], T]) -> T:
+    """call(), with a native core that cannot build reported as a usage error naming --engine python."""
+    try:
+        return call()
+    except NativeBuildError as exc:
+        raise _fail(f"{exc}\n(--engine python runs the reference simulator without a C compiler)") from None
 
 
 def _inputs(spec: Path, trace: Path, limit: int | None,
@@ -78,6 +94,7 @@ def simulate(
     limit: LimitOpt = None,
     model: ModelOpt = None,
     as_json: JsonOpt = False,
+    engine: EngineOpt = SimEngine.NATIVE,
 ) -> None:
     """Replay a trace on the spec's fleet under each routing policy; goodput by bisection."""
     fleet, requests = _inputs(spec, trace, limit, model)
@@ -87,7 +104,7 @@ def simulate(
         _progress(f"simulating {len(requests)} requests on {fleet.gpus} {fleet.gpu.value} GPUs, "
                   f"policy {name.value}")
         f = fleet.with_policy(name)
-        base = goodput(f, requests, slo, progress=_progress)
+        base = _native_errors(functools.partial(goodput, f, requests, slo, progress=_progress, engine=engine))
         res = base.own  # the replay at the trace's own rate
         rows.append({"policy": name.value, "hit_rate": res.hit_rate, "ttft_p50": res.ttft_pct(50),
                      "ttft_p90": res.ttft_pct(90), "ttft_p99": res.ttft_pct(99), "tpot_p50": res.tpot_pct(50),
@@ -142,11 +159,13 @@ def plan_cmd(
     splits: Annotated[int, typer.Option("--splits", min=1, help="prefill shares tried per size pair")] = 5,
     model: ModelOpt = None,
     as_json: JsonOpt = False,
+    engine: EngineOpt = SimEngine.NATIVE,
 ) -> None:
     """Try P:D splits and instance sizes within --gpus; recommend the best goodput per GPU."""
     fleet, requests = _inputs(spec, trace, limit, model)
     try:
-        result = plan(fleet, requests, gpus, Slo(ttft_slo, tpot_slo), splits=splits, progress=_progress)
+        result = _native_errors(lambda: plan(fleet, requests, gpus, Slo(ttft_slo, tpot_slo), splits=splits,
+                                             progress=_progress, engine=engine))
     except ValueError as exc:
         raise _fail(str(exc)) from None
     rows = [dataclasses.asdict(r) for r in result.rows]

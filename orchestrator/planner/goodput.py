@@ -13,9 +13,9 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from orchestrator.planner.engines import SimEngine, make_replay
 from orchestrator.planner.fleet import FleetConfig
-from orchestrator.planner.results import SimResult, collect
-from orchestrator.planner.sim import Simulator
+from orchestrator.planner.results import SimResult
 from orchestrator.planner.trace import TraceRequest
 
 ATTAINMENT_TARGET = 0.9
@@ -62,25 +62,26 @@ def at_rate(requests: Sequence[TraceRequest], rate_rps: float) -> list[TraceRequ
 
 
 def goodput(fleet: FleetConfig, requests: Sequence[TraceRequest], slo: Slo, bisections: int = 8,
-            progress: Callable[[str], None] | None = None) -> Goodput:
+            progress: Callable[[str], None] | None = None, engine: SimEngine = SimEngine.NATIVE) -> Goodput:
     """The highest rate meeting the attainment target, within a factor 2 ** (1 / 2 ** bisections).
 
     The load's own rate is replayed in full (it is reported); every other rate stops as soon as
-    more requests have missed than the target allows (`Simulator.meets`)."""
+    more requests have missed than the target allows (`Simulator.meets`). `engine`: which
+    simulator replays (the same results either way)."""
     base = own_rate(requests)
     results: dict[float, SimResult] = {}
     verdicts: dict[float, bool] = {}
 
     def ok(rate: float) -> bool:
         if rate not in verdicts:
-            sim = Simulator(fleet, at_rate(requests, rate))
+            sim = make_replay(engine, fleet, at_rate(requests, rate))
             if rate == base:
                 results[rate] = sim.run()
                 verdicts[rate] = results[rate].attainment(slo.ttft_s, slo.tpot_s) >= ATTAINMENT_TARGET
             else:
                 verdicts[rate] = sim.meets(slo.ttft_s, slo.tpot_s, ATTAINMENT_TARGET)
                 if verdicts[rate]:
-                    results[rate] = collect(sim)
+                    results[rate] = sim.result()
             if progress is not None:
                 progress(f"  {fleet.policy.value}: {rate:.4g} req/s -> "
                          f"{'meets' if verdicts[rate] else 'misses'} {ATTAINMENT_TARGET:.0%} within SLO")

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from itertools import accumulate, chain
 
 from orchestrator.planner.fleet import FleetConfig
+from orchestrator.planner.fleet_setup import check_fits, placement, pool_capacity, pool_rate
 from orchestrator.planner.kv_layout import block_bytes, handoff_bytes, request_reserve_bytes
 from orchestrator.planner.models import model
 from orchestrator.planner.native.cost_params import cost_struct
@@ -23,7 +24,6 @@ from orchestrator.planner.native.lib import load
 from orchestrator.planner.native.policy_params import MAX_WORKERS, policy_struct
 from orchestrator.planner.native.sim_params import TsSimInput, TsSimOutput, bind
 from orchestrator.planner.results import SimResult, summarize
-from orchestrator.planner.sim import check_fits, placement, pool_capacity, pool_rate
 from orchestrator.planner.trace import TraceRequest
 from orchestrator.router.inputs import WorkerId, WorkerState
 from orchestrator.router.router import Router
@@ -61,6 +61,12 @@ class NativeSimulator:
     def run(self) -> SimResult:
         """Replay every request to completion (or refusal); the collected metrics. Once."""
         self._replay(math.inf, math.inf, len(self.requests))
+        return self.result()
+
+    def result(self) -> SimResult:
+        """The metrics of a replay that ran to the end (`run`, or `meets` that returned True)."""
+        if not self._used:
+            raise RuntimeError("NativeSimulator.result() before run() or meets()")
         if self._in_system:
             raise RuntimeError(f"simulation ended with {self._in_system} requests still in the system")
         n_pre = self.fleet.prefill.instances

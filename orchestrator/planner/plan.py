@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from orchestrator.planner.cost import Parallelism
+from orchestrator.planner.engines import SimEngine
 from orchestrator.planner.fleet import FleetConfig, PoolConfig
 from orchestrator.planner.goodput import Slo, goodput
 from orchestrator.planner.hardware import MEMORY_UTILISATION, gpu
@@ -84,7 +85,8 @@ def candidates(base: FleetConfig, gpus: int, splits: int = 5, max_sizes: int = 3
 
 
 def plan(base: FleetConfig, requests: Sequence[TraceRequest], gpus: int, slo: Slo, splits: int = 5,
-         max_sizes: int = 3, bisections: int = 6, progress: Callable[[str], None] | None = None) -> Plan:
+         max_sizes: int = 3, bisections: int = 6, progress: Callable[[str], None] | None = None,
+         engine: SimEngine = SimEngine.NATIVE) -> Plan:
     """Simulate every candidate; rows sorted by goodput per GPU, best first. Ties go to fewer GPUs,
     then to the lower TPOT p99 and TTFT p99 at the goodput rate."""
     rows = []
@@ -92,7 +94,7 @@ def plan(base: FleetConfig, requests: Sequence[TraceRequest], gpus: int, slo: Sl
         if progress is not None:
             progress(f"{fleet.prefill.instances} x {fleet.prefill.par.gpus}-GPU prefill, "
                      f"{fleet.decode.instances} x {fleet.decode.par.gpus}-GPU decode")
-        g = goodput(fleet, requests, slo, bisections=bisections)
+        g = goodput(fleet, requests, slo, bisections=bisections, engine=engine)
         res = g.result
         rows.append(PlanRow(
             prefill_instances=fleet.prefill.instances, prefill_gpus_each=fleet.prefill.par.gpus,
