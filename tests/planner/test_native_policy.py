@@ -138,7 +138,7 @@ def _policy(name: PolicyName, rng: random.Random, fleet: FleetParams) -> Routing
         return SglangPolicy(fleet, SglangParams(rng.choice([0.0, 0.3, 0.9]), rng.choice([0, 1, 2, 64]),
                                                 rng.choice([1.0, 1.5, 3.0])))
     if name is PolicyName.DYNAMO:
-        return DynamoPolicy(fleet, DynamoParams(rng.choice([0.0, 1.0, 0.5]), rng.choice([0.0, 1.0, 2.5])))
+        return DynamoPolicy(fleet, DynamoParams(rng.choice([0.0, 0.5, 1.0, 3.0]), rng.choice([0.0, 1.0, 2.5])))
     return RoundRobinPolicy(fleet)
 
 
@@ -255,6 +255,33 @@ def test_kv_zero_tolerance_refuses_when_the_only_pair_rounds_past_its_own_cost(l
     assert _native(lib, PolicyName.KV, policy, case) == "refused"
     loose = KvPolicy(fleet, KvParams(w_kv=0.0, w_running=1.0, decode_load_weight_s=0.1, tie_tolerance_s=1e-9))
     assert _python(loose, case) == _native(lib, PolicyName.KV, loose, case) == (1, 0, 3)
+
+
+def test_kv_row_over_the_limit_stays_out_even_when_its_member_sums_under_it(lib) -> None:
+    """tie_tolerance_s = 0, limit 0.6 (d1's pair: 0.1 + 0.0 + 0.3 * 5/3). d2's row costs
+    (0.1 + 0.2) + 0.3 = 0.6000000000000001 > limit, though its member's 0.1 + (0.2 + 0.3) = 0.6 is
+    not: Python skips the whole row, so the less loaded d2 must not win the tie-break."""
+    fleet = FleetParams(kv_bytes_per_block=1, topology=Topology(Link(10.0, 0.0), Link(10.0, 0.0)),
+                        disagg=DisaggThresholds(DisaggMode.ALWAYS), block_size=1)
+    policy = KvPolicy(fleet, KvParams(w_kv=0.0, w_running=1.0, decode_load_weight_s=0.3, tie_tolerance_s=0.0))
+    states = (_ws("d1", Role.DECODE, "x", 1.0, running_requests=4, max_running_requests=3, queue_limit=3),
+              _ws("d2", Role.DECODE, "x", 1.0), _ws("p", Role.PREFILL, "x", 10.0))
+    matches = {WorkerId("d1"): 3, WorkerId("d2"): 1, WorkerId("p"): 2}
+    case = Case(fleet, states, 3, matches, None, None, 0, False)
+    assert _python(policy, case) == _native(lib, PolicyName.KV, policy, case) == (2, 0, 1)
+
+
+def test_sglang_match_rate_exactly_at_the_threshold_is_no_hit(lib) -> None:
+    """The published rule is `rate > cache_threshold`: 5 of 10 tokens at 0.5 goes to the least
+    loaded prefill, 6 of 10 to the matching one."""
+    fleet = FleetParams(kv_bytes_per_block=1, topology=Topology(Link(1.0, 0.0), Link(1.0, 0.0)),
+                        disagg=DisaggThresholds(DisaggMode.ALWAYS), block_size=1)
+    policy = SglangPolicy(fleet, SglangParams(cache_threshold=0.5))
+    states = (_ws("d", Role.DECODE, "x", 1.0), _ws("p1", Role.PREFILL, "x", 1.0),
+              _ws("p2", Role.PREFILL, "x", 1.0, running_requests=1, max_running_requests=2))
+    for matched, want in ((5, (1, 0, 10)), (6, (2, 0, 4))):
+        case = Case(fleet, states, 10, {WorkerId("p2"): matched}, None, None, 0, False)
+        assert _python(policy, case) == _native(lib, PolicyName.SGLANG, policy, case) == want
 
 
 def test_glue_rejects_what_the_native_policies_do_not_model() -> None:
