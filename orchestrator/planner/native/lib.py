@@ -48,10 +48,12 @@ def build() -> Path:
     out = library_path()
     if out.exists():
         return out
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    wanted = os.environ.get("CC")
+    cc = shutil.which(wanted) if wanted else shutil.which("cc") or shutil.which("gcc")
     if cc is None:
-        raise NativeBuildError("no C compiler found (set CC, or install gcc) to build the planner's native "
-                               f"simulator core from {SOURCE_DIR}")
+        named = f"CC={wanted!r} is not an executable" if wanted else "no C compiler (cc or gcc) is on PATH"
+        raise NativeBuildError(f"{named}: the planner's native simulator core in {SOURCE_DIR} needs one "
+                               "(install gcc, or set CC)")
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         tmp_out = Path(tmp) / out.name
