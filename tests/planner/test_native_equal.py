@@ -119,7 +119,7 @@ def test_shared_prefixes_local_prefills_and_cross_domain(policy: PolicyName) -> 
     long = poisson(60, 5.0, Lengths(prompt_tokens=8000, output_tokens=50, jitter=0.5), seed=4)
     reqs = sorted(short + [dataclasses.replace(r, request_id=f"long-{r.request_id}") for r in long],
                   key=lambda r: r.arrival_s)
-    fleet = _flash(policy, prefills=3, decodes=3, domain_gpus=8)
+    fleet = _flash(policy, prefills=3, decodes=2, domain_gpus=8)
     r = _replay(fleet, reqs)
     pairs = {(j.prefill.slot, j.decode.slot) for j in r.python.jobs if j.prefill is not None}
     domain = {i: p.domain for i, p in enumerate(r.python.prefills)} | {d.slot: d.domain for d in r.python.decodes}
