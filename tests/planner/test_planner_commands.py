@@ -14,6 +14,7 @@ from orchestrator.planner.commands import register
 from orchestrator.planner.estimate import EstimateQuery, estimate
 from orchestrator.planner.hardware import GpuKind
 from orchestrator.planner.models import ModelName, Precision
+from orchestrator.planner.native.lib import load
 
 pytestmark = pytest.mark.planner
 
@@ -79,6 +80,32 @@ def test_simulate_json_rows(app: typer.Typer, files: tuple[Path, Path]) -> None:
         assert r["completed"] + r["rejected"] == 80
     assert rows[0]["hit_rate"] >= rows[1]["hit_rate"]
     assert "req/s" in res.stderr  # progress went to stderr
+
+
+def test_simulate_engines_print_the_same_json(app: typer.Typer, files: tuple[Path, Path]) -> None:
+    """--engine python (the reference) and native (the default) agree to the byte, goodput search
+    included."""
+    spec, trace = files
+    args = ["simulate", "--trace", str(trace), "--spec", str(spec), "--policy", "kv", "--policy", "sglang", "--json"]
+    native = CliRunner().invoke(app, args)
+    python = CliRunner().invoke(app, [*args, "--engine", "python"])
+    assert native.exit_code == python.exit_code == 0, native.stderr + python.stderr
+    assert native.stdout == python.stdout and json.loads(native.stdout)
+
+
+def test_simulate_without_a_compiler_names_the_python_engine(
+    app: typer.Typer, files: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    load.cache_clear()
+    monkeypatch.setenv("TANDEM_NATIVE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CC", "no-such-compiler")
+    spec, trace = files
+    try:
+        res = CliRunner().invoke(app, ["simulate", "--trace", str(trace), "--spec", str(spec), "--json"])
+    finally:
+        load.cache_clear()
+    assert res.exit_code == 2 and res.stdout == ""
+    assert "no-such-compiler" in res.stderr and "--engine python" in res.stderr
 
 
 def test_simulate_bad_spec_exits_2(app: typer.Typer, files: tuple[Path, Path], tmp_path: Path) -> None:
