@@ -44,6 +44,46 @@ static int q_push(Queue *q, int32_t x) {
 }
 static inline int64_t q_len(const Queue *q) { return q->tail - q->head; }
 
+/* A binary min-heap of T ordered by LESS (a strict order: ties never happen, so any correct heap
+ * pops the same sequence as Python's heapq): NAME_push (0, or -1 when out of memory), NAME_pop. */
+#define DEFINE_HEAP(NAME, T, LESS)                                              \
+    typedef struct {                                                            \
+        T *v;                                                                   \
+        int64_t n, cap;                                                         \
+    } NAME;                                                                     \
+    static int NAME##_push(NAME *h, T e) {                                      \
+        if (h->n == h->cap) {                                                   \
+            int64_t cap = h->cap ? h->cap * 2 : 64;                             \
+            T *v = realloc(h->v, (size_t)cap * sizeof(T));                      \
+            if (!v) return -1;                                                  \
+            h->v = v;                                                           \
+            h->cap = cap;                                                       \
+        }                                                                       \
+        int64_t i = h->n++;                                                     \
+        while (i > 0) {                                                         \
+            int64_t p = (i - 1) / 2;                                            \
+            if (!LESS(&e, &h->v[p])) break;                                     \
+            h->v[i] = h->v[p];                                                  \
+            i = p;                                                              \
+        }                                                                       \
+        h->v[i] = e;                                                            \
+        return 0;                                                               \
+    }                                                                           \
+    static T NAME##_pop(NAME *h) {                                              \
+        T top = h->v[0], last = h->v[--h->n];                                   \
+        int64_t i = 0;                                                          \
+        for (;;) {                                                              \
+            int64_t c = 2 * i + 1;                                              \
+            if (c >= h->n) break;                                               \
+            if (c + 1 < h->n && LESS(&h->v[c + 1], &h->v[c])) c++;              \
+            if (!LESS(&h->v[c], &last)) break;                                  \
+            h->v[i] = h->v[c];                                                  \
+            i = c;                                                              \
+        }                                                                       \
+        if (h->n > 0) h->v[i] = last;                                           \
+        return top;                                                             \
+    }
+
 typedef struct {
     double t;
     int64_t seq;
@@ -51,96 +91,22 @@ typedef struct {
     int64_t b;
 } Event;
 
-typedef struct {
-    Event *v;
-    int64_t n, cap;
-} EventHeap; /* min-heap on (t, seq): heapq on (t, seq, kind, payload) with unique seq */
-
+/* heapq on (t, seq, kind, payload): seq is unique, so (t, seq) orders */
 static inline int ev_less(const Event *x, const Event *y) {
     return x->t < y->t || (x->t == y->t && x->seq < y->seq);
 }
-
-static int eh_push(EventHeap *h, Event e) {
-    if (h->n == h->cap) {
-        int64_t cap = h->cap ? h->cap * 2 : 64;
-        Event *v = realloc(h->v, (size_t)cap * sizeof(Event));
-        if (!v) return -1;
-        h->v = v;
-        h->cap = cap;
-    }
-    int64_t i = h->n++;
-    while (i > 0) {
-        int64_t p = (i - 1) / 2;
-        if (!ev_less(&e, &h->v[p])) break;
-        h->v[i] = h->v[p];
-        i = p;
-    }
-    h->v[i] = e;
-    return 0;
-}
-
-static Event eh_pop(EventHeap *h) {
-    Event top = h->v[0], last = h->v[--h->n];
-    int64_t i = 0;
-    for (;;) {
-        int64_t c = 2 * i + 1;
-        if (c >= h->n) break;
-        if (c + 1 < h->n && ev_less(&h->v[c + 1], &h->v[c])) c++;
-        if (!ev_less(&h->v[c], &last)) break;
-        h->v[i] = h->v[c];
-        i = c;
-    }
-    if (h->n > 0) h->v[i] = last;
-    return top;
-}
+DEFINE_HEAP(EventHeap, Event, ev_less)
 
 typedef struct {
     double step;
     int32_t job;
 } Fin;
 
-typedef struct {
-    Fin *v;
-    int64_t n, cap;
-} FinHeap; /* DecodeInstance.heap: (finish step, job seq); the job index is its arrival seq */
-
+/* DecodeInstance.heap: (finish step, job seq); a job's index is its arrival seq */
 static inline int fin_less(const Fin *x, const Fin *y) {
     return x->step < y->step || (x->step == y->step && x->job < y->job);
 }
-
-static int fh_push(FinHeap *h, Fin e) {
-    if (h->n == h->cap) {
-        int64_t cap = h->cap ? h->cap * 2 : 64;
-        Fin *v = realloc(h->v, (size_t)cap * sizeof(Fin));
-        if (!v) return -1;
-        h->v = v;
-        h->cap = cap;
-    }
-    int64_t i = h->n++;
-    while (i > 0) {
-        int64_t p = (i - 1) / 2;
-        if (!fin_less(&e, &h->v[p])) break;
-        h->v[i] = h->v[p];
-        i = p;
-    }
-    h->v[i] = e;
-    return 0;
-}
-
-static Fin fh_pop(FinHeap *h) {
-    Fin top = h->v[0], last = h->v[--h->n];
-    int64_t i = 0;
-    for (;;) {
-        int64_t c = 2 * i + 1;
-        if (c >= h->n) break;
-        if (c + 1 < h->n && fin_less(&h->v[c + 1], &h->v[c])) c++;
-        if (!fin_less(&h->v[c], &last)) break;
-        h->v[i] = h->v[c];
-        i = c;
-    }
-    if (h->n > 0) h->v[i] = last;
-    return top;
-}
+DEFINE_HEAP(FinHeap, Fin, fin_less)
 
 /* Python's max(a, b) / min(a, b) on floats: the first argument unless the second is strictly
  * larger / smaller. */
@@ -223,7 +189,7 @@ static inline int32_t job_blocks(const Sim *s, int32_t j, const int32_t **ids) {
 
 static void push(Sim *s, double t, int32_t kind, int32_t a, int64_t b) {
     Event e = {t, ++s->seq, kind, a, b};
-    if (eh_push(&s->events, e)) s->failed = 1;
+    if (EventHeap_push(&s->events, e)) s->failed = 1;
 }
 
 /* ---- the index (KvIndex views) --------------------------------------------------------------- */
@@ -487,7 +453,7 @@ static void dec_join(Sim *s, Decode *d, int32_t j, double now) {
     job->decoded_from = d->steps;
     job->t_join = now;
     Fin f = {(d->steps + (double)s->in->output[j]) - 1.0, j};
-    if (fh_push(&d->heap, f)) s->failed = 1;
+    if (FinHeap_push(&d->heap, f)) s->failed = 1;
     d->batch += 1;
     d->ctx_base += (double)(s->in->prompt[j] + 1) - d->steps;
 }
@@ -496,7 +462,7 @@ static int32_t dec_pop_finished(Sim *s, Decode *d, double now, int32_t *out) {
     dec_advance(d, now);
     int32_t n = 0;
     while (d->heap.n && d->heap.v[0].step <= d->steps + 1e-6) {
-        Fin f = fh_pop(&d->heap);
+        Fin f = FinHeap_pop(&d->heap);
         d->steps = pmax(d->steps, f.step);
         d->batch -= 1;
         d->ctx_base -= (double)(s->in->prompt[f.job] + 1) - s->jobs[f.job].decoded_from;
@@ -957,7 +923,7 @@ int32_t ts_simulate(const TsSimInput *in, TsSimOutput *out) {
             s->now = in->arrival[next];
             on_arrive(s, next++);
         } else {
-            Event e = eh_pop(&s->events);
+            Event e = EventHeap_pop(&s->events);
             s->now = e.t;
             switch (e.kind) {
             case EV_PREFILL_DONE: on_prefill_done(s, &s->engines[e.a], scratch); break;
