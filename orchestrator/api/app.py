@@ -34,6 +34,14 @@ def create_app(frontend: Frontend, *, model_name: str, auth: Auth, registry: Col
     async def healthz() -> dict:
         return {"ok": True}
 
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        """200 when a request can be routed now; 503 with the reason until then (see
+        orchestrator/router/readiness.py)."""
+        r = frontend.readiness()
+        return JSONResponse({"ready": r.ready, **({} if r.ready else {"reason": r.reason})},
+                            status_code=200 if r.ready else 503)
+
     @app.get("/metrics")
     async def metrics() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

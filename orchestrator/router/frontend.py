@@ -34,6 +34,7 @@ from orchestrator.router.kv_index import KvIndex
 from orchestrator.router.logprobs import logprobs_to_proto
 from orchestrator.router.metrics import RouterMetrics
 from orchestrator.router.quotas import QuotaExceeded, RequestLimits, StreamSlots, check_request
+from orchestrator.router.readiness import Readiness, readiness
 from orchestrator.router.router import Router
 from orchestrator.router.tenancy import ANONYMOUS, Caller
 from tandem.request import GenerationRequest, RequestError
@@ -163,6 +164,10 @@ class Frontend:
         self.slots = StreamSlots(quotas)
         # Per-request stage lines under the request's trace id (tandem.tracing), spans if OpenTelemetry.
         self.tracer = RequestTracer("router", "router")
+
+    def readiness(self) -> Readiness:
+        """Whether a request can be routed now (`orchestrator.router.readiness`)."""
+        return readiness(self.gateway.reports(), self.router.fleet.disagg)
 
     async def generate(self, msg: generate_pb2.GenerateRequest,
                        caller: Caller = ANONYMOUS) -> AsyncIterator[generate_pb2.GenerateChunk]:

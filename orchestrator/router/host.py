@@ -26,7 +26,7 @@ from orchestrator.router.policy_kv import KvParams, KvPolicy
 from orchestrator.router.quotas import RequestLimits
 from orchestrator.router.ray_gateway import RankLimits, RayGateway
 from orchestrator.router.router import Router
-from orchestrator.router.server import ServerTls, start_server
+from orchestrator.router.server import RouterHealth, ServerTls, start_server
 from orchestrator.router.tenancy import Credentials, Tenant, TenantToken
 from orchestrator.router.worker_metrics import WorkerStatsCollector
 from tandem.tokenizer import load_tokenizer
@@ -111,6 +111,7 @@ class RouterHost:
         self._http = None
         self.gateway: RayGateway | None = None
         self._frontend: Frontend | None = None
+        self._health = RouterHealth(ready=False)  # NOT_SERVING until a decode worker is registered
 
     async def start(self) -> RouterAddresses:
         """Bind and serve; idempotent, also for concurrent callers."""
@@ -132,7 +133,8 @@ class RouterHost:
         self._grpc, grpc_port = await start_server(frontend, host=s.host, port=s.grpc_port,
                                                    credentials=s.credentials(),
                                                    tls=s.tls.for_grpc() if s.tls else None,
-                                                   max_request_bytes=s.quotas.max_request_bytes)
+                                                   max_request_bytes=s.quotas.max_request_bytes,
+                                                   health_service=self._health)
         http_port = await self._start_http(frontend)
         scheme = "https" if s.tls else "http"
         return RouterAddresses(f"{s.host}:{grpc_port}", f"{scheme}://{s.host}:{http_port}")
@@ -182,6 +184,16 @@ class RouterHost:
         stats = await handle.stats.remote()
         snapshot = await handle.kv_snapshot.remote()
         self.gateway.add(WorkerId(instance, rank), Role(role), handle, stats, snapshot)
+        await self._update_health()
+
+    async def _update_health(self) -> None:
+        """Keep the gRPC health of the router service equal to its readiness; log each change."""
+        if self._frontend is None:
+            return
+        now = self._frontend.readiness()
+        if now.ready != self._health.ready:
+            log.info("router %s", "ready: workers registered" if now.ready else f"not ready: {now.reason}")
+        await self._health.set_ready(now.ready)
 
     async def kv_holdings(self, instance: str, rank: int) -> frozenset[int]:
         """The block hashes this router's KV index holds for a rank (operators, tests)."""
@@ -191,11 +203,13 @@ class RouterHost:
         """No new requests for a rank; its running ones finish."""
         if self.gateway is not None:
             self.gateway.drain(WorkerId(instance, rank))
+            await self._update_health()
 
     async def remove_worker(self, instance: str, rank: int) -> None:
         """Stop routing to a rank (drain or death)."""
         if self.gateway is not None:
             self.gateway.remove(WorkerId(instance, rank), "removed by the controller")
+            await self._update_health()
 
     async def load_snapshot(self) -> LoadSnapshot:
         """Request counters and every rank's last report, for the controller's autoscaler."""
@@ -223,6 +237,7 @@ class RouterHost:
         self._frontend.max_migrations = settings.max_migrations
         self._frontend.tokenizer = load_tokenizer(settings.checkpoint)
         self._frontend.router = self._router()
+        await self._update_health()  # the disaggregation mode may have changed what ready needs
         log.info("router settings applied in place (policy %s)", settings.policy.value)
 
     async def stop(self) -> None:

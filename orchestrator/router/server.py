@@ -106,14 +106,30 @@ class RouterServicer(generate_pb2_grpc.RouterServicer):
         return self.credentials.caller(header, peer_host(context.peer()))
 
 
+class RouterHealth:
+    """The gRPC health service: "" (the process) SERVING while it serves; `tandem.v1.Router` SERVING
+    or NOT_SERVING as the router's readiness says (`set_ready`, called when workers come and go)."""
+
+    def __init__(self, ready: bool = True) -> None:
+        self.servicer = health.aio.HealthServicer()
+        self.ready = ready
+
+    async def set_ready(self, ready: bool) -> None:
+        self.ready = ready
+        r = health_pb2.HealthCheckResponse
+        await self.servicer.set(_SERVICE, r.SERVING if ready else r.NOT_SERVING)
+
+
 async def start_server(frontend: Frontend, *, host: str = "127.0.0.1", port: int = 0,
                        token: str | None = None, credentials: Credentials | None = None,
                        tls: ServerTls | None = None,
-                       max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> tuple[grpc.aio.Server, int]:
+                       max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+                       health_service: RouterHealth | None = None) -> tuple[grpc.aio.Server, int]:
     """Start serving; returns the server and the port it bound (port 0 picks a free one).
 
     `token` is shorthand for `Credentials.simple(token)` (one tenant, "default"); give at most one of
-    the two. Neither: no authentication (local development only)."""
+    the two. Neither: no authentication (local development only). `health_service`: the caller keeps
+    the router service's health up to date (none: always SERVING)."""
     if token is not None and credentials is not None:
         raise ValueError("start_server: give token or credentials, not both")
     creds = credentials if credentials is not None else Credentials.simple(token)
@@ -121,8 +137,8 @@ async def start_server(frontend: Frontend, *, host: str = "127.0.0.1", port: int
     options = [("grpc.max_receive_message_length", max_request_bytes)]
     server = grpc.aio.server(interceptors=interceptors, options=options)
     generate_pb2_grpc.add_RouterServicer_to_server(RouterServicer(frontend, creds), server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health_service = health_service if health_service is not None else RouterHealth()
+    health_pb2_grpc.add_HealthServicer_to_server(health_service.servicer, server)
     reflection.enable_server_reflection(
         (generate_pb2.DESCRIPTOR.services_by_name["Router"].full_name, health.SERVICE_NAME,
          reflection.SERVICE_NAME), server)
@@ -136,6 +152,6 @@ async def start_server(frontend: Frontend, *, host: str = "127.0.0.1", port: int
     if bound == 0:
         raise OSError(f"router: cannot bind {address}")
     await server.start()
-    await health_servicer.set(_SERVICE, health_pb2.HealthCheckResponse.SERVING)
-    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    await health_service.set_ready(health_service.ready)
+    await health_service.servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     return server, bound

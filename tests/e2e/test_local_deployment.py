@@ -9,6 +9,7 @@ import json
 import time
 
 import grpc
+import httpx
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -53,6 +54,15 @@ def _stream(dep: dict, **kw) -> list[generate_pb2.GenerateChunk]:  # noqa: ANN00
 def test_deployment_is_ready(deployment) -> None:  # noqa: ANN001
     st = deployment["status"]
     assert st["ready"] and [i["id"] for i in st["instances"]] == ["prefill-0", "decode-0"]
+    # and the router says so to probes: gRPC health of the router service, HTTP /readyz (no token)
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(st["router_address"]) as ch:
+        health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service="tandem.v1.Router"),
+                                                      timeout=10)
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+    ready = httpx.get(st["http_address"] + "/readyz", timeout=10)
+    assert (ready.status_code, ready.json()) == (200, {"ready": True})
 
 
 @pytest.mark.parametrize("length", [1, 130, 300])
@@ -188,7 +198,6 @@ def test_drain_removes_the_instance(deployment, ray_session) -> None:  # noqa: A
 
 
 def test_router_metrics_show_requests_hits_and_worker_queues(deployment) -> None:  # noqa: ANN001
-    import httpx
 
     text = httpx.get(deployment["status"]["http_address"] + "/metrics", timeout=30).text
     assert 'tandem_router_requests_total{code="OK"}' in text
@@ -209,7 +218,6 @@ def test_a_second_router_serves_the_same_workers_and_sees_the_same_events(deploy
     # The replica's own index knew, from the prefill's KV events, that the prefill held the prompt's
     # block (its routing counted it as a cached block), and the prefill indeed served it from cache.
     assert chunks[-1].usage.cached_tokens == 256
-    import httpx
 
     metrics = httpx.get(replica["http_address"] + "/metrics", timeout=30).text
     assert "tandem_router_cached_blocks_total 1.0" in metrics
@@ -223,7 +231,6 @@ def test_a_restarted_controller_adopts_the_running_deployment(deployment, ray_se
     assert [i["id"] for i in status["instances"]] == [i["id"] for i in before["instances"]]
     assert status["ready"] and status["router_address"] == before["router_address"]
     assert sum(len(c.token_ids) for c in _stream(deployment, prompt="adopted", max_tokens=3, ignore_eos=True)) == 3
-    import httpx
 
     r = httpx.get(status["http_address"] + "/v1/status", headers={"authorization": f"Bearer {deployment['admin_token']}"},
                   timeout=30)
