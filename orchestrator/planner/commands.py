@@ -155,7 +155,7 @@ def plan_cmd(
     gpus: Annotated[int, typer.Option("--gpus", min=2)],
     ttft_slo: TtftOpt,
     tpot_slo: TpotOpt,
-    limit: LimitOpt = 500,
+    limit: LimitOpt = None,
     splits: Annotated[int, typer.Option("--splits", min=1, help="prefill shares tried per size pair")] = 5,
     model: ModelOpt = None,
     as_json: JsonOpt = False,
