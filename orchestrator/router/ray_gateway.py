@@ -16,6 +16,7 @@ index from that snapshot (a new or restarted router) and reads only the events a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -132,6 +133,10 @@ class RayGateway:
         for t in rank.tasks:
             t.cancel()
         self.index.remove_worker(wid)
+        if self.metrics is not None:  # a removed rank's gauges go too: no stale series on /metrics
+            for gauge in (self.metrics.worker_queue, self.metrics.worker_queued_tokens):
+                with contextlib.suppress(KeyError):  # KeyError: no report was recorded for it
+                    gauge.remove(str(wid))
         for rid, q in rank.waiting.items():
             q.put_nowait(TokenDelta(rid, (), "", Finish.ABORTED, RequestSummary(0, 0, error=f"{wid} {why}")))
 

@@ -88,3 +88,29 @@ def test_a_gap_is_resynced_from_the_worker_snapshot() -> None:
     assert old_path == 1  # block 12 left with the lost event: the index no longer claims it
     assert new_path == 2  # the snapshot's 13; its 99 is held only: no resuming after it
     assert held_path == 5  # 99 (snapshot, held only), then the later events' 14 and 15 (held only)
+
+
+def test_a_removed_rank_leaves_no_gauge_series_behind() -> None:
+    """Its per-worker queue gauges are set from its reports and dropped with it."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from orchestrator.router.metrics import RouterMetrics
+
+    async def go() -> tuple[str, str]:
+        registry = CollectorRegistry()
+        gw = RayGateway(KvIndex(), RankLimits(8, 8, 1000.0), report_interval_s=0.0,
+                        metrics=RouterMetrics(registry))
+        gw.add(W, Role.DECODE, FakeRank(), _stats())
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if f'worker="{W}"' in generate_latest(registry).decode():
+                break
+        before = generate_latest(registry).decode()
+        gw.remove(W)
+        return before, generate_latest(registry).decode()
+
+    before, after = asyncio.run(go())
+    series = ('tandem_router_worker_queue_depth{worker="decode-0/0"}',
+              'tandem_router_worker_queued_prefill_tokens{worker="decode-0/0"}')
+    assert all(s in before for s in series)
+    assert not any(s in after for s in series)
