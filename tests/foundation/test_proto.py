@@ -66,5 +66,5 @@ def test_internal_wire_types_round_trip() -> None:
     assert not back.events[0].stored.HasField("parent_hash")
     desc = worker_pb2.HandoffDescriptor(
         request_id="r", prefill=worker, epoch=3, first_token=7, layout_hash=2**63,
-        pools=[worker_pb2.PoolBlocks(kind=worker_pb2.POOL_KIND_CSA_ENTRIES, block_ids=[4, 5])])
+        pools=[worker_pb2.PoolBlocks(kind=worker_pb2.POOL_KIND_BLOCK, block_ids=[4, 5])])
     assert worker_pb2.HandoffDescriptor.FromString(desc.SerializeToString()) == desc

@@ -15,12 +15,9 @@ from tandem.v1 import worker_pb2
 from workers.kv.geometry import PoolKind
 from workers.transfer.handoff import HandoffDescriptor, HandoffPages
 
-# tandem.v1.PoolKind names the parts of a page rather than the three pools of workers/kv: the
-# block pool's pages hold every compressed layer's entries and keys (CSA entries first), the
-# window pool's the raw window KV, the state pool's the compressor state. A POOL_KIND_BLOCK value
-# in the proto would say it better; until then these three stand for the pools.
+# workers/kv's pools and tandem.v1.PoolKind, one to one.
 _POOL_PB = {
-    PoolKind.BLOCK: worker_pb2.POOL_KIND_CSA_ENTRIES,
+    PoolKind.BLOCK: worker_pb2.POOL_KIND_BLOCK,
     PoolKind.WINDOW: worker_pb2.POOL_KIND_SWA_WINDOW,
     PoolKind.STATE: worker_pb2.POOL_KIND_COMPRESSOR_STATE,
 }

@@ -18,10 +18,8 @@ class PoolKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     POOL_KIND_UNSPECIFIED: _ClassVar[PoolKind]
     POOL_KIND_SWA_WINDOW: _ClassVar[PoolKind]
-    POOL_KIND_CSA_ENTRIES: _ClassVar[PoolKind]
-    POOL_KIND_INDEXER_KEYS: _ClassVar[PoolKind]
-    POOL_KIND_HCA_ENTRIES: _ClassVar[PoolKind]
     POOL_KIND_COMPRESSOR_STATE: _ClassVar[PoolKind]
+    POOL_KIND_BLOCK: _ClassVar[PoolKind]
 
 class ClaimStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -34,10 +32,8 @@ ROLE_DECODE: Role
 ROLE_AGGREGATED: Role
 POOL_KIND_UNSPECIFIED: PoolKind
 POOL_KIND_SWA_WINDOW: PoolKind
-POOL_KIND_CSA_ENTRIES: PoolKind
-POOL_KIND_INDEXER_KEYS: PoolKind
-POOL_KIND_HCA_ENTRIES: PoolKind
 POOL_KIND_COMPRESSOR_STATE: PoolKind
+POOL_KIND_BLOCK: PoolKind
 CLAIM_STATUS_UNSPECIFIED: ClaimStatus
 CLAIM_STATUS_GRANTED: ClaimStatus
 CLAIM_STATUS_EXPIRED: ClaimStatus
