@@ -213,9 +213,13 @@ def handoff_descriptor(cfg: WorkerConfig, request: GenerationRequest, first_toke
     )
 
 
-def events_proto(config: WorkerConfig, events: tuple[KvEvent, ...]) -> worker_pb2.KvEventBatch:
-    """KV events (workers.kv.events) as tandem.v1.KvEventBatch."""
+def events_proto(config: WorkerConfig, events: tuple[KvEvent, ...],
+                 last_seq: int | None = None) -> worker_pb2.KvEventBatch:
+    """KV events (workers.kv.events) as tandem.v1.KvEventBatch; `last_seq`: the newest seq the rank
+    has produced (None: none yet)."""
     out = worker_pb2.KvEventBatch(worker=worker_pb2.WorkerId(instance=config.instance, dp_rank=config.rank))
+    if last_seq is not None:
+        out.last_seq = last_seq
     for ev in events:
         msg = out.events.add(seq=ev.seq)
         if isinstance(ev.body, KvStored):

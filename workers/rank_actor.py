@@ -42,6 +42,7 @@ class RankActor:
     _draining: bool = False
     _event_log: deque[KvEvent] | None = None
     _dropper: EventDropper | None = None
+    _newest_seq: int | None = None  # the newest KV event seq this rank produced (tests may drop some)
     _tracer: RequestTracer | None = None
     _watcher: asyncio.Task[None] | None = None
 
@@ -124,6 +125,8 @@ class RankActor:
         """The KV events numbered after `after_seq` that the log still holds (its last
         EVENT_LOG_LIMIT); each reader passes the last seq it saw."""
         new = await self._started().call(self._built.engine.kv.flush_events)
+        if new:
+            self._newest_seq = new[-1].seq  # produced, whether or not the log keeps it
         if self.config.faults.drop_kv_events.enabled:  # tests only: these events are lost for good
             if self._dropper is None:
                 self._dropper = EventDropper(self.config.faults.drop_kv_events)
@@ -131,7 +134,8 @@ class RankActor:
         if self._event_log is None:
             self._event_log = deque(maxlen=EVENT_LOG_LIMIT)
         self._event_log.extend(new)
-        return events_proto(self.config, tuple(e for e in self._event_log if e.seq > after_seq))
+        return events_proto(self.config, tuple(e for e in self._event_log if e.seq > after_seq),
+                            self._newest_seq)
 
     async def kv_snapshot(self) -> worker_pb2.KvSnapshot:
         """Every block hash this rank can serve as a prefix hit (block_hashes) and every pulled one it

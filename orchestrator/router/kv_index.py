@@ -245,10 +245,7 @@ class KvIndex:
         elif last is not None and event.seq <= last:
             return ApplyResult.DUPLICATE
         elif last is None or event.seq != last + 1:
-            self._drop(worker)
-            self._seq.pop(worker, None)
-            self._unsynced.add(worker)
-            self._slot_of(worker)
+            self._mark_gap(worker)
             return ApplyResult.GAP
         else:
             result = ApplyResult.APPLIED
@@ -260,6 +257,24 @@ class KvIndex:
         else:
             self._drop(worker)
         return result
+
+    def check_newest(self, worker: Hashable, newest_seq: int) -> ApplyResult:
+        """The worker's newest event is `newest_seq` (a report says so after its events): if fewer were
+        applied, the last ones were lost and no later event will tell: GAP, the worker's entries are
+        dropped and it awaits `resync`. APPLIED when up to date, UNSYNCED when it awaits one already."""
+        if worker in self._unsynced:
+            return ApplyResult.UNSYNCED
+        last = self._seq.get(worker)
+        if last is not None and last >= newest_seq:
+            return ApplyResult.APPLIED
+        self._mark_gap(worker)
+        return ApplyResult.GAP
+
+    def _mark_gap(self, worker: Hashable) -> None:
+        self._drop(worker)
+        self._seq.pop(worker, None)
+        self._unsynced.add(worker)
+        self._slot_of(worker)
 
     def resync(
         self, worker: Hashable, block_hashes: Iterable[int], seq: int, held_only: Iterable[int] = ()

@@ -239,6 +239,10 @@ class RayGateway:
                     if self.index.apply(rank.wid, _kv_event(ev)) is ApplyResult.GAP:
                         log.warning("KV events of %s have a gap at seq %d: resyncing from its snapshot",
                                     rank.wid, ev.seq)
+                newest = events.last_seq if events.HasField("last_seq") else None
+                if newest is not None and self.index.check_newest(rank.wid, newest) is ApplyResult.GAP:
+                    log.warning("KV events of %s up to seq %d were lost: resyncing from its snapshot",
+                                rank.wid, newest)
                 if rank.wid in self.index.needs_resync():
                     snap = await rank.handle.kv_snapshot.remote()
                     self._resync(rank.wid, snap)

@@ -114,3 +114,50 @@ def test_a_removed_rank_leaves_no_gauge_series_behind() -> None:
               'tandem_router_worker_queued_prefill_tokens{worker="decode-0/0"}')
     assert all(s in before for s in series)
     assert not any(s in after for s in series)
+
+
+class LastEventLostRank(FakeRank):
+    """Its only report carries events 0 and 1 but says seq 2 exists: the last event was lost, and
+    no later event will come to show the gap."""
+
+    async def _reports(self, interval_s: float, after_seq: int = -1):  # noqa: ANN202
+        batch = worker_pb2.KvEventBatch(events=[worker_pb2.KvEvent(seq=0, cleared=worker_pb2.KvCleared()),
+                                                _stored(1, 11, 12)], last_seq=2)
+        yield self._ref((_stats(), batch))
+        await asyncio.sleep(3600)
+
+    async def _snapshot(self) -> worker_pb2.KvSnapshot:
+        self.snapshots += 1
+        return worker_pb2.KvSnapshot(seq=2, block_hashes=[11, 13])
+
+
+def test_a_lost_last_event_is_resynced_at_once_from_the_batch_last_seq() -> None:
+    async def go() -> tuple[int, dict, dict]:
+        index = KvIndex()
+        gw = RayGateway(index, RankLimits(8, 8, 1000.0), report_interval_s=0.0)
+        rank = LastEventLostRank()
+        gw.add(W, Role.DECODE, rank, _stats())
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if rank.snapshots:
+                break
+        await asyncio.sleep(0.05)
+        return rank.snapshots, index.match([11, 13]), index.match([11, 12])
+
+    snapshots, now, old = asyncio.run(go())
+    assert snapshots == 1
+    assert now == {W: 2} and old == {W: 1}  # event 2 (12 evicted, 13 stored) is in: from the snapshot
+
+
+def test_check_newest_marks_a_gap_only_when_events_are_missing() -> None:
+    from orchestrator.router.kv_messages import ApplyResult, KvEvent, KvEventKind
+
+    index = KvIndex()
+    index.apply(W, KvEvent(0, KvEventKind.CLEARED))
+    index.apply(W, KvEvent(1, KvEventKind.STORED, (11, 12)))
+    assert index.check_newest(W, 1) is ApplyResult.APPLIED and index.match([11]) == {W: 1}
+    assert index.check_newest(W, 2) is ApplyResult.GAP
+    assert W in index.needs_resync() and index.match([11]) == {}  # dropped until the resync
+    assert index.check_newest(W, 2) is ApplyResult.UNSYNCED
+    index.resync(W, [11, 13], seq=2)
+    assert index.check_newest(W, 2) is ApplyResult.APPLIED and index.match([11, 13]) == {W: 2}

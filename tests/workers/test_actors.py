@@ -176,7 +176,10 @@ def test_paged_actor_serves_prefix_hits_and_reports_kv_events(ray_session, tiny_
         # Reading is not destructive: a second router from the start sees the same events; one that
         # read up to the last seq sees nothing new.
         assert ray.get(actor.kv_events.remote()) == events
-        assert list(ray.get(actor.kv_events.remote(events.events[-1].seq)).events) == []
+        caught_up = ray.get(actor.kv_events.remote(events.events[-1].seq))
+        assert list(caught_up.events) == []
+        # every batch says the newest seq produced, so a reader can tell a lost last event
+        assert events.last_seq == caught_up.last_seq == events.events[-1].seq
         assert [e.seq for e in events.events] == list(range(len(events.events)))
     finally:
         ray.kill(actor)

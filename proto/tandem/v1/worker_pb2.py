@@ -24,19 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16tandem/v1/worker.proto\x12\ttandem.v1\"-\n\x08WorkerId\x12\x10\n\x08instance\x18\x01 \x01(\t\x12\x0f\n\x07\x64p_rank\x18\x02 \x01(\r\"]\n\x08KvStored\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x03(\x06\x12\x18\n\x0bparent_hash\x18\x02 \x01(\x06H\x00\x88\x01\x01\x12\x11\n\theld_only\x18\x03 \x01(\x08\x42\x0e\n\x0c_parent_hash\"!\n\tKvRemoved\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x03(\x06\"\x0b\n\tKvCleared\"\x97\x01\n\x07KvEvent\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12%\n\x06stored\x18\x02 \x01(\x0b\x32\x13.tandem.v1.KvStoredH\x00\x12\'\n\x07removed\x18\x03 \x01(\x0b\x32\x14.tandem.v1.KvRemovedH\x00\x12\'\n\x07\x63leared\x18\x04 \x01(\x0b\x32\x14.tandem.v1.KvClearedH\x00\x42\x06\n\x04kind\"W\n\x0cKvEventBatch\x12#\n\x06worker\x18\x01 \x01(\x0b\x32\x13.tandem.v1.WorkerId\x12\"\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x12.tandem.v1.KvEvent\"n\n\nKvSnapshot\x12#\n\x06worker\x18\x01 \x01(\x0b\x32\x13.tandem.v1.WorkerId\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x14\n\x0c\x62lock_hashes\x18\x03 \x03(\x06\x12\x18\n\x10held_only_hashes\x18\x04 \x03(\x06\"B\n\nPoolBlocks\x12!\n\x04kind\x18\x01 \x01(\x0e\x32\x13.tandem.v1.PoolKind\x12\x11\n\tblock_ids\x18\x02 \x03(\r\"\x88\x02\n\x11HandoffDescriptor\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12$\n\x07prefill\x18\x02 \x01(\x0b\x32\x13.tandem.v1.WorkerId\x12\x12\n\nagent_name\x18\x03 \x01(\t\x12\x13\n\x0blayout_hash\x18\x04 \x01(\x06\x12\r\n\x05\x65poch\x18\x05 \x01(\x04\x12\x15\n\rprompt_tokens\x18\x06 \x01(\r\x12\x13\n\x0b\x66irst_token\x18\x07 \x01(\r\x12$\n\x05pools\x18\x08 \x03(\x0b\x32\x15.tandem.v1.PoolBlocks\x12\x14\n\x0c\x62lock_hashes\x18\t \x03(\x06\x12\x19\n\x11lease_deadline_ms\x18\n \x01(\x04\"1\n\x0c\x43laimRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\"4\n\nClaimReply\x12&\n\x06status\x18\x01 \x01(\x0e\x32\x16.tandem.v1.ClaimStatus\"\xae\x03\n\x0bWorkerStats\x12#\n\x06worker\x18\x01 \x01(\x0b\x32\x13.tandem.v1.WorkerId\x12\x1d\n\x04role\x18\x02 \x01(\x0e\x32\x0f.tandem.v1.Role\x12\x17\n\x0fqueued_requests\x18\x03 \x01(\r\x12\x1d\n\x15queued_prefill_tokens\x18\x04 \x01(\x04\x12\x18\n\x10running_requests\x18\x05 \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\x06 \x01(\r\x12\x16\n\x0ekv_blocks_free\x18\x07 \x01(\r\x12\x17\n\x0fprefix_hit_rate\x18\x08 \x01(\x01\x12\x15\n\rprefill_tok_s\x18\t \x01(\x01\x12\x14\n\x0c\x64\x65\x63ode_tok_s\x18\n \x01(\x01\x12\x10\n\x08\x64raining\x18\x0b \x01(\x08\x12\x15\n\rnvlink_domain\x18\x0c \x01(\t\x12\x19\n\x11kv_transfer_bytes\x18\r \x01(\x04\x12\x1b\n\x13kv_transfer_seconds\x18\x0e \x01(\x01\x12\x14\n\x0ckv_transfers\x18\x0f \x01(\x04\x12\x1c\n\x14kv_transfer_failures\x18\x10 \x01(\x04*T\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x10\n\x0cROLE_PREFILL\x10\x01\x12\x0f\n\x0bROLE_DECODE\x10\x02\x12\x13\n\x0fROLE_AGGREGATED\x10\x03*\xcc\x01\n\x08PoolKind\x12\x19\n\x15POOL_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14POOL_KIND_SWA_WINDOW\x10\x01\x12\x1e\n\x1aPOOL_KIND_COMPRESSOR_STATE\x10\x05\x12\x13\n\x0fPOOL_KIND_BLOCK\x10\x06\"\x04\x08\x02\x10\x02\"\x04\x08\x03\x10\x03\"\x04\x08\x04\x10\x04*\x15POOL_KIND_CSA_ENTRIES*\x16POOL_KIND_INDEXER_KEYS*\x15POOL_KIND_HCA_ENTRIES*_\n\x0b\x43laimStatus\x12\x1c\n\x18\x43LAIM_STATUS_UNSPECIFIED\x10\x00\x12\x18\n\x14\x43LAIM_STATUS_GRANTED\x10\x01\x12\x18\n\x14\x43LAIM_STATUS_EXPIRED\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16tandem/v1/worker.proto\x12\ttandem.v1\"-\n\x08WorkerId\x12\x10\n\x08instance\x18\x01 \x01(\t\x12\x0f\n\x07\x64p_rank\x18\x02 \x01(\r\"]\n\x08KvStored\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x03(\x06\x12\x18\n\x0bparent_hash\x18\x02 \x01(\x06H\x00\x88\x01\x01\x12\x11\n\theld_only\x18\x03 \x01(\x08\x42\x0e\n\x0c_parent_hash\"!\n\tKvRemoved\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x03(\x06\"\x0b\n\tKvCleared\"\x97\x01\n\x07KvEvent\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12%\n\x06stored\x18\x02 \x01(\x0b\x32\x13.tandem.v1.KvStoredH\x00\x12\'\n\x07removed\x18\x03 \x01(\x0b\x32\x14.tandem.v1.KvRemovedH\x00\x12\'\n\x07\x63leared\x18\x04 \x01(\x0b\x32\x14.tandem.v1.KvClearedH\x00\x42\x06\n\x04kind\"{\n\x0cKvEventBatch\x12#\n\x06worker\x18\x01 \x01(\x0b\x32\x13.tandem.v1.WorkerId\x12\"\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x12.tandem.v1.KvEvent\x12\x15\n\x08last_seq\x18\x03 \x01(\x04H\x00\x88\x01\x01\x42\x0b\n\t_last_seq\"n\n\nKvSnapshot\x12#\n\x06worker\x18\x01 \x01(\x0b\x32\x13.tandem.v1.WorkerId\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x14\n\x0c\x62lock_hashes\x18\x03 \x03(\x06\x12\x18\n\x10held_only_hashes\x18\x04 \x03(\x06\"B\n\nPoolBlocks\x12!\n\x04kind\x18\x01 \x01(\x0e\x32\x13.tandem.v1.PoolKind\x12\x11\n\tblock_ids\x18\x02 \x03(\r\"\x88\x02\n\x11HandoffDescriptor\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12$\n\x07prefill\x18\x02 \x01(\x0b\x32\x13.tandem.v1.WorkerId\x12\x12\n\nagent_name\x18\x03 \x01(\t\x12\x13\n\x0blayout_hash\x18\x04 \x01(\x06\x12\r\n\x05\x65poch\x18\x05 \x01(\x04\x12\x15\n\rprompt_tokens\x18\x06 \x01(\r\x12\x13\n\x0b\x66irst_token\x18\x07 \x01(\r\x12$\n\x05pools\x18\x08 \x03(\x0b\x32\x15.tandem.v1.PoolBlocks\x12\x14\n\x0c\x62lock_hashes\x18\t \x03(\x06\x12\x19\n\x11lease_deadline_ms\x18\n \x01(\x04\"1\n\x0c\x43laimRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\"4\n\nClaimReply\x12&\n\x06status\x18\x01 \x01(\x0e\x32\x16.tandem.v1.ClaimStatus\"\xae\x03\n\x0bWorkerStats\x12#\n\x06worker\x18\x01 \x01(\x0b\x32\x13.tandem.v1.WorkerId\x12\x1d\n\x04role\x18\x02 \x01(\x0e\x32\x0f.tandem.v1.Role\x12\x17\n\x0fqueued_requests\x18\x03 \x01(\r\x12\x1d\n\x15queued_prefill_tokens\x18\x04 \x01(\x04\x12\x18\n\x10running_requests\x18\x05 \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\x06 \x01(\r\x12\x16\n\x0ekv_blocks_free\x18\x07 \x01(\r\x12\x17\n\x0fprefix_hit_rate\x18\x08 \x01(\x01\x12\x15\n\rprefill_tok_s\x18\t \x01(\x01\x12\x14\n\x0c\x64\x65\x63ode_tok_s\x18\n \x01(\x01\x12\x10\n\x08\x64raining\x18\x0b \x01(\x08\x12\x15\n\rnvlink_domain\x18\x0c \x01(\t\x12\x19\n\x11kv_transfer_bytes\x18\r \x01(\x04\x12\x1b\n\x13kv_transfer_seconds\x18\x0e \x01(\x01\x12\x14\n\x0ckv_transfers\x18\x0f \x01(\x04\x12\x1c\n\x14kv_transfer_failures\x18\x10 \x01(\x04*T\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x10\n\x0cROLE_PREFILL\x10\x01\x12\x0f\n\x0bROLE_DECODE\x10\x02\x12\x13\n\x0fROLE_AGGREGATED\x10\x03*\xcc\x01\n\x08PoolKind\x12\x19\n\x15POOL_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14POOL_KIND_SWA_WINDOW\x10\x01\x12\x1e\n\x1aPOOL_KIND_COMPRESSOR_STATE\x10\x05\x12\x13\n\x0fPOOL_KIND_BLOCK\x10\x06\"\x04\x08\x02\x10\x02\"\x04\x08\x03\x10\x03\"\x04\x08\x04\x10\x04*\x15POOL_KIND_CSA_ENTRIES*\x16POOL_KIND_INDEXER_KEYS*\x15POOL_KIND_HCA_ENTRIES*_\n\x0b\x43laimStatus\x12\x1c\n\x18\x43LAIM_STATUS_UNSPECIFIED\x10\x00\x12\x18\n\x14\x43LAIM_STATUS_GRANTED\x10\x01\x12\x18\n\x14\x43LAIM_STATUS_EXPIRED\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tandem.v1.worker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROLE']._serialized_start=1455
-  _globals['_ROLE']._serialized_end=1539
-  _globals['_POOLKIND']._serialized_start=1542
-  _globals['_POOLKIND']._serialized_end=1746
-  _globals['_CLAIMSTATUS']._serialized_start=1748
-  _globals['_CLAIMSTATUS']._serialized_end=1843
+  _globals['_ROLE']._serialized_start=1491
+  _globals['_ROLE']._serialized_end=1575
+  _globals['_POOLKIND']._serialized_start=1578
+  _globals['_POOLKIND']._serialized_end=1782
+  _globals['_CLAIMSTATUS']._serialized_start=1784
+  _globals['_CLAIMSTATUS']._serialized_end=1879
   _globals['_WORKERID']._serialized_start=37
   _globals['_WORKERID']._serialized_end=82
   _globals['_KVSTORED']._serialized_start=84
@@ -48,17 +48,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_KVEVENT']._serialized_start=228
   _globals['_KVEVENT']._serialized_end=379
   _globals['_KVEVENTBATCH']._serialized_start=381
-  _globals['_KVEVENTBATCH']._serialized_end=468
-  _globals['_KVSNAPSHOT']._serialized_start=470
-  _globals['_KVSNAPSHOT']._serialized_end=580
-  _globals['_POOLBLOCKS']._serialized_start=582
-  _globals['_POOLBLOCKS']._serialized_end=648
-  _globals['_HANDOFFDESCRIPTOR']._serialized_start=651
-  _globals['_HANDOFFDESCRIPTOR']._serialized_end=915
-  _globals['_CLAIMREQUEST']._serialized_start=917
-  _globals['_CLAIMREQUEST']._serialized_end=966
-  _globals['_CLAIMREPLY']._serialized_start=968
-  _globals['_CLAIMREPLY']._serialized_end=1020
-  _globals['_WORKERSTATS']._serialized_start=1023
-  _globals['_WORKERSTATS']._serialized_end=1453
+  _globals['_KVEVENTBATCH']._serialized_end=504
+  _globals['_KVSNAPSHOT']._serialized_start=506
+  _globals['_KVSNAPSHOT']._serialized_end=616
+  _globals['_POOLBLOCKS']._serialized_start=618
+  _globals['_POOLBLOCKS']._serialized_end=684
+  _globals['_HANDOFFDESCRIPTOR']._serialized_start=687
+  _globals['_HANDOFFDESCRIPTOR']._serialized_end=951
+  _globals['_CLAIMREQUEST']._serialized_start=953
+  _globals['_CLAIMREQUEST']._serialized_end=1002
+  _globals['_CLAIMREPLY']._serialized_start=1004
+  _globals['_CLAIMREPLY']._serialized_end=1056
+  _globals['_WORKERSTATS']._serialized_start=1059
+  _globals['_WORKERSTATS']._serialized_end=1489
 # @@protoc_insertion_point(module_scope)

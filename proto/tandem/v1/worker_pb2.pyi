@@ -79,12 +79,14 @@ class KvEvent(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., stored: _Optional[_Union[KvStored, _Mapping]] = ..., removed: _Optional[_Union[KvRemoved, _Mapping]] = ..., cleared: _Optional[_Union[KvCleared, _Mapping]] = ...) -> None: ...
 
 class KvEventBatch(_message.Message):
-    __slots__ = ("worker", "events")
+    __slots__ = ("worker", "events", "last_seq")
     WORKER_FIELD_NUMBER: _ClassVar[int]
     EVENTS_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEQ_FIELD_NUMBER: _ClassVar[int]
     worker: WorkerId
     events: _containers.RepeatedCompositeFieldContainer[KvEvent]
-    def __init__(self, worker: _Optional[_Union[WorkerId, _Mapping]] = ..., events: _Optional[_Iterable[_Union[KvEvent, _Mapping]]] = ...) -> None: ...
+    last_seq: int
+    def __init__(self, worker: _Optional[_Union[WorkerId, _Mapping]] = ..., events: _Optional[_Iterable[_Union[KvEvent, _Mapping]]] = ..., last_seq: _Optional[int] = ...) -> None: ...
 
 class KvSnapshot(_message.Message):
     __slots__ = ("worker", "seq", "block_hashes", "held_only_hashes")
