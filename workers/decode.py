@@ -100,7 +100,7 @@ class DecodeWorker(RankActor):
         """The last NIXL handoffs taken here (at most decode_side.RECORDS_KEPT): (request id, bytes,
         blocks pulled, blocks skipped, error)."""
         return [(r.request_id, r.result.nbytes if r.result else 0, r.result.blocks_pulled if r.result else 0,
-                 r.result.blocks_skipped if r.result else 0, r.error) for r in self._nixl().records]
+                 r.result.blocks_skipped if r.result else 0, r.error) for r in tuple(self._nixl().records)]
 
     async def resume(self, request: GenerationRequest, generated: Sequence[int]) -> None:
         """Continue a request migrated from a failed worker after the tokens it already streamed."""

@@ -7,7 +7,8 @@ namespace in which prefill actors are found), then bound to the decode rank it s
 loaded or moved), then asks the prefill to pair back (it must know us to answer our claims).
 Every failure before or during the pull ends in a logged, counted recompute, never an error; so
 does a decode without room for the request's prompt + max_tokens right now (the recompute waits
-in the queue; the prefill's lease frees its pages).
+in the queue; the prefill's lease frees its pages). The pull itself runs outside the engine lock,
+so the rank's running requests keep decoding meanwhile (workers/pull_intake.py).
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ import ray
 from tandem.request import GenerationRequest
 from tandem.v1 import worker_pb2
 from workers.actor_common import BuiltRank, HandoffPath, WorkerConfig, actor_name
-from workers.engine.engine import PulledKv
 from workers.engine.handoff import SequenceKv
+from workers.engine.pulled import PulledKv
 from workers.kv.manager import AdmissionRefused
 from workers.kv.space import PagedKvSpace
+from workers.pull_intake import PullIntake
 from workers.transfer.decode_side import DecodeTransfer
 from workers.transfer.layout import LayoutMismatch
 from workers.transfer.wire import from_proto, layout_hash
@@ -86,6 +88,7 @@ class NixlPuller:
     def __init__(self, namespace: str | None = None) -> None:
         self.namespace = namespace
         self._rank: DecodeTransfer | None = None
+        self._intake: PullIntake | None = None
         self._meetings: dict[str, asyncio.Future[None]] = {}  # prefill agent -> its pairing
 
     def bind(self, config: WorkerConfig, built: BuiltRank) -> None:
@@ -95,6 +98,7 @@ class NixlPuller:
                              "not the paged pools NIXL pulls into")
         self._engine = built.engine
         self._rank = DecodeTransfer(config.name, kv.cache, config.handoff_timeout_s, faults=config.faults)
+        self._intake = PullIntake(built.engine, self._rank)
 
     @property
     def transfer(self) -> DecodeTransfer:
@@ -126,7 +130,9 @@ class NixlPuller:
 
     async def take(self, loop: EngineLoop, request: GenerationRequest, desc: worker_pb2.HandoffDescriptor
                    ) -> PulledKv:
-        rank, engine = self.transfer, self._engine
+        rank, intake = self.transfer, self._intake
+        if intake is None:
+            raise RuntimeError("NixlPuller is not bound to a decode rank")
         try:
             if desc.layout_hash != layout_hash(rank.agent.layout.digest):
                 raise LayoutMismatch(f"handoff of {desc.request_id!r}: layout hash {desc.layout_hash:#x} "
@@ -136,7 +142,7 @@ class NixlPuller:
         except (ValueError, KeyError, ray.exceptions.RayError) as exc:  # LayoutMismatch is a ValueError
             return await self._recompute(loop, request, desc, exc)
         try:
-            return await loop.call(engine.add_pulled, request, desc.first_token, rank.fill_from(pulled))
+            return await intake.take(loop, request, desc.first_token, pulled)
         except AdmissionRefused as exc:  # no room for prompt + max_tokens now: queue it to recompute
             return await self._recompute(loop, request, desc, exc)
 

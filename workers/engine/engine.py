@@ -5,8 +5,9 @@ admitted requests -> run the model over every chunk -> sample the chunks that re
 stop checks -> one `StepOutput` holding every request's new tokens. Finished and cancelled requests
 free their KV at once. In the PREFILL role a request leaves after its first token: its KV stays
 held as a handoff until `release_handoff` (the NIXL handoff table freed it) or `take_handoff` (the
-object-store test mode). A DECODE engine takes a prefilled request with `add_pulled` (its prompt's
-pages filled by a NIXL pull, workers/transfer/decode_side.py) or `add_prefilled` (tensors).
+object-store test mode). A DECODE engine takes a prefilled request with `begin_pull` / `end_pull`
+(a NIXL pull fills its prompt's pages in between, outside the engine lock: workers/pull_intake.py),
+`add_pulled` (the same in one call) or `add_prefilled` (tensors).
 With a `Speculator` (workers/engine/speculate.py) the run and sampling are its step instead: a
 decoding request may then get several tokens in one delta (accepted MTP drafts + one more).
 """
@@ -16,7 +17,7 @@ from __future__ import annotations
 import enum
 import itertools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -26,26 +27,13 @@ from tandem.stream import Finish, RequestSummary, TokenDelta, TokenLogprob
 from tandem.tokenizer import Tokenizer
 from workers.engine.handoff import SequenceKv, export_kv, import_kv
 from workers.engine.kv import KvSpace
+from workers.engine.pulled import AdoptKv, FillKv, PendingPull, PulledKv, already_adopted
 from workers.engine.runner import ModelRunner
 from workers.engine.sampler import sample_batch, token_logprobs
 from workers.engine.scheduler import Scheduler, SchedulerConfig, StepPlan
 from workers.engine.speculate import Picked, Speculator
 from workers.engine.state import Phase, RequestState
 from workers.model.config import ModelConfig
-
-
-@dataclass(frozen=True)
-class PulledKv:
-    """What a `FillKv` did: `filled` when the prompt's pages now hold its KV; the bytes moved and
-    the seconds it took (claim to release); `error` names why not when not filled."""
-
-    filled: bool
-    nbytes: int = 0
-    seconds: float = 0.0
-    error: str | None = None
-
-
-FillKv = Callable[[int, int], PulledKv]  # (admitted sequence id, prompt length) -> what it did
 
 
 class Role(enum.Enum):
@@ -94,6 +82,7 @@ class Engine:
         self._states: dict[str, RequestState] = {}
         self._handoffs: dict[str, RequestState] = {}
         self._incoming: dict[str, SequenceKv] = {}
+        self._pulling: dict[str, tuple[RequestState, str]] = {}  # pulls in flight: state, first text
         self._pending: list[TokenDelta] = []  # deltas made outside a step (cancellations)
         self._seq_ids = itertools.count()
         self._order = itertools.count()
@@ -102,7 +91,7 @@ class Engine:
 
     # --- intake --------------------------------------------------------------------------------
     def _new_state(self, request: GenerationRequest) -> RequestState:
-        if request.request_id in self._states or request.request_id in self._handoffs:
+        if any(request.request_id in d for d in (self._states, self._handoffs, self._pulling)):
             raise ValueError(f"request_id {request.request_id!r} is already in this engine")
         need = len(request.prompt_ids) + request.sampling.max_tokens
         if need > self.kv.max_seq_tokens:
@@ -127,7 +116,8 @@ class Engine:
                              f"prompt length {len(request.prompt_ids)}")
         spec = self.speculator
         seed = None if kv is None or spec is None else spec.seed_of(request.request_id, kv)
-        state = self._prefilled_state(request, first_token)
+        state, text = self._prefilled_state(request, first_token)
+        self._pending_text(state, text)
         if kv is not None:
             state.computed = state.cached_tokens = kv.length
             if seed is not None:
@@ -135,34 +125,49 @@ class Engine:
             self._incoming[request.request_id] = kv
         self.scheduler.add(state)
 
-    def _prefilled_state(self, request: GenerationRequest, first_token: int) -> RequestState:
+    def _prefilled_state(self, request: GenerationRequest, first_token: int) -> tuple[RequestState, str]:
+        """A new state that already holds its first token, and that token's text (to send)."""
         state = self._new_state(request)
         piece = state.tracker.push(first_token)
         state.tokens.append(first_token)
         if piece.finish is not None:
             del self._states[request.request_id]
             raise ValueError(f"add_prefilled({request.request_id!r}): the first token already ended it")
-        self._pending_text(state, piece.text)
         state.first_token_at = state.arrival
-        return state
+        return state, piece.text
 
-    def add_pulled(self, request: GenerationRequest, first_token: int, fill: FillKv) -> PulledKv:
-        """Queue a request prefilled elsewhere whose prompt KV is pulled into this engine's pools
-        now: its sequence is admitted through the prefix cache (reserving prompt + max_tokens),
-        then `fill(seq, prompt_len)` writes the prompt's pages (a NIXL pull) and says whether it
-        did. Filled: the request continues after its first token. Not filled: the sequence is
-        freed and the prompt recomputed here. Runs under the engine's lock (it blocks a step)."""
+    def begin_pull(self, request: GenerationRequest, first_token: int) -> PendingPull:
+        """Phase 1 of a request whose prompt KV is pulled here (under the engine lock): its sequence is
+        admitted through the prefix cache for prompt + max_tokens (AdmissionRefused, leaving nothing,
+        when there is no room now). The caller fills the pages outside the lock, then ends the pull
+        once (`end_pull` / `abandon_pull`); meanwhile the request is not scheduled nor sent."""
         if self.role is Role.PREFILL:
-            raise ValueError(f"add_pulled({request.request_id!r}): a PREFILL engine does not decode")
-        state = self._prefilled_state(request, first_token)
+            raise ValueError(f"begin_pull({request.request_id!r}): a PREFILL engine does not decode")
+        state, text = self._prefilled_state(request, first_token)
         try:
             self.kv.admit_prompt(state.seq, request.prompt_ids, state.max_len, request.cache_salt)
-            got = fill(state.seq, state.num_prompt)
-            if got.filled and self.speculator is not None:
-                self.speculator.pulled(state, self.kv.cache)
         except BaseException:
-            self._states.pop(request.request_id, None)
-            self._pending = [d for d in self._pending if d.request_id != request.request_id]
+            del self._states[request.request_id]
+            self.kv.free(state.seq)
+            raise
+        self._pulling[request.request_id] = (state, text)
+        return PendingPull(request.request_id, state.seq, state.num_prompt)
+
+    def end_pull(self, pending: PendingPull, got: PulledKv, adopt: AdoptKv) -> PulledKv:
+        """Phase 3 (under the lock). Filled: `adopt(seq, prompt_len)` makes the pages its KV (pulled
+        blocks' KV events go out now); it joins the batch after its first token. Not filled: pages
+        freed, prompt recomputed here. Cancelled meanwhile: pages freed, nothing adopted, not filled."""
+        state, text = self._end_pull(pending)
+        if state.phase is Phase.FINISHED:  # cancelled while its pages were in flight
+            self.kv.free(state.seq)
+            return PulledKv(False, got.nbytes, got.seconds, error="cancelled during the pull")
+        try:
+            if got.filled:
+                adopt(state.seq, state.num_prompt)
+                if self.speculator is not None:
+                    self.speculator.pulled(state, self.kv.cache)
+        except BaseException:
+            self._states.pop(state.request_id, None)
             self.kv.free(state.seq)
             raise
         if got.filled:
@@ -170,8 +175,33 @@ class Engine:
             state.transfer_s, state.kv_transfer_bytes = got.seconds, got.nbytes
         else:
             self.kv.free(state.seq)
+        self._pending_text(state, text)
         self.scheduler.add(state)
         return got
+
+    def abandon_pull(self, pending: PendingPull) -> None:
+        """End a pull whose fill raised (not a transfer failure): pages freed, request forgotten."""
+        state, _ = self._end_pull(pending)
+        self._states.pop(state.request_id, None)
+        self.kv.free(state.seq)
+
+    def _end_pull(self, pending: PendingPull) -> tuple[RequestState, str]:
+        pull = self._pulling.get(pending.request_id)
+        if pull is None or pull[0].seq != pending.seq:
+            raise KeyError(f"no pull in flight for {pending.request_id!r} (sequence {pending.seq})")
+        return self._pulling.pop(pending.request_id)
+
+    def add_pulled(self, request: GenerationRequest, first_token: int, fill: FillKv) -> PulledKv:
+        """The three phases in one call under the engine lock (steps wait for the whole fill):
+        `fill(seq, prompt_len)` allocates, writes and adopts the prompt's pages (a NIXL pull) and
+        says whether it did, as `end_pull` takes it. A fill that raises leaves nothing behind."""
+        pending = self.begin_pull(request, first_token)
+        try:
+            got = fill(pending.seq, pending.length)
+        except BaseException:
+            self.abandon_pull(pending)
+            raise
+        return self.end_pull(pending, got, already_adopted)
 
     def add_resumed(self, request: GenerationRequest, generated: Sequence[int]) -> None:
         """Queue a request migrated from another worker that already streamed `generated` tokens:
@@ -196,17 +226,19 @@ class Engine:
             self._pending.append(TokenDelta(state.request_id, (), text))
 
     def cancel(self, request_id: str) -> bool:
-        """End a request now, freeing its blocks at once; False when it is not here."""
+        """End a request now, freeing its blocks at once (a pull's when its READ ends); False if absent."""
         state = self._states.pop(request_id, None) or self._handoffs.pop(request_id, None)
         if state is None:
             return False
         self._incoming.pop(request_id, None)
-        if state.phase is Phase.FINISHED:  # a held handoff
+        pull = self._pulling.get(request_id)  # in flight: the pull's end frees its pages (a READ writes them)
+        if pull is None and state.phase is Phase.FINISHED:  # a held handoff
             self.kv.free(state.seq)
-        else:
+        elif pull is None:
             self.scheduler.remove(state)
         state.phase = Phase.FINISHED
-        self._pending.append(self._final(state, (), state.tracker.cancel().text, Finish.CANCELLED))
+        text = (pull[1] if pull is not None else "") + state.tracker.cancel().text
+        self._pending.append(self._final(state, (), text, Finish.CANCELLED))
         return True
 
     # --- handoffs (PREFILL role) ---------------------------------------------------------------

@@ -1,21 +1,28 @@
 """A decode rank's end of the NIXL handoff: its agent, its Puller, and the fill of one request.
 
-`fill_from(desc)` is what the engine calls (under its lock) once it admitted the request's
-sequence through its prefix cache: allocate the prompt's pages, name the ones the prefix cache
-already holds (`sequence_pages`), pull the rest (claim, READ, epoch check, release), and adopt them
-into the model cache. A pull that fails for a protocol reason (lease expired, epoch mismatch,
-claim refused, READ failed) is logged and counted, and the engine recomputes the prompt.
+A fill has three parts, matching the engine's three phases (workers/engine/pulled.py):
+- `reserve(desc, seq, length)`, under the engine lock once the engine admitted the sequence through
+  its prefix cache: take the prompt blocks this rank already holds by hash, allocate the rest, and
+  name the pages (`sequence_pages`); none of them is registered in the prefix cache yet, so none
+  is visible to a lookup or evictable.
+- `read(desc, pages)`, outside the engine lock: claim, READ, epoch check, release. Reads (and
+  pairings) are serialised by this rank's own transfer lock: the agent is not thread-safe.
+- `adopt(seq, length)`, under the engine lock: the filled pages become the sequence's KV.
+A pull that fails for a protocol reason (lease expired, epoch mismatch, claim refused, READ failed
+or past its deadline) is logged and counted, and the engine recomputes the prompt.
+`fill_from(desc)` is the three in one call (for `Engine.add_pulled`).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections import deque
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry
 
-from workers.engine.engine import FillKv, PulledKv
+from workers.engine.pulled import FillKv, PulledKv
 from workers.faults import FaultConfig
 from workers.kv.paged_cache import PagedModelCache
 from workers.transfer.agent import AgentConfig, AgentInfo, TransferAgent
@@ -23,7 +30,7 @@ from workers.transfer.handoff import HandoffDescriptor
 from workers.transfer.layout import LayoutSignature
 from workers.transfer.messages import Inbox
 from workers.transfer.metrics import TransferMetrics
-from workers.transfer.pages import sequence_pages
+from workers.transfer.pages import SequencePages, sequence_pages
 from workers.transfer.pull import ClaimRefused, EpochMismatch, HandoffExpired, Puller, PullResult
 from workers.transfer.transport import FaultHooks, FaultyTransport, NixlTransport, TransferFailed, Transport
 
@@ -43,7 +50,8 @@ class PullRecord:
 
 
 class DecodeTransfer:
-    """One decode rank's pulls over NIXL. Not thread-safe: the engine's lock serialises it."""
+    """One decode rank's pulls over NIXL: `reserve` and `adopt` run under the engine's lock, `read`
+    and `pair` under this rank's transfer lock (see the module docstring)."""
 
     def __init__(
         self, name: str, cache: PagedModelCache, timeout_s: float, *, hugepages: bool = True,
@@ -65,6 +73,7 @@ class DecodeTransfer:
         # The last RECORDS_KEPT handoffs taken, oldest first: bounded, a rank takes millions.
         self.records: deque[PullRecord] = deque(maxlen=RECORDS_KEPT)
         self._info = self.agent.info()
+        self._agent_lock = threading.Lock()  # the agent, inbox and transport: one caller at a time
 
     def info(self) -> AgentInfo:
         return self._info
@@ -74,33 +83,51 @@ class DecodeTransfer:
 
     def pair(self, peer: AgentInfo) -> None:
         """Meet a prefill rank: LayoutMismatch (nothing loaded) when the layouts differ."""
-        self.agent.pair(peer)
+        with self._agent_lock:
+            self.agent.pair(peer)
+
+    def reserve(self, desc: HandoffDescriptor, seq: int, length: int) -> SequencePages:
+        """The pages `desc` fills in admitted sequence `seq` (`length` prompt tokens): full prompt
+        blocks this rank holds (pulled before or computed here) are taken, not pulled again; the
+        rest are allocated. Under the engine lock; raises ValueError on a mismatch with `desc`."""
+        if length != desc.num_tokens:
+            raise ValueError(f"handoff of {desc.request_id!r}: prompt of {length} tokens, "
+                             f"descriptor num_tokens {desc.num_tokens}")
+        self.manager.reuse_blocks(seq, length // self.manager.block_size)
+        self.manager.ensure(seq, length)
+        sp = sequence_pages(self.manager, seq, length)
+        if sp.window_start != desc.window_start:
+            raise ValueError(f"handoff of {desc.request_id!r}: window starts at {sp.window_start} "
+                             f"here, {desc.window_start} in the descriptor")
+        return sp
+
+    def read(self, desc: HandoffDescriptor, sp: SequencePages) -> PulledKv:
+        """Pull `desc` into the reserved pages `sp`, skipping the ones this rank holds; a protocol
+        failure answers not filled (named). Needs no engine lock: no step touches these pages."""
+        try:
+            with self._agent_lock:
+                got = self.puller.pull(desc, sp.pages, sp.cached_blocks, self.timeout_s, sp.cached_windows)
+        except RECOMPUTE_ERRORS as exc:
+            why = f"{type(exc).__name__}: {exc}"
+            log.warning("handoff of %s from %s failed (%s): recomputing its prompt",
+                        desc.request_id, desc.agent, why)
+            self.records.append(PullRecord(desc.request_id, None, why))
+            return PulledKv(False, error=why)
+        self.records.append(PullRecord(desc.request_id, got, None))
+        return PulledKv(True, got.nbytes, got.total_seconds)
+
+    def adopt(self, seq: int, length: int) -> None:
+        """The filled pages are `seq`'s KV for `length` tokens (its full blocks enter the prefix cache)."""
+        self.cache.adopt(seq, length)
 
     def fill_from(self, desc: HandoffDescriptor) -> FillKv:
-        """The engine's fill for `desc` (see the module docstring)."""
+        """`reserve`, `read` and (when filled) `adopt` in one call: the fill of `Engine.add_pulled`."""
 
         def fill(seq: int, length: int) -> PulledKv:
-            if length != desc.num_tokens:
-                raise ValueError(f"handoff of {desc.request_id!r}: prompt of {length} tokens, "
-                                 f"descriptor num_tokens {desc.num_tokens}")
-            # Full prompt blocks this rank holds (pulled before or computed here) are not pulled again.
-            self.manager.reuse_blocks(seq, length // self.manager.block_size)
-            self.manager.ensure(seq, length)
-            sp = sequence_pages(self.manager, seq, length)
-            if sp.window_start != desc.window_start:
-                raise ValueError(f"handoff of {desc.request_id!r}: window starts at {sp.window_start} "
-                                 f"here, {desc.window_start} in the descriptor")
-            try:
-                got = self.puller.pull(desc, sp.pages, sp.cached_blocks, self.timeout_s, sp.cached_windows)
-            except RECOMPUTE_ERRORS as exc:
-                why = f"{type(exc).__name__}: {exc}"
-                log.warning("handoff of %s from %s failed (%s): recomputing its prompt",
-                            desc.request_id, desc.agent, why)
-                self.records.append(PullRecord(desc.request_id, None, why))
-                return PulledKv(False, error=why)
-            self.cache.adopt(seq, length)
-            self.records.append(PullRecord(desc.request_id, got, None))
-            return PulledKv(True, got.nbytes, got.total_seconds)
+            got = self.read(desc, self.reserve(desc, seq, length))
+            if got.filled:
+                self.adopt(seq, length)
+            return got
 
         return fill
 
@@ -111,5 +138,6 @@ class DecodeTransfer:
         self.records.append(PullRecord(request_id, None, why))
 
     def close(self) -> None:
-        self.transport.close()
-        self.agent.close()
+        with self._agent_lock:  # after a READ in flight ends
+            self.transport.close()
+            self.agent.close()
