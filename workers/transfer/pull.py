@@ -164,7 +164,9 @@ class Puller:
             try:
                 read_start = self._clock()
                 read.post()
-                wait(read, min(pin_deadline, deadline), self._clock)
+                # Sleeping between polls lets the engine's step thread (a pull runs beside it, outside
+                # the engine lock) take the GIL: a spinning poll held it for whole switch intervals.
+                wait(read, min(pin_deadline, deadline), self._clock, self.poll_interval_s)
             finally:
                 read.close()
         except TransferFailed as exc:

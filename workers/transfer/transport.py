@@ -63,12 +63,16 @@ class Transport(Protocol):
         ...
 
 
-def wait(read: PendingRead, deadline: float, clock: Callable[[], float] = time.monotonic) -> None:
-    """Poll `read` until done; TransferFailed once `clock()` passes `deadline` (the READ is then
-    abandoned, see close)."""
+def wait(
+    read: PendingRead, deadline: float, clock: Callable[[], float] = time.monotonic, poll_s: float = 0.0
+) -> None:
+    """Poll `read` until done, sleeping `poll_s` between polls (0: spin); TransferFailed once
+    `clock()` passes `deadline` (the READ is then abandoned, see close)."""
     while not read.done():
         if clock() > deadline:
             raise TransferFailed(f"READ still in progress at its deadline ({deadline:.3f})")
+        if poll_s:
+            time.sleep(poll_s)
 
 
 def _run_lane(lane: nixl_agent, handle: object) -> str:
