@@ -278,3 +278,44 @@ def test_a_cancel_during_the_read_releases_once_and_reports_no_block(model: Deep
         assert rig.dtx.records[-1].result is not None
     finally:
         rig.close()
+
+
+async def _abandon_the_caller_during_the_read(rig: Rig, req: GenerationRequest, first: int,
+                                              desc: HandoffDescriptor) -> tuple[int, int, Stream]:
+    loop = EngineLoop(rig.dec, None, "decode")
+    loop.start()
+    intake = PullIntake(rig.dec, rig.dtx)
+    stream = Stream()
+    follower = asyncio.ensure_future(stream.follow(loop, {req.request_id}))
+    try:
+        take = asyncio.ensure_future(intake.take(loop, req, first, desc))
+        while rig.reads == 0:
+            await asyncio.sleep(0.001)
+        take.cancel()  # the actor call goes away mid-READ
+        with pytest.raises(asyncio.CancelledError):
+            await take
+        still = rig.dec.kv.blocks_used  # the READ may still write them: not freed
+        flying = intake.in_flight
+        await intake.settle()
+        await asyncio.wait_for(follower, 30)
+    finally:
+        follower.cancel()
+        await loop.stop()
+        intake.close()
+    return still, flying, stream
+
+
+def test_a_caller_gone_mid_read_neither_frees_the_pages_early_nor_strands_them(
+        model: DeepseekV4, reference: Reference) -> None:
+    rig = Rig(model, FaultConfig(delay_reads=FaultPick(count=1), read_delay_s=READ_DELAY_S))
+    try:
+        req = GenerationRequest("orphan", prompt_of(PULLED_LEN, seed=5), _sampling(4))
+        first, desc = rig.prefill(req)
+        still, flying, stream = asyncio.run(_abandon_the_caller_during_the_read(rig, req, first, desc))
+        assert still == 4 and flying == 1
+        # The pull went on to its commit: the request ran with the reference's tokens, then freed all.
+        assert [first, *stream.tokens["orphan"]] == reference.tokens(req)
+        assert rig.dec.stats().prefill_tokens == 0
+        assert rig.dec.kv.blocks_used == 0 and _pools_idle(rig.dec.kv.manager)
+    finally:
+        rig.close()
