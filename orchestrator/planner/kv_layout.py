@@ -3,9 +3,10 @@
 Pages are 256-token logical blocks (tandem.blocks.BLOCK_SIZE): per block a CSA layer holds 64
 entries of 584 B and 64 indexer keys, an HCA layer 2 entries, V3.2's MLA layer 256 entries of
 656 B plus 256 indexer keys of 132 B. On top, per request: every layer's sliding window (the last
-128 raw tokens, 584 B each) and the compressors' unfinished state (fp32 kv and score per token:
-CSA the last 8 tokens of the main and indexer compressors, HCA up to 127 tokens). These are the
-raw-token layouts the engines keep and send; nothing here is fitted.
+128 raw tokens, 584 B each) and the compressors' unfinished state: CSA the fp32 kv and score rows
+of its last <= 7 tokens (main and indexer compressors), HCA the unfinished block as running
+softmax accumulators (3 x 512 fp32, however many tokens it has). These are the layouts the
+engines keep and send (workers/kv/geometry.py); nothing here is fitted.
 """
 
 from __future__ import annotations
@@ -29,16 +30,24 @@ def bytes_per_token(arch: ModelArch) -> float:
     return block_bytes(arch) / BLOCK_SIZE
 
 
-def _state_tokens(a: AttentionGeometry, tokens: int) -> int:
+def _state_bytes(a: AttentionGeometry, tokens: int) -> int:
+    """One layer's compressor state after `tokens` tokens (workers/model/compressor.py's rule)."""
     if a.kind is AttnKind.HCA:
-        return tokens % a.ratio
-    return min(tokens, a.state_tokens_max)
+        return a.state_pool_bytes if tokens % a.ratio else 0
+    if not a.state_tokens_max:
+        return 0
+    # overlapping (CSA): the rows from the block before the last finished entry
+    rows = tokens - max(tokens // a.ratio - 1, 0) * a.ratio
+    return rows * a.state_bytes_per_token
+
+
+def _state_bytes_max(a: AttentionGeometry) -> int:
+    return a.state_tokens_max * a.state_bytes_per_token + a.state_pool_bytes
 
 
 def window_and_state_bytes(arch: ModelArch, tokens: int) -> int:
     """Per-request bytes outside the pages: the windows and the compressor states at `tokens`."""
-    return sum(a.layers * (min(tokens, a.window) * a.entry_bytes
-                           + _state_tokens(a, tokens) * a.state_bytes_per_token)
+    return sum(a.layers * (min(tokens, a.window) * a.entry_bytes + _state_bytes(a, tokens))
                for a in arch.attention)
 
 
@@ -49,12 +58,17 @@ def request_bytes(arch: ModelArch, tokens: int) -> int:
     return entries + window_and_state_bytes(arch, tokens)
 
 
+def state_page_bytes(arch: ModelArch) -> int:
+    """The largest compressor state of one request, all layers: the workers' STATE page (without
+    speculation's MTP row)."""
+    return sum(a.layers * _state_bytes_max(a) for a in arch.attention)
+
+
 def request_reserve_bytes(arch: ModelArch, tokens: int) -> int:
     """What an allocator reserves for a request that may grow to `tokens`: whole pages, full
     windows, the largest compressor states."""
     blocks = -(-tokens // BLOCK_SIZE)
-    fixed = sum(a.layers * (a.window * a.entry_bytes + a.state_tokens_max * a.state_bytes_per_token)
-                for a in arch.attention)
+    fixed = sum(a.layers * (a.window * a.entry_bytes + _state_bytes_max(a)) for a in arch.attention)
     return blocks * block_bytes(arch) + fixed
 
 

@@ -67,8 +67,11 @@ class AttentionGeometry:
     entry_bytes: int
     index_key_bytes: int
     params: int  # weights of one layer's attention block (projections, compressor, indexer)
-    state_bytes_per_token: int  # fp32 (kv, score) bytes per token held in the compressor state
-    state_tokens_max: int  # most tokens the state holds (CSA: 8 with overlap; HCA: ratio - 1)
+    state_bytes_per_token: int  # fp32 (kv, score) bytes per raw token row held in the compressor state
+    state_tokens_max: int  # most raw rows the state holds (CSA: 2 x ratio - 1 with overlap; HCA: none)
+    # HCA: the unfinished block as running softmax accumulators (max, sum, weighted sum; fp32), held
+    # whenever the block has begun, however many tokens it has
+    state_pool_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -150,11 +153,11 @@ def _v4(name: ModelName, h: int, q_lora: int, heads: int, o_groups: int, topk_id
         experts: int, counts: dict[AttnKind, int]) -> ModelArch:
     hd = 512
     fp32_pair = 2 * 4  # kv and score, fp32
-    state = {  # (bytes per token held, tokens held at most)
-        AttnKind.SWA: (0, 0),
-        # main compressor 2 x 512 wide + indexer compressor 2 x 128 wide, last 8 tokens
-        AttnKind.CSA: (fp32_pair * (2 * hd + 2 * V4_INDEX_DIM), 8),
-        AttnKind.HCA: (fp32_pair * hd, 127),
+    state = {  # (bytes per raw row held, raw rows held at most, running accumulator bytes)
+        AttnKind.SWA: (0, 0, 0),
+        # main compressor 2 x 512 wide + indexer compressor 2 x 128 wide, at most the last 7 tokens
+        AttnKind.CSA: (fp32_pair * (2 * hd + 2 * V4_INDEX_DIM), 7, 0),
+        AttnKind.HCA: (0, 0, 3 * 4 * hd),  # max, sum, weighted sum: 512 fp32 each
     }
     ratio = {AttnKind.SWA: 0, AttnKind.CSA: 4, AttnKind.HCA: 128}
     attention = tuple(
@@ -163,7 +166,7 @@ def _v4(name: ModelName, h: int, q_lora: int, heads: int, o_groups: int, topk_id
             indexer=k is AttnKind.CSA, entry_bytes=V4_ENTRY_BYTES,
             index_key_bytes=V4_INDEX_KEY_BYTES if k is AttnKind.CSA else 0,
             params=_v4_attention_params(h, q_lora, heads, hd, o_groups, 1024, k),
-            state_bytes_per_token=state[k][0], state_tokens_max=state[k][1],
+            state_bytes_per_token=state[k][0], state_tokens_max=state[k][1], state_pool_bytes=state[k][2],
         )
         for k, n in counts.items() if n
     )

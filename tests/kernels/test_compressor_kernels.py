@@ -13,7 +13,6 @@ import torch
 from kernels import compressor_ref as ref
 from kernels import compressor_triton as tri
 from kernels.compressor_ref import PoolSpec
-from workers.model.cache import CompressorState
 from workers.model.compressor import Compressor
 from workers.model.config import LayerKind
 from workers.model.presets import tiny
@@ -93,18 +92,20 @@ def test_reference_reproduces_the_models_compressor(kind: LayerKind) -> None:
         for p in comp.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.5)
     rope = Rope.for_kind(cfg, kind)
-    state = CompressorState.empty(comp.width)
-    state = CompressorState(0, state.kv.double(), state.score.double())
+    state = comp.empty_state("cpu", torch.float64)
+    # Every raw row since position 0, kept here: the HCA state holds running accumulators only.
+    kv = score = torch.zeros(0, comp.width, dtype=torch.float64)
     chunks = [5, 11, 1, 1, 1, 20, 3] if overlap else [100, 27, 1, 1, 130]
     made = 0
     for size in chunks:
         x = torch.randn(size, dim, generator=g, dtype=torch.float64)
         n_done = state.end // ratio
         pos = torch.arange(state.end, state.end + size)
-        kv = torch.cat([state.kv, comp.wkv(x)])
-        score = torch.cat([state.score, comp.wgate(x) + comp.ape[pos % ratio]])
-        spec = PoolSpec(state.start // ratio, n_done, (state.end + size) // ratio, ratio, head_dim, overlap)
+        kv = torch.cat([kv, comp.wkv(x)])
+        score = torch.cat([score, comp.wgate(x) + comp.ape[pos % ratio]])
+        spec = PoolSpec(0, n_done, (state.end + size) // ratio, ratio, head_dim, overlap)
         entries, state = comp(x, state, rope)
+        assert (state.pool is None) == overlap and state.end == kv.shape[0]
         assert entries.dtype == torch.float64 and entries.shape[0] == spec.n_total - spec.n_done
         pooled = ref.compress_pool(kv.float(), score.float(), spec)
         rebuilt = rope.apply(comp.norm(pooled.double()), torch.arange(spec.n_done, spec.n_total) * ratio)

@@ -43,10 +43,10 @@ def test_flash_at_1m_is_at_most_7_5_percent_of_v32(rows: dict[tuple[str, int], d
 def test_flash_4k_matches_hand_count(rows: dict[tuple[str, int], dict]) -> None:
     """16 blocks of 21 CSA layers x 64 x (584 + 68) + 20 HCA layers x 2 x 584; one window page
     (44 layers x 128 x 584, plus 21 CSA boundary states of 4 rows); the running state page (21 CSA
-    layers x 7 rows, 20 HCA layers x 127 rows; fp32 kv + score rows)."""
+    layers x 7 fp32 kv + score rows; 20 HCA layers x 3 fp32 running accumulators of 512)."""
     block = 21 * 64 * (584 + 68) + 20 * 2 * 584
     window = 44 * 128 * 584 + 21 * 4 * (2 * 1024 * 4 + 2 * 256 * 4)
-    state = 21 * 7 * (2 * 1024 * 4 + 2 * 256 * 4) + 20 * 127 * 2 * 512 * 4
+    state = 21 * 7 * (2 * 1024 * 4 + 2 * 256 * 4) + 20 * 3 * 512 * 4
     assert rows[("v4-flash", 4096)]["bytes_per_request"] == 16 * block + window + state
 
 

@@ -30,8 +30,8 @@ def test_page_sizes(
     assert g.block.nbytes == n_csa * 64 * (584 + key_bytes) + n_hca * 2 * 584
     # window: 128 raw entries per layer + CSA boundary state (4 rows of fp32 kv+score, 1024 / 256 wide)
     assert g.window.nbytes == n_layers * 128 * 584 + n_csa * 4 * (2 * 1024 * 4 + 2 * 256 * 4)
-    # running state: CSA <= 7 rows (main + indexer), HCA <= 127 rows of 512-wide kv+score
-    assert g.state.nbytes == n_csa * 7 * (2 * 1024 * 4 + 2 * 256 * 4) + n_hca * 127 * 2 * 512 * 4
+    # running state: CSA <= 7 rows (main + indexer), HCA 3 running accumulators 512 wide, all fp32
+    assert g.state.nbytes == n_csa * 7 * (2 * 1024 * 4 + 2 * 256 * 4) + n_hca * 3 * 512 * 4
 
 
 def test_flash_compressed_bytes_per_token() -> None:

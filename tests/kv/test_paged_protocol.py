@@ -13,7 +13,7 @@ from workers.kv.geometry import KvGeometry, LayerKind
 from workers.kv.manager import KvCacheManager, KvCapacity
 from workers.kv.paged_cache import PagedModelCache
 from workers.kv.presets import Preset
-from workers.model.cache import CompressorState, ContiguousCache, EntryKind
+from workers.model.cache import CompressorState, ContiguousCache, EntryKind, RunningPool
 from workers.model.quant import index_sim, kv_sim
 
 pytestmark = pytest.mark.kv
@@ -26,7 +26,8 @@ WIDTH = {
 
 
 def state_start(kind: LayerKind, n_done: int) -> int:
-    """The model's rule (workers/model/compressor.py): CSA keeps the previous block, HCA none."""
+    """The model's rule (workers/model/compressor.py): CSA keeps the previous block's rows, HCA folds
+    its unfinished block into running accumulators."""
     return max(n_done - 1, 0) * 4 if kind is LayerKind.CSA else n_done * 128
 
 
@@ -74,15 +75,28 @@ def test_paged_reads_equal_contiguous_reads(steps: list[int], seed: int) -> None
                     assert torch.equal(states[0].kv, states[1].kv) and torch.equal(
                         states[0].score, states[1].score
                     )
+                    pools = [s.pool for s in states]
+                    assert (pools[0] is None) == (pools[1] is None) == (kind is LayerKind.CSA)
+                    if pools[0] is not None and pools[1] is not None:
+                        assert pools[0].count == pools[1].count
+                        if pools[1].count:  # an empty pool's page bytes are never read
+                            for a, b in ((pools[0].max, pools[1].max), (pools[0].sum, pools[1].sum),
+                                         (pools[0].wsum, pools[1].wsum)):
+                                assert torch.equal(a, b)
                 n_new = (p + t) // m - p // m
                 dim = 512 if ek is EntryKind.ATTN else 128
                 x = torch.randn(n_new, dim, generator=g)
                 new = kv_sim(x, 64, True) if ek is EntryKind.ATTN else index_sim(x, True)
                 start = state_start(kind, (p + t) // m)
                 rows = p + t - start
-                st_new = CompressorState(
-                    start, torch.randn(rows, width, generator=g), torch.randn(rows, width, generator=g)
-                )
+                if kind is LayerKind.CSA:  # raw rows
+                    st_new = CompressorState(
+                        start, torch.randn(rows, width, generator=g), torch.randn(rows, width, generator=g)
+                    )
+                else:  # running accumulators (any fp32 values: the cache stores them as they are)
+                    acc = torch.randn(3, width, generator=g)
+                    none = torch.zeros(0, width)
+                    st_new = CompressorState(start, none, none, RunningPool(rows, acc[0], acc[1].abs(), acc[2]))
                 for c in caches:
                     c.append_entries(layer, 0, ek, new)
                     c.set_compressor_state(layer, 0, ek, st_new)

@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 
-from workers.model.cache import CompressorState
 from workers.model.compressor import Compressor
 from workers.model.config import LayerKind, ModelConfig
 from workers.model.indexer import Indexer
@@ -81,7 +80,7 @@ def test_compressor_matches_loop_reference_one_shot_and_chunked(ratio, overlap):
     rope = Rope(torch.tensor([THETA ** (-2 * i / RD) for i in range(RD // 2)], dtype=torch.float32))
     x = torch.randn(t, dim, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     want = torch.tensor(compressor_ref(comp, x), dtype=torch.float64)
-    empty = CompressorState.empty(comp.width, dtype=torch.float64)
+    empty = comp.empty_state("cpu", torch.float64)
     one, _ = comp(x, empty, rope)
     assert one.shape == (t // ratio, d)
     torch.testing.assert_close(one, want, rtol=0, atol=1e-5)  # angles are float32, like the model
@@ -90,8 +89,11 @@ def test_compressor_matches_loop_reference_one_shot_and_chunked(ratio, overlap):
         new, state = comp(x[start:start + n], state, rope)
         parts.append(new)
         start += n
-        # The state keeps only the rows still needed: the unfinished block (+ the previous one).
-        assert state.kv.shape[0] == start - comp.state_start(start // ratio)
+        # The state keeps only what is still needed: the unfinished block (+ the previous one),
+        # as rows with overlap, as running accumulators without.
+        held = state.kv.shape[0] if overlap else state.pool.count
+        assert held == start - comp.state_start(start // ratio)
+        assert (state.pool is None) == overlap
     torch.testing.assert_close(torch.cat(parts), one, rtol=0, atol=1e-12)
 
 

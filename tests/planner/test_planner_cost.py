@@ -55,8 +55,10 @@ def test_kv_bytes_per_token_from_the_layout_table() -> None:
 def test_handoff_bytes_list_what_the_decode_receives() -> None:
     arch, n = model(ModelName.V4_FLASH), 1000
     window = 43 * 128 * 584
-    csa = 21 * ((n // 4) * (584 + 68) + 8 * 8 * (1024 + 256))  # entries + keys + both compressor states
-    hca = 20 * ((n // 128) * 584 + (n % 128) * 8 * 512)  # entries + the unfinished block's tokens
+    # entries + keys + both compressor states: at 1000 (a multiple of 4) the last block's 4 rows
+    csa = 21 * ((n // 4) * (584 + 68) + 4 * 8 * (1024 + 256))
+    # entries + the unfinished block (104 tokens) as running accumulators: max, sum, weighted sum fp32
+    hca = 20 * ((n // 128) * 584 + 3 * 4 * 512)
     mtp = 128 * 584 + 4096 * 2
     assert handoff_bytes(arch, n) == window + csa + hca + mtp
     # blocks the decode already holds are not sent again

@@ -43,8 +43,8 @@ class SequenceKv:
         if self.draft_hidden is not None:
             tensors.append(self.draft_hidden)
         for s in self.series:
-            tensors += [s.entries, s.state.kv, s.state.score]
-        return sum(t.numel() * t.element_size() for t in tensors)
+            tensors.append(s.entries)
+        return sum(t.numel() * t.element_size() for t in tensors) + sum(s.state.nbytes for s in self.series)
 
 
 def _series_kinds(kind: LayerKind) -> tuple[EntryKind, ...]:
@@ -69,8 +69,7 @@ def export_kv(cache: ModelCache, cfg: ModelConfig, seq: int, mtp_layers: int = 0
             state = cache.compressor_state(i, seq, ek)
             if state is None:
                 raise ValueError(f"export_kv: layer {i} sequence {seq} has no {ek.value} compressor state")
-            st = CompressorState(state.start, state.kv.clone(), state.score.clone())
-            series.append(SeriesKv(i, ek, cache.entries(i, seq, ek).clone(), st))
+            series.append(SeriesKv(i, ek, cache.entries(i, seq, ek).clone(), state.clone()))
     mtp = tuple(cache.window(cfg.num_layers + j, seq).clone() for j in range(mtp_layers))
     hidden = None if draft_hidden is None else draft_hidden.clone()
     return SequenceKv(length, windows, tuple(series), mtp, hidden)

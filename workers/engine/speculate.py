@@ -6,8 +6,8 @@ Per step (`Speculator.step`, in place of the runner's forward and the sampling):
    k' <= k draft tokens: d1 = argmax of the MTP head of those streams; for k' = 2 the MTP layer
    runs once more at position n on its own streams and the embedding of d1 (depth chaining with
    the one MTP layer V4 has), on a StagedCache whose writes are discarded. k' is cut so that the
-   step never emits past max_tokens, the KV space can hold the positions, and the verify can be
-   committed at any length (`commit_safe`).
+   step never emits past max_tokens and the KV space can hold the positions (a staged verify
+   commits at any length: StagedCache records the compressor state after each position).
 2. Verify. ONE main-model forward over every chunk of the step; a drafting request feeds its last
    token and its drafts (k' + 1 positions) on a StagedCache that holds their writes back.
 3. Accept. Row j of a drafting request is sampled at its position exactly as a plain decode step
@@ -42,7 +42,7 @@ from workers.engine.handoff import SequenceKv, export_kv
 from workers.engine.kv import KvSpace
 from workers.engine.sampler import sample_batch, sample_one
 from workers.engine.scheduler import Chunk, StepPlan
-from workers.engine.staged_cache import StagedCache, commit_safe
+from workers.engine.staged_cache import StagedCache
 from workers.engine.state import RequestState
 from workers.model.block import Segment
 from workers.model.cache import EntryKind, ModelCache
@@ -143,8 +143,7 @@ class Speculator:
         if st.draft_at != chunk.start - 1:  # stale: computed before a preemption or elsewhere
             return 0
         k = min(self.config.mtp_tokens, st.max_len - len(st.tokens) - 1)
-        while k > 0 and not (commit_safe(self.compressors.values(), chunk.start, k + 1)
-                             and kv.can_hold(st.seq, chunk.start + 1 + k)):
+        while k > 0 and not kv.can_hold(st.seq, chunk.start + 1 + k):
             k -= 1
         if k > 0:
             kv.hold(st.seq, chunk.start + 1 + k)

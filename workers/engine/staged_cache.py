@@ -2,24 +2,25 @@
 
 Speculative decoding verifies k draft tokens in one forward over k + 1 positions, but only a
 prefix of them (the accepted drafts) may stay in the cache. Rolling the real cache back is not
-possible in general: a compressor that finishes an entry drops the raw rows it no longer needs,
-and a bounded window forgets its oldest rows. So the verify step runs on a `StagedCache`: for the
-`staged` sequences every write (window rows, entries, compressor state, `advance`) is kept here,
-reads see the base cache plus what is kept, and `commit(seq, n)` then replays into the base
-cache exactly what a step over the first n positions would have written:
+possible in general: a compressor folds rows into running accumulators (HCA) or drops the rows a
+finished entry no longer needs, and a bounded window forgets its oldest rows. So the verify step
+runs on a `StagedCache`: for the `staged` sequences every write (window rows, entries, compressor
+state, `advance`) is kept here, reads see the base cache plus what is kept, and `commit(seq, n)`
+then replays into the base cache exactly what a step over the first n positions would have written:
 - window: the first n rows;
 - entries: those whose last token is among the first n positions (entry j of ratio r ends at
   position r * (j + 1) - 1);
-- compressor state: the raw rows the compressor keeps after n positions (`Compressor.state_start`),
-  cut from the state before the step and the rows the step added. They are all there when every
-  entry the step finished after its first position is kept, or the new state still starts at or
-  before the step's first position (see `commit_safe`); otherwise `commit` raises.
+- compressor state: the state after position pos0 + n - 1. A staged sequence's compressor state
+  is read with `record` set, so the compressor folds the step one position at a time and returns
+  the state after each position (`CompressorState.trail`: small, the accumulators or the few
+  rows); the commit keeps the n-th. Every length is therefore committable.
 Other sequences write through to the base cache as usual. `discard(seq)` forgets a staged
 sequence (a draft pass whose writes must not survive).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -46,24 +47,11 @@ class _Staged:
             self.layers.append(layer)
 
 
-def commit_safe(compressors: Iterable[Compressor], pos0: int, num_positions: int) -> bool:
-    """Whether a staged step over positions pos0 .. pos0 + num_positions - 1 can be committed at
-    ANY length 1..num_positions with every compressor's state rebuilt exactly (see module doc)."""
-    for comp in compressors:
-        r = comp.ratio
-        end = pos0 + num_positions
-        starts_before = comp.state_start(end // r) <= pos0
-        no_late_finish = end // r == (pos0 + 1) // r  # no entry ends after the first position
-        if not (starts_before or no_late_finish):
-            return False
-    return True
-
-
 class StagedCache:
     """ModelCache over `base` that stages the writes of `staged` sequences (module docstring).
 
     `window`: the model's window (rows a layer keeps); `compressors`: (layer, kind) -> the
-    compressor module of that series (the rule for which raw rows its state keeps)."""
+    compressor module of that series (its ratio says which entries a commit keeps)."""
 
     def __init__(self, base: ModelCache, window: int, compressors: Mapping[tuple[int, EntryKind], Compressor],
                  staged: Iterable[int]) -> None:
@@ -90,9 +78,13 @@ class StagedCache:
 
     def compressor_state(self, layer: int, seq: int, kind: EntryKind) -> CompressorState | None:
         st = self._staged.get(seq)
-        if st is not None and (layer, kind) in st.after:
+        if st is None:
+            return self.base.compressor_state(layer, seq, kind)
+        if (layer, kind) in st.after:
             return st.after[(layer, kind)]
-        return self.base.compressor_state(layer, seq, kind)
+        state = self.base.compressor_state(layer, seq, kind)
+        # The compressor then returns the state after each of the step's positions (commit).
+        return None if state is None else dataclasses.replace(state, record=True)
 
     # --- writes --------------------------------------------------------------------------------
     def append_window(self, layer: int, seq: int, kv: torch.Tensor) -> None:
@@ -138,7 +130,7 @@ class StagedCache:
     def commit(self, seq: int, n: int) -> None:
         """Write the first `n` positions of staged `seq`'s step into the base cache, as a step over
         just those positions would have, and advance it by n. Raises naming the layer when a
-        compressor state cannot be rebuilt (the step should not have been staged; `commit_safe`)."""
+        compressor state has no per-position trail (it had no state before the step)."""
         st = self._take(seq)
         if not 0 < n <= st.advanced:
             raise ValueError(f"commit: sequence {seq} staged {st.advanced} positions; cannot keep {n}")
@@ -152,7 +144,7 @@ class StagedCache:
                 keep = end // comp.ratio - st.pos0 // comp.ratio
                 if new is not None:
                     self.base.append_entries(layer, seq, kind, new[:keep])
-                self.base.set_compressor_state(layer, seq, kind, self._state_at(st, layer, kind, comp, end))
+                self.base.set_compressor_state(layer, seq, kind, self._state_at(st, layer, kind, n))
             rows = st.window.get(layer)
             if rows is not None:
                 self.base.append_window(layer, seq, rows[:n])
@@ -171,21 +163,12 @@ class StagedCache:
         return comp
 
     @staticmethod
-    def _state_at(st: _Staged, layer: int, kind: EntryKind, comp: Compressor, end: int) -> CompressorState:
-        """The compressor state after position end - 1, from the state before the step and after it."""
-        after = st.after[(layer, kind)]
-        start = comp.state_start(end // comp.ratio)
-        if start >= after.start:
-            lo = start - after.start
-            return CompressorState(start, after.kv[lo : end - after.start].clone(),
-                                   after.score[lo : end - after.start].clone())
-        before = st.before[(layer, kind)]
-        if after.start > st.pos0 or before is None or before.end != st.pos0 or start < before.start:
+    def _state_at(st: _Staged, layer: int, kind: EntryKind, n: int) -> CompressorState:
+        """The compressor state after the step's first n positions (its recorded trail)."""
+        trail = st.after[(layer, kind)].trail
+        if len(trail) != st.advanced:
             raise ValueError(
-                f"commit: layer {layer} {kind.value} compressor state at {end} needs rows from {start}, "
-                f"but the step's state starts at {after.start} (step from {st.pos0})"
+                f"commit: layer {layer} {kind.value} compressor state has {len(trail)} recorded positions, "
+                f"the step staged {st.advanced} (from position {st.pos0}; no state before the step?)"
             )
-        skip = st.pos0 - after.start  # rows of `after` that `before` also holds
-        kv = torch.cat([before.kv[start - before.start:], after.kv[skip : end - after.start]], dim=0)
-        score = torch.cat([before.score[start - before.start:], after.score[skip : end - after.start]], dim=0)
-        return CompressorState(start, kv.clone(), score.clone())
+        return trail[n - 1].clone()

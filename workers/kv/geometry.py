@@ -13,10 +13,12 @@ consecutive pages is one contiguous byte range (one NIXL descriptor):
   decoding (`mtp_hidden`) the MTP layer's last output streams, so a handed-off request drafts
   from its first decode step: int64 position + `mtp_hidden` fp32 values.
 
-Compressor state is kept as the model's raw per-token fp32 (kv, score) rows (workers/model/cache.py,
-CompressorState): CSA keeps at most 2*ratio - 1 rows of both overlap halves (main compressor and
-indexer), HCA the unfinished group's < ratio rows. At a multiple of the window (so of 4 and 128)
-CSA holds exactly `ratio` rows and HCA none: that is the boundary state a window page carries.
+Compressor state follows the model's two forms (workers/model/cache.py, CompressorState): CSA keeps
+raw per-token fp32 (kv, score) rows, at most 2*ratio - 1 of both overlap halves (main compressor
+and indexer); HCA keeps the unfinished block's running softmax accumulators, three fp32 vectors
+(max, sum, weighted sum) of the entry's width, however many of its < ratio tokens they hold. At a
+multiple of the window (so of 4 and 128) CSA holds exactly `ratio` rows and HCA nothing: that is
+the boundary state a window page carries.
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ class Part(enum.Enum):
     WINDOW = "window"  # raw KV entries of the window, EntryLayout bytes each
     BOUNDARY_STATE = "boundary_state"  # CSA main compressor A-half rows at the page's end
     BOUNDARY_INDEX_STATE = "boundary_index_state"  # same for the indexer's compressor
-    STATE = "state"  # running main compressor rows (CSA or HCA)
+    STATE = "state"  # running main compressor state: rows (CSA) or accumulators (HCA)
     INDEX_STATE = "index_state"  # running indexer compressor rows (CSA)
     MTP_HIDDEN = "mtp_hidden"  # speculation: the position and MTP output streams the next drafts use
 
@@ -150,6 +152,11 @@ def _row(width: int) -> int:
     return 2 * width * FP32
 
 
+def _running(width: int) -> int:
+    """Bytes of one running softmax pooling: max, sum and weighted sum, `width` fp32 values each."""
+    return 3 * width * FP32
+
+
 def _pack(pool: PoolKind, tokens: int, parts: list[tuple[int, Part, int, int]]) -> PageLayout:
     segs, off = [], 0
     for layer, part, items, item_bytes in parts:
@@ -189,7 +196,7 @@ class KvGeometry:
                 ]
             elif kind is LayerKind.HCA:
                 block.append((i, Part.ENTRY, shape.block_size // kind.value, e))
-                state.append((i, Part.STATE, kind.value - 1, _row(hd)))
+                state.append((i, Part.STATE, 1, _running(hd)))
         if shape.mtp_hidden:
             state.append((len(shape.kinds) - 1, Part.MTP_HIDDEN, 1, 8 + shape.mtp_hidden * FP32))
         return cls(
@@ -215,5 +222,5 @@ class KvGeometry:
         )
         desc = repr((self.shape, pages)).encode()
         return int.from_bytes(
-            hashlib.blake2b(b"tandem.kv.layout.v1" + desc, digest_size=8).digest(), "little"
+            hashlib.blake2b(b"tandem.kv.layout.v2" + desc, digest_size=8).digest(), "little"
         )

@@ -2,9 +2,10 @@
 
 Everything the model stores goes through THE byte layouts (workers/kv/entry.py): window KV and
 compressed entries as 584-byte entries, indexer keys as FP4 (or FP8) keys, compressor state as
-fp32 (kv, score) rows. With the model's quant_sim on (the real numerics) entries and keys are
-already representable, so reads return exactly what was written; compressor state is kept in
-fp32 (a float64 test model's state is rounded to fp32 here).
+fp32 (kv, score) rows (CSA) or fp32 running softmax accumulators (HCA). With the model's quant_sim
+on (the real numerics) entries and keys are already representable, so reads return exactly what
+was written; compressor state is kept in fp32 (a float64 test model's state is rounded to fp32
+here; accumulators are first rescaled to their rounded maximum so they stay consistent).
 
 Positions: each layer's window is an append log like the contiguous cache's; a main-layer write
 at the sequence's length starts a step, and a layer written after the step (the MTP layer) writes
@@ -27,7 +28,7 @@ from tandem.blocks import block_hashes
 from workers.kv.entry import EntryLayout, KeyLayout
 from workers.kv.geometry import LayerKind, Part, PoolKind
 from workers.kv.manager import Admission, KvCacheManager
-from workers.model.cache import CompressorState, EntryKind
+from workers.model.cache import CompressorState, EntryKind, RunningPool
 
 _ENTRY_PART = {EntryKind.ATTN: Part.ENTRY, EntryKind.INDEX: Part.KEY}
 _STATE_PART = {EntryKind.ATTN: Part.STATE, EntryKind.INDEX: Part.INDEX_STATE}
@@ -37,7 +38,7 @@ _BOUNDARY_PART = {EntryKind.ATTN: Part.BOUNDARY_STATE, EntryKind.INDEX: Part.BOU
 @dataclass(frozen=True)
 class _StateMeta:
     start: int
-    rows: int
+    rows: int  # positions the state holds from start (raw rows for CSA, folded ones for HCA)
 
 
 @dataclass
@@ -242,15 +243,35 @@ class PagedModelCache:
         if st is None:
             return None
         view = self.m.pools[PoolKind.STATE].view(layer, _STATE_PART[kind])
-        rows = view[self.m.state_page(seq), : st.rows].contiguous().view(torch.float32).to(self.state_dtype)
+        page = self.m.state_page(seq)
+        if self.kinds[layer] is LayerKind.HCA:
+            width = view.shape[-1] // 12
+            none = torch.zeros(0, width, dtype=self.state_dtype)
+            if st.rows == 0:  # nothing folded yet: the page's bytes are stale
+                pool = RunningPool.empty(width, dtype=self.state_dtype)
+            else:
+                acc = view[page, 0].contiguous().view(torch.float32).to(self.state_dtype).view(3, width)
+                pool = RunningPool(st.rows, acc[0], acc[1], acc[2])
+            return CompressorState(st.start, none, none.clone(), pool)
+        rows = view[page, : st.rows].contiguous().view(torch.float32).to(self.state_dtype)
         width = view.shape[-1] // 8
         return CompressorState(st.start, rows[:, :width], rows[:, width:])
 
     def set_compressor_state(self, layer: int, seq: int, kind: EntryKind, state: CompressorState) -> None:
         meta = self._writing(layer, seq)
         view = self.m.pools[PoolKind.STATE].view(layer, _STATE_PART[kind])
+        pooled = self.kinds[layer] is LayerKind.HCA
+        if (state.pool is not None) != pooled:
+            raise ValueError(
+                f"layer {layer} ({self.kinds[layer].name}) {kind.value} compressor state: expected "
+                f"{'running accumulators' if pooled else 'rows'}, got the other form"
+            )
+        if state.pool is not None:
+            self._set_pool(view, self.m.state_page(seq), layer, state.pool)
+            meta.states[(layer, kind)] = _StateMeta(state.start, state.pool.count)
+            return
         rows, width = state.kv.shape[0], view.shape[-1] // 8
-        if rows > view.shape[1] or state.kv.shape[1:] != (width,) or state.score.shape != state.kv.shape:
+        if rows > view.shape[1] or state.kv.shape[1:] != (width,):
             raise ValueError(
                 f"layer {layer} {kind.value} compressor state kv {tuple(state.kv.shape)} / score "
                 f"{tuple(state.score.shape)} does not fit {view.shape[1]} rows of width {width}"
@@ -259,6 +280,22 @@ class PagedModelCache:
             data = torch.cat([state.kv, state.score], dim=1).to(torch.float32).contiguous()
             view[self.m.state_page(seq), :rows] = data.view(torch.uint8)
         meta.states[(layer, kind)] = _StateMeta(state.start, rows)
+
+    @staticmethod
+    def _set_pool(view: torch.Tensor, page: int, layer: int, pool: RunningPool) -> None:
+        """Write running accumulators as fp32 (max, sum, wsum); sums of a wider pool are rescaled to
+        the fp32-rounded maximum so that later folds against it stay consistent."""
+        width = view.shape[-1] // 12
+        if pool.max.shape != (width,):
+            raise ValueError(
+                f"layer {layer} running pool width {pool.max.shape[0]}, the state page holds {width}"
+            )
+        if pool.count == 0:
+            return
+        mx = pool.max.to(torch.float32)
+        rescale = torch.exp(pool.max - mx.to(pool.max.dtype))
+        data = torch.stack([mx, (pool.sum * rescale).float(), (pool.wsum * rescale).float()]).contiguous()
+        view[page, 0] = data.view(-1).view(torch.uint8)
 
     # --- speculative decoding: the MTP hidden row of the state page ----------------------------
     @property

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from kernels import ops
-from workers.model.cache import CompressorState, EntryKind, ModelCache
+from workers.model.cache import EntryKind, ModelCache
 from workers.model.compressor import Compressor
 from workers.model.config import LayerKind, ModelConfig
 from workers.model.indexer import Indexer
@@ -77,9 +77,9 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """Run a compressor over the step's tokens, store what it finishes; return all entries."""
         state = cache.compressor_state(layer, seq, kind)
-        width = module.width if isinstance(module, Compressor) else module.compressor.width
         if state is None:
-            state = CompressorState.empty(width, x.device, wide(x).dtype)
+            comp = module if isinstance(module, Compressor) else module.compressor
+            state = comp.empty_state(x.device, wide(x).dtype)
         if state.end != pos0:
             raise ValueError(
                 f"layer {layer} sequence {seq}: {kind.value} compressor state ends at {state.end}, "

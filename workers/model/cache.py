@@ -12,9 +12,10 @@ What is stored, per sequence and per layer (main layers 0..L-1, then MTP layers 
 - CSA layers: indexer keys (EntryKind.INDEX, [index_head_dim] each, one per 4 tokens, already
   Hadamard-rotated and FP4-valued under quant_sim);
 - CSA / HCA layers: compressor state per compressor (EntryKind.ATTN, and EntryKind.INDEX for the
-  CSA indexer): the raw fp32 projections (kv, score + positional bias) of the tokens not yet
-  folded into a finished entry -- CSA: the last <= 2 * ratio tokens (the overlap half included),
-  HCA: the unfinished block's < ratio tokens.
+  CSA indexer) of the tokens not yet folded into a finished entry -- CSA: the raw fp32
+  projections (kv, score + positional bias) of the last <= 2 * ratio - 1 tokens (the overlap half
+  included); HCA: running softmax accumulators (`RunningPool`) of the unfinished block's < ratio
+  tokens, 3 x width values however many tokens they hold.
 How the model uses it: a forward step over T new tokens of a sequence (prefill chunk: T >= 1;
 decode: T = 1, for each sequence of a batch) reads the window, appends the T new KV vectors,
 reads the compressor state, appends the entries that the T tokens complete, replaces the state,
@@ -39,27 +40,95 @@ class EntryKind(enum.Enum):
 
 
 @dataclass(frozen=True)
-class CompressorState:
-    """Raw projections of the tokens a compressor still needs, from absolute position `start`.
+class RunningPool:
+    """A per-dimension softmax pooling of `count` rows, kept as running accumulators [width]:
+    `max` of the scores, `sum` of exp(score - max) and `wsum` of exp(score - max) * kv. The pooled
+    value of the rows is wsum / sum. With count == 0: max = -inf, sum = wsum = 0."""
 
-    kv, score: [n, width] float32 (float64 in a float64 model); score already includes the
-    positional bias `ape`. `start` is a multiple of the compression ratio; rows are positions
-    start .. start + n - 1.
+    count: int
+    max: torch.Tensor
+    sum: torch.Tensor
+    wsum: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.count < 0:
+            raise ValueError(f"RunningPool.count = {self.count} must be >= 0")
+        if not (self.max.dim() == 1 and self.max.shape == self.sum.shape == self.wsum.shape):
+            raise ValueError(
+                f"RunningPool: max, sum, wsum must be equal 1-D shapes, got {tuple(self.max.shape)}, "
+                f"{tuple(self.sum.shape)}, {tuple(self.wsum.shape)}"
+            )
+
+    @staticmethod
+    def empty(width: int, device: torch.device | str = "cpu",
+              dtype: torch.dtype = torch.float32) -> RunningPool:
+        z = torch.zeros(width, dtype=dtype, device=device)
+        return RunningPool(0, torch.full_like(z, float("-inf")), z, z.clone())
+
+    def clone(self) -> RunningPool:
+        return RunningPool(self.count, self.max.clone(), self.sum.clone(), self.wsum.clone())
+
+
+@dataclass(frozen=True)
+class CompressorState:
+    """What a compressor still needs of the tokens from absolute position `start` (a multiple of
+    the compression ratio) to `end`, in one of two forms:
+    - rows (overlapping compressors, CSA): kv, score [n, width] float32 (float64 in a float64
+      model), the raw projections of positions start .. start + n - 1, score including the
+      positional bias `ape`; `pool` is None;
+    - pooled (non-overlapping compressors, HCA): `pool` holds the running softmax accumulators of
+      positions start .. start + pool.count - 1, and kv, score have 0 rows.
+    `record` asks the compressor to fold the next step one position at a time and return, in
+    the new state's `trail`, the state after each of its positions (speculative verification
+    keeps a prefix of the step: workers/engine/staged_cache.py). Trail states have no trail.
     """
 
     start: int
     kv: torch.Tensor
     score: torch.Tensor
+    pool: RunningPool | None = None
+    record: bool = False
+    trail: tuple[CompressorState, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.kv.shape != self.score.shape or self.kv.dim() != 2:
+            raise ValueError(
+                f"CompressorState: kv and score must be equal [n, width] shapes, got "
+                f"{tuple(self.kv.shape)} and {tuple(self.score.shape)}"
+            )
+        if self.pool is not None and self.kv.shape[0]:
+            raise ValueError(f"CompressorState: a pooled state holds no rows, got {self.kv.shape[0]}")
 
     @property
     def end(self) -> int:
-        return self.start + self.kv.shape[0]
+        return self.start + self.kv.shape[0] + (self.pool.count if self.pool is not None else 0)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the tensors that carry the state (rows, or the three accumulators)."""
+        tensors = [self.kv, self.score]
+        if self.pool is not None:
+            tensors += [self.pool.max, self.pool.sum, self.pool.wsum]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def clone(self) -> CompressorState:
+        """A deep copy without `record` and `trail` (what a cache or a handoff keeps)."""
+        pool = None if self.pool is None else self.pool.clone()
+        return CompressorState(self.start, self.kv.clone(), self.score.clone(), pool)
 
     @staticmethod
     def empty(width: int, device: torch.device | str = "cpu",
               dtype: torch.dtype = torch.float32) -> CompressorState:
+        """The rows form before any token."""
         z = torch.zeros(0, width, dtype=dtype, device=device)
         return CompressorState(0, z, z.clone())
+
+    @staticmethod
+    def empty_pooled(width: int, device: torch.device | str = "cpu",
+                     dtype: torch.dtype = torch.float32) -> CompressorState:
+        """The pooled form before any token."""
+        z = torch.zeros(0, width, dtype=dtype, device=device)
+        return CompressorState(0, z, z.clone(), RunningPool.empty(width, device, dtype))
 
 
 @runtime_checkable

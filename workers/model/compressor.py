@@ -9,18 +9,26 @@ Then RMSNorm, and RoPE on the last rope dims at position ratio * j.
 Entry j is finished once token ratio * (j + 1) - 1 has been seen; queries at position t may see
 entries j < (t + 1) // ratio.
 
-The same code serves prefill chunks and decode steps: the state holds the raw rows still needed
-(see cache.CompressorState), the new tokens are appended, and every newly finished entry is made.
+The same code serves prefill chunks and decode steps (see cache.CompressorState):
+- overlap: the state holds the raw rows still needed, the new rows are appended, and every newly
+  finished entry is pooled from rows (kernel op);
+- no overlap: the state holds the unfinished block's running softmax accumulators. A step folds
+  its rows up to the end of that block into them and finishes it from them; the whole blocks
+  inside the step are pooled from rows (kernel op, exactly as a one-shot prefill), and the rows
+  of its last, unfinished block start a new accumulator.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 from torch import nn
 
 from kernels import ops
 from kernels.compressor_ref import PoolSpec
-from workers.model.cache import CompressorState
+from workers.model import running_pool
+from workers.model.cache import CompressorState, RunningPool
 from workers.model.layers import Linear, RMSNorm, wide
 from workers.model.rope import Rope
 
@@ -44,42 +52,88 @@ class Compressor(nn.Module):
         first_block = max(n_entries - 1, 0) if self.overlap else n_entries
         return first_block * self.ratio
 
+    def empty_state(self, device: torch.device | str, dtype: torch.dtype) -> CompressorState:
+        """The state before any token: rows with overlap, running accumulators without."""
+        build = CompressorState.empty if self.overlap else CompressorState.empty_pooled
+        return build(self.width, device, dtype)
+
     def forward(
         self, x: torch.Tensor, state: CompressorState, rope: Rope
     ) -> tuple[torch.Tensor, CompressorState]:
         """Fold tokens x [T, dim] (positions state.end ..) in; return (new entries [n, head_dim], state).
 
-        Entries are normalised and rotated, in x's dtype, before any KV quantisation.
+        Entries are normalised and rotated, in x's dtype, before any KV quantisation. With
+        `state.record` the step runs one position at a time and the new state's `trail` holds the
+        state after each position.
         """
-        m, d = self.ratio, self.head_dim
-        pos = state.end
-        n_done = pos // m
+        m = self.ratio
+        n_done = state.end // m
         if state.start != self.state_start(n_done):
             raise ValueError(
                 f"compressor state starts at {state.start}, expected {self.state_start(n_done)} "
                 f"for {n_done} finished entries (ratio {m})"
             )
+        if (state.pool is None) != self.overlap:
+            form = "rows" if state.pool is None else "running accumulators"
+            raise ValueError(f"compressor (ratio {m}, overlap {self.overlap}) given a state in {form} form")
         xf = wide(x)
         kv_new = self.wkv(xf)
-        positions = torch.arange(pos, pos + x.shape[0], device=x.device)
+        positions = torch.arange(state.end, state.end + x.shape[0], device=x.device)
         score_new = self.wgate(xf) + self.ape[positions % m]
-        kv = torch.cat([state.kv, kv_new], dim=0)
-        score = torch.cat([state.score, score_new], dim=0)
-        end = pos + x.shape[0]
-        n_total = end // m
-        first_block = state.start // m
-        if n_total > n_done:
-            pooled = self._pool(kv, score, first_block, n_done, n_total)
-            entries = self.norm(pooled.to(x.dtype))
-            entry_pos = torch.arange(n_done, n_total, device=x.device) * m
-            entries = rope.apply(entries, entry_pos)
-        else:
-            entries = x.new_zeros(0, d)
-        keep_from = self.state_start(n_total) - state.start
-        new_state = CompressorState(
-            self.state_start(n_total), kv[keep_from:].clone(), score[keep_from:].clone()
+        if not state.record:
+            return self._step(x, kv_new, score_new, state, rope)
+        entries, trail = [], []
+        cur = dataclasses.replace(state, record=False)
+        for i in range(x.shape[0]):
+            new, cur = self._step(x[i : i + 1], kv_new[i : i + 1], score_new[i : i + 1], cur, rope)
+            entries.append(new)
+            trail.append(cur)
+        return torch.cat(entries) if entries else x.new_zeros(0, self.head_dim), dataclasses.replace(
+            cur, trail=tuple(trail)
         )
-        return entries, new_state
+
+    def _step(self, x: torch.Tensor, kv_new: torch.Tensor, score_new: torch.Tensor, state: CompressorState,
+              rope: Rope) -> tuple[torch.Tensor, CompressorState]:
+        m = self.ratio
+        n_done, end = state.end // m, state.end + x.shape[0]
+        n_total = end // m
+        if self.overlap:
+            kv = torch.cat([state.kv, kv_new], dim=0)
+            score = torch.cat([state.score, score_new], dim=0)
+            pooled = self._pool(kv, score, state.start // m, n_done, n_total) if n_total > n_done else None
+            keep_from = self.state_start(n_total) - state.start
+            new_state = CompressorState(self.state_start(n_total), kv[keep_from:].clone(),
+                                        score[keep_from:].clone())
+        else:
+            pooled, pool = self._fold_blocks(kv_new, score_new, state.pool, n_done)
+            none = kv_new.new_zeros(0, self.width)
+            new_state = CompressorState(n_total * m, none, none.clone(), pool)
+        if pooled is None:
+            return x.new_zeros(0, self.head_dim), new_state
+        entries = self.norm(pooled.to(x.dtype))
+        entry_pos = torch.arange(n_done, n_total, device=x.device) * m
+        return rope.apply(entries, entry_pos), new_state
+
+    def _fold_blocks(self, kv: torch.Tensor, score: torch.Tensor, pool: RunningPool, n_done: int
+                     ) -> tuple[torch.Tensor | None, RunningPool]:
+        """No overlap: (pooled entries the rows finish or None, the new running accumulators).
+
+        `pool` holds the first rows of block n_done; kv, score [T, width] continue it."""
+        m, t = self.ratio, kv.shape[0]
+        parts = []
+        head = min(t, m - pool.count) if pool.count else 0
+        if head:
+            pool = running_pool.fold(pool, kv[:head], score[:head])
+            if pool.count == m:
+                parts.append(running_pool.value(pool)[None, :])
+                pool = RunningPool.empty(self.width, kv.device, pool.max.dtype)
+        whole = (t - head) // m
+        if whole:
+            b0 = n_done + len(parts)  # first block that lies whole in the rows
+            rows = slice(head, head + whole * m)
+            parts.append(self._pool(kv[rows], score[rows], b0, b0, b0 + whole))
+        pool = running_pool.fold(pool, kv[head + whole * m :], score[head + whole * m :])
+        return (torch.cat(parts) if parts else None), pool
 
     def _pool(self, kv: torch.Tensor, score: torch.Tensor, first_block: int, n_done: int, n_total: int
               ) -> torch.Tensor:

@@ -18,6 +18,9 @@ from workers.kv.geometry import KvGeometry, PoolKind
 # scales; keys depend on the key format. Named here so a dtype change is a layout change.
 _ENTRY_DTYPES = ("float8_e4m3fn", "bfloat16", "ue8m0")
 _KEY_DTYPES = {KeyFormat.FP4: ("float4_e2m1", "ue8m0"), KeyFormat.FP8: ("float8_e4m3fn", "float32")}
+# What a STATE segment's fp32 values are (workers/kv/geometry.py): CSA raw (kv, score) rows, HCA
+# running softmax accumulators. Named so a change of either form is a layout change.
+_STATE_FORMS = (("CSA", "rows: kv, score"), ("HCA", "running softmax: max, sum, weighted sum"))
 
 
 class LayoutMismatch(ValueError):
@@ -35,6 +38,7 @@ class LayoutSignature:
     entry_dtypes: tuple[str, ...]
     key_layout: tuple[str, int, int]  # format, dim, nbytes
     key_dtypes: tuple[str, ...]
+    state_forms: tuple[tuple[str, str], ...]
     page_bytes: tuple[tuple[str, int], ...]  # (pool, bytes per page)
     page_segments: tuple[tuple[str, tuple[tuple[int, str, int, int, int], ...]], ...]
 
@@ -51,6 +55,7 @@ class LayoutSignature:
             entry_dtypes=_ENTRY_DTYPES,
             key_layout=(k.fmt.value, k.dim, k.nbytes),
             key_dtypes=_KEY_DTYPES[k.fmt],
+            state_forms=_STATE_FORMS,
             page_bytes=tuple((p.pool.value, p.nbytes) for p in pages),
             page_segments=tuple(
                 (
