@@ -106,18 +106,18 @@ class NixlPuller:
             raise RuntimeError("NixlPuller is not bound to a decode rank")
         return self._rank
 
-    async def _meet(self, loop: EngineLoop, desc: worker_pb2.HandoffDescriptor) -> None:
+    async def _meet(self, desc: worker_pb2.HandoffDescriptor) -> None:
         """Pair with the prefill rank that `desc` names, both ways, once. Concurrent handoffs from a
         new prefill wait for the same meeting: a claim sent before the prefill paired back would go
         unanswered until the pull's timeout. A failed meeting is tried again by the next handoff."""
         name = desc.agent_name
         task = self._meetings.get(name)
         if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
-            task = asyncio.ensure_future(self._pair_both(loop, desc))
+            task = asyncio.ensure_future(self._pair_both(desc))
             self._meetings[name] = task
         await asyncio.shield(task)
 
-    async def _pair_both(self, loop: EngineLoop, desc: worker_pb2.HandoffDescriptor) -> None:
+    async def _pair_both(self, desc: worker_pb2.HandoffDescriptor) -> None:
         rank = self.transfer
         name = actor_name(desc.prefill.instance, desc.prefill.dp_rank)
         prefill = ray.get_actor(name, namespace=self.namespace)
@@ -125,7 +125,9 @@ class NixlPuller:
         if info.name != desc.agent_name:
             raise ValueError(f"handoff of {desc.request_id!r} names agent {desc.agent_name!r}, "
                              f"its prefill actor's agent is {info.name!r}")
-        await loop.call(rank.pair, info)  # LayoutMismatch here: nothing loaded, nothing moved
+        # LayoutMismatch here: nothing loaded, nothing moved. The rank's transfer lock serialises it
+        # with pulls; it touches no engine state, so the engine lock is not held (steps go on).
+        await asyncio.to_thread(rank.pair, info)
         await prefill.pair.remote(rank.info())
 
     async def take(self, loop: EngineLoop, request: GenerationRequest, desc: worker_pb2.HandoffDescriptor
@@ -138,7 +140,7 @@ class NixlPuller:
                 raise LayoutMismatch(f"handoff of {desc.request_id!r}: layout hash {desc.layout_hash:#x} "
                                      f"is not ours ({rank.agent.layout.digest})")
             pulled = from_proto(desc, rank.manager.window_tokens)
-            await self._meet(loop, desc)
+            await self._meet(desc)
         except (ValueError, KeyError, ray.exceptions.RayError) as exc:  # LayoutMismatch is a ValueError
             return await self._recompute(loop, request, desc, exc)
         try:
