@@ -248,6 +248,8 @@ async def _cancel_during_the_read(rig: Rig, req: GenerationRequest, first: int, 
         while rig.reads == 0:
             await asyncio.sleep(0.001)
         in_flight = rig.dec.kv.blocks_used
+        # a pull in flight counts as running in the rank's stats: the router sees its slot taken
+        assert (await loop.call(rig.dec.stats)).running == 1
         assert await loop.call(rig.dec.cancel, req.request_id)
         await asyncio.wait_for(follower, 10)  # the stream ended before the READ did
         assert not take.done() and intake.in_flight == 1

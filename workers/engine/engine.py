@@ -58,7 +58,7 @@ class StepOutput:
 class EngineStats:
     queued: int
     queued_prefill_tokens: int
-    running: int
+    running: int  # in the batch, plus pulls in flight (admitted, their pages being filled)
     handoffs_held: int
     blocks_used: int
     blocks_free: int
@@ -391,7 +391,7 @@ class Engine:
         sched = self.scheduler
         return EngineStats(
             queued=len(sched.waiting), queued_prefill_tokens=sum(s.remaining for s in sched.waiting),
-            running=len(sched.running), handoffs_held=len(self._handoffs),
+            running=len(sched.running) + len(self._pulling), handoffs_held=len(self._handoffs),
             blocks_used=self.kv.blocks_used, blocks_free=self.kv.blocks_free,
             prefix_hit_rate=self.kv.prefix_hit_rate,
             prefill_tokens=self._prefill_tokens, decode_tokens=self._decode_tokens,
