@@ -6,14 +6,15 @@ LRU order and evicted, oldest first, when a reservation needs room. Every block 
 present is announced to the router's `KvIndex` (`stored`) and every eviction too (`removed`),
 exactly the events a real worker sends; blocks count as present only once computed (`complete`).
 
-A request's life on a cache: `acquire_leading(hashes)` holds the leading resumable blocks (what a
-computation starts after) or `acquire_kept(hashes)` the leading blocks of either kind (what a KV
-handoff need not move), `complete(hashes, start)` holds the rest once computed or received,
-`release(hashes)` lets go of them all.
+A request's life on a cache: `acquire_leading(hashes)` holds the leading present blocks up to the
+deepest resumable one (what a computation starts after) or `acquire_kept(hashes)` the leading
+blocks of either kind (what a KV handoff need not move), `complete(hashes, start)` holds the rest
+once computed or received, `release(hashes)` lets go of them all.
 
 Two kinds of present block, as on a real decode (workers/kv/prefix_cache.py): resumable blocks were
 computed here; held-only blocks (`pulled`) came in a KV handoff (`complete(..., held_only=True)`)
-and have no boundary here, so no computation resumes after them. They are announced to the index
+and have no boundary here, so no computation resumes right after them (it may pass over them to a
+later block computed here, as the worker's `lookup` does). They are announced to the index
 as held-only (`stored(..., held_only=True)`), and become resumable (announced again, resumable) only
 when this worker computes them itself (`complete` without held_only). Prefill caches never hold
 held-only blocks, so their path does no extra work.
@@ -104,8 +105,8 @@ class PrefixCache:
         self.reserved -= blocks
 
     def acquire_leading(self, hashes: Sequence[int]) -> int:
-        """Hold the leading resumable blocks of `hashes` (present and not held-only: a computation
-        can start after them); how many there are."""
+        """Hold the leading present blocks of `hashes` up to the deepest one computed here (not
+        held-only: a computation can start after it); how many there are."""
         return self._acquire(hashes, True)
 
     def acquire_kept(self, hashes: Sequence[int]) -> int:
@@ -120,13 +121,13 @@ class PrefixCache:
         if not self.exact:
             n = len(list(takewhile(present.__contains__, hashes)))
             if resumable and pulled:
-                n = next(compress(range(n), map(pulled.__contains__, hashes[:n])), n)
+                n = _resume_point(hashes, n, pulled)
             if n:
                 self.holds.append((hashes, 0, n))
             return n
         counts = list(takewhile(bool, map(present.get, hashes, repeat(0))))
         if resumable and pulled:
-            del counts[next(compress(range(len(counts)), map(pulled.__contains__, hashes)), len(counts)):]
+            del counts[_resume_point(hashes, len(counts), pulled):]
         self._hold(hashes[: len(counts)], counts)
         return len(counts)
 
@@ -250,3 +251,11 @@ class PrefixCache:
             self.pulled.difference_update(gone)
         self._cached -= len(gone)
         self.index.removed(self.worker, gone)
+
+
+def _resume_point(hashes: Sequence[int], n: int, pulled: set[int]) -> int:
+    """The deepest k <= n whose block k-1 was computed here (not pulled): with hashes[:n] present, a
+    computation resumes after it, passing over pulled blocks before it (the worker's `lookup`)."""
+    while n and hashes[n - 1] in pulled:
+        n -= 1
+    return n

@@ -1,23 +1,20 @@
 """Which worker holds which KV block: the router's index, fed by the workers' KV events.
 
-Block hashes are chained (`tandem.blocks`): hash k names the whole prefix of blocks 0..k, so a
-prefix tree is not needed. The index is one dict, block hash -> bitmask of worker slots (a
-Python int, bit s = the worker in slot s), plus a block count per worker. Masks are interned:
-blocks with the same holders share one int object. `match` looks up the query's blocks up to the
-first one nobody holds, finds by identity the few points where the mask object changes, and ANDs
-only there: a worker's depth is where its bit first drops out of the running AND. Every
-per-block step of `match`, `stored` and `removed` runs inside C loops (map / compress /
-takewhile / dict.update); Python code runs per event and per change point, never per block. A
-worker's own holdings are found by one scan of the index (C speed), which only snapshots,
-re-syncs and worker removal need. bench/router_index.py measures it against Dynamo's Rust radix
-tree.
+Block hashes are chained (`tandem.blocks`): hash k names the whole prefix of blocks 0..k, so no
+prefix tree is needed. One dict maps block hash -> bitmask of worker slots (interned: blocks with
+the same holders share one int object), plus a block count per worker. A match ANDs masks only
+where the mask object changes (found by identity, in C); every per-block step of matching,
+`stored` and `removed` runs in C loops (map / compress / takewhile / dict.update), Python code
+per event and per change point. bench/router_index.py measures it against Dynamo's radix tree.
 
 Two kinds of holding (KvStored.held_only): a worker's resumable blocks are hits a computation can
-resume after (`match`: what a prefill or a local prefill starts from); its held-only blocks are
-pages it pulled in a handoff and holds without a boundary (they only spare a later pull). A second
-dict of the same shape keeps the held-only masks; a hash is in at most one of a worker's two views.
-`match_held` counts the leading blocks a worker holds of either kind (what a handoff to it need
-not move). While no worker holds a held-only block, the resumable path does no extra work.
+resume after; its held-only blocks are pages it pulled in a handoff and holds without a boundary
+(they spare a later pull, and a computation can pass over them to a later resumable block). A
+second dict of the same shape keeps the held-only masks; a hash is in at most one of a worker's two
+views. `match_held` counts the leading blocks a worker holds of either kind (what a handoff to it
+need not move); `match`, the deepest resumable block within that run (what a prefill or a local
+prefill starts from, as the worker's own prefix cache finds it). While no worker holds a held-only
+block, both are the leading resumable run and the path does no extra work.
 
 Sequencing: each worker numbers its events 0, 1, 2, ... from its start. `apply` checks the
 number; a gap means events were lost, so that worker's entries are dropped (the router cannot
@@ -147,8 +144,12 @@ class KvIndex:
         heapq.heappush(self._free, slot)
 
     def match(self, block_hashes: Sequence[int]) -> dict[Hashable, int]:
-        """For each worker holding block 0 of the query: how many leading blocks of it the worker
-        holds. Workers holding none are left out."""
+        """Per worker: the deepest k such that it holds blocks 0..k-1 (either kind) and block k-1 is
+        resumable, as its own prefix cache finds it (workers/kv/prefix_cache.py `lookup`); 0: left out."""
+        return self.match_views(block_hashes)[0]
+
+    def _leading(self, block_hashes: Sequence[int]) -> dict[Hashable, int]:
+        """Per worker: its leading run of resumable blocks (= `match` while nobody holds held-only)."""
         owners = self._owners
         # Masks of the query's blocks up to the first block nobody holds. Blocks with the same
         # holders share one mask object (`_canonical`), so the running AND can only change where
@@ -157,11 +158,10 @@ class KvIndex:
         return self._depths(masks, map(is_not, masks[1:], masks)) if masks else {}
 
     def match_held(self, block_hashes: Sequence[int]) -> dict[Hashable, int]:
-        """As `match`, counting the blocks a worker holds of either kind (resumable or held-only):
-        the leading blocks a KV handoff to it need not move. >= `match` for every worker."""
+        """Per worker: its leading run of blocks of either kind (what a handoff to it need not move)."""
         owners, held = self._owners, self._held
         if not held:
-            return self.match(block_hashes)
+            return self._leading(block_hashes)
         hs = block_hashes if isinstance(block_hashes, list | tuple) else list(block_hashes)
         masks = list(takewhile(bool, map(or_, map(owners.get, hs, repeat(0)), map(held.get, hs, repeat(0)))))
         # ORed masks are not interned: the change points are found by value
@@ -170,8 +170,22 @@ class KvIndex:
     def match_views(self, block_hashes: Sequence[int]) -> tuple[dict[Hashable, int], dict[Hashable, int]]:
         """(`match`, `match_held`) of one query; the same dict twice while no worker holds a
         held-only block (read them, do not change them)."""
-        resumable = self.match(block_hashes)
-        return resumable, (self.match_held(block_hashes) if self._held else resumable)
+        if not self._held:
+            resumable = self._leading(block_hashes)
+            return resumable, resumable
+        hs = block_hashes if isinstance(block_hashes, list | tuple) else list(block_hashes)
+        resumable, held = self._leading(hs), self.match_held(hs)
+        owners = self._owners
+        for worker, n in held.items():
+            lead = resumable.get(worker, 0)
+            if n <= lead + 1:  # block `lead` (if held) is held-only: nothing deeper to find
+                continue
+            bit = 1 << self._slot[worker]
+            masks = list(map(owners.get, hs[lead + 1 : n], repeat(0)))
+            deepest = next((k for k in range(len(masks) - 1, -1, -1) if masks[k] & bit), None)
+            if deepest is not None:  # a resumable block after held-only ones: resume after it
+                resumable[worker] = lead + 2 + deepest
+        return resumable, held
 
     def _depths(self, masks: list[int], changed: Iterable[bool]) -> dict[Hashable, int]:
         """worker -> where its bit first drops out of the running AND of masks (non-empty, all
@@ -259,9 +273,8 @@ class KvIndex:
         return result
 
     def check_newest(self, worker: Hashable, newest_seq: int) -> ApplyResult:
-        """The worker's newest event is `newest_seq` (a report says so after its events): if fewer were
-        applied, the last ones were lost and no later event will tell: GAP, the worker's entries are
-        dropped and it awaits `resync`. APPLIED when up to date, UNSYNCED when it awaits one already."""
+        """The worker's newest event is `newest_seq`: fewer applied means the last ones were lost (GAP:
+        entries dropped, awaits `resync`); APPLIED when up to date, UNSYNCED when awaiting one."""
         if worker in self._unsynced:
             return ApplyResult.UNSYNCED
         last = self._seq.get(worker)
@@ -301,14 +314,8 @@ class KvIndex:
 
     def snapshot(self) -> IndexSnapshot:
         """Every worker's holdings and sequence state, immutable (one index scan per worker)."""
-        return IndexSnapshot(
-            tuple(
-                WorkerSnapshot(
-                    w, self._seq.get(w), w not in self._unsynced, self.holdings(w), self.held_only(w)
-                )
-                for w in self._slot
-            )
-        )
+        return IndexSnapshot(tuple(WorkerSnapshot(w, self._seq.get(w), w not in self._unsynced,
+                                                  self.holdings(w), self.held_only(w)) for w in self._slot))
 
     @classmethod
     def from_snapshot(cls, snap: IndexSnapshot) -> KvIndex:

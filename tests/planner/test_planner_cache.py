@@ -7,9 +7,9 @@ re-holding cached blocks, evictions under pressure) must leave both in the same 
 operation, and the router's `KvIndex` must hold exactly the cache's blocks.
 
 Some requests receive their blocks in a KV handoff (as on a decode): the reference marks the blocks
-new to it held-only (`pulled`), a computed request's blocks resumable, a computation resumes only
-after leading resumable blocks and a handoff skips leading blocks of either kind; the index's two
-views must equal the reference's two kinds.
+new to it held-only (`pulled`), a computed request's blocks resumable, a computation resumes after
+the deepest computed block of the leading present run (passing over pulled ones) and a handoff
+skips leading blocks of either kind; the index's two views must equal the reference's two kinds.
 """
 
 from __future__ import annotations
@@ -47,8 +47,10 @@ class _Reference:
 
     def acquire_leading(self, hashes: list[int], resumable: bool = True) -> int:
         n = 0
-        while n < len(hashes) and hashes[n] in self.holders and not (resumable and hashes[n] in self.pulled):
+        while n < len(hashes) and hashes[n] in self.holders:
             n += 1
+        while resumable and n and hashes[n - 1] in self.pulled:  # resume after a computed block only
+            n -= 1
         for h in hashes[:n]:
             self._hold(h)
         return n
@@ -175,6 +177,24 @@ def test_acquire_leading_stops_at_the_first_missing_block() -> None:
     assert cache.acquire_leading([1, 2, 9, 3]) == 2
     assert cache.cached == 1 and cache.held() == 2
     assert cache.acquire_leading([7, 1]) == 0
+
+
+def test_a_computation_resumes_after_computed_blocks_that_follow_pulled_ones() -> None:
+    """A decode pulled a prompt (held-only) and computed the next blocks itself (the answer): a
+    follow-up resumes after them; the index's `match` agrees; a pulled tail is passed back over."""
+    index = KvIndex()
+    w = WorkerId("d")
+    cache = PrefixCache(w, 100, index)
+    chain = [11, 12, 13, 14, 15, 16]
+    assert cache.reserve(10)
+    cache.complete(chain[:3], held_only=True)  # the pulled prompt
+    cache.complete(chain[:5], start=3)  # the answer's blocks, computed here
+    cache.unreserve(10)
+    cache.release(chain[:5])
+    assert cache.reserve(10)
+    assert cache.acquire_leading(chain) == 5 and index.match(chain) == {w: 5}
+    assert cache.acquire_kept(chain) == 5 and index.match_held(chain) == {w: 5}
+    assert cache.acquire_leading(chain[:3]) == 0 and index.match(chain[:3]) == {}  # pulled only
 
 
 def test_eviction_takes_the_oldest_release_first_and_tells_the_index() -> None:

@@ -86,7 +86,7 @@ def test_a_gap_is_resynced_from_the_worker_snapshot() -> None:
     old_path, new_path, held_path, snapshots = asyncio.run(go())
     assert snapshots == 1
     assert old_path == 1  # block 12 left with the lost event: the index no longer claims it
-    assert new_path == 2  # the snapshot's 13; its 99 is held only: no resuming after it
+    assert new_path == 4  # the snapshot's 13, its 99 (held only), then 14 (resumable, a later event)
     assert held_path == 5  # 99 (snapshot, held only), then the later events' 14 and 15 (held only)
 
 

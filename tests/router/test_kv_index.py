@@ -34,13 +34,24 @@ def reference_match(held: dict[object, set[int]], query: list[int]) -> dict[obje
     return out
 
 
+def reference_resume(res: dict[object, set[int]], both: dict[object, set[int]], query: list[int]
+                     ) -> dict[object, int]:
+    """Per worker: the deepest k with query[:k] all held (either kind) and query[k-1] resumable."""
+    out = {}
+    for w, run in reference_match(both, query).items():
+        depth = max((k + 1 for k in range(run) if query[k] in res.get(w, set())), default=0)
+        if depth:
+            out[w] = depth
+    return out
+
+
 def assert_same(index: KvIndex, res: dict[object, set[int]], held: dict[object, set[int]]) -> None:
     """index equals the reference: res = resumable hashes, held = held-only ones (disjoint)."""
     both = {w: res.get(w, set()) | held.get(w, set()) for w in set(res) | set(held)}
     for q in QUERIES:
-        assert index.match(q) == reference_match(res, q), q
+        assert index.match(q) == reference_resume(res, both, q), q
         assert index.match_held(q) == reference_match(both, q), q
-        assert index.match_views(q) == (reference_match(res, q), reference_match(both, q)), q
+        assert index.match_views(q) == (reference_resume(res, both, q), reference_match(both, q)), q
     assert len(index) == len(set().union(*res.values()) if res else set())
     for w in both:
         assert not res.get(w, set()) & held.get(w, set())
@@ -146,6 +157,20 @@ def test_held_only_blocks_change_kind_and_count_only_for_transfers() -> None:
     assert m == h == {"p": 3} and h is m
     with pytest.raises(ValueError, match=r"held_only is set on a removed event"):
         KvEvent(2, KvEventKind.REMOVED, (1,), held_only=True)
+
+
+def test_a_computed_block_after_pulled_ones_is_a_resume_point() -> None:
+    """A decode pulled a prompt (held-only) and computed the answer's blocks itself (boundaries):
+    a follow-up turn resumes after the answer, as the worker's prefix cache finds it."""
+    index = KvIndex()
+    c = CHAINS[0]
+    index.stored("d", c[:4], held_only=True)  # the pulled prompt
+    index.stored("d", c[4:7])  # the answer, decoded here
+    index.stored("p", c[:2])
+    assert index.match_views(c) == ({"d": 7, "p": 2}, {"d": 7, "p": 2})
+    assert index.match(c[:5]) == {"d": 5, "p": 2} and index.match(c[:4]) == {"p": 2}  # held-only alone: none
+    index.removed("d", [c[2]])  # a hole in the prompt: nothing after it can be resumed
+    assert index.match(c) == {"p": 2} and index.match_held(c) == {"d": 2, "p": 2}
 
 
 def test_resync_and_snapshot_carry_both_views() -> None:
@@ -291,7 +316,7 @@ def test_lossy_delivery_with_resync_converges_to_the_workers_state(steps: list[t
         current_all = {k: v | truth_held[k] for k, v in truth.items() if k not in behind}
         for q in QUERIES:
             got = {k: n for k, n in index.match(q).items() if k not in behind}
-            assert got == reference_match(current, q), q
+            assert got == reference_resume(current, current_all, q), q
             got = {k: n for k, n in index.match_held(q).items() if k not in behind}
             assert got == reference_match(current_all, q), q
         for k, v in current.items():

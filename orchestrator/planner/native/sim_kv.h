@@ -35,45 +35,36 @@ static inline int is_pulled(Sim *s, int32_t slot, int32_t b) {
     return (int)((ho_of(s, b)[slot >> 6] >> (slot & 63)) & 1ULL);
 }
 
-/* KvIndex.match_views: per slot, the leading blocks held resumable (match) and of either kind
- * (match_held). */
+/* KvIndex.match_views: per slot, the leading blocks held of either kind (match_held), and the deepest
+ * resumable block within that run (match: where a computation resumes, passing over held-only
+ * blocks before it). */
 static void match_views(Sim *s, const int32_t *ids, int32_t n, int32_t *match, int32_t *held) {
-    uint64_t act_r[MAX_WORKERS / 64], act_h[MAX_WORKERS / 64];
+    uint64_t act[MAX_WORKERS / 64]; /* slots whose held run reaches the current block */
     int W = s->words;
-    for (int w = 0; w < W; w++) act_r[w] = act_h[w] = ~0ULL;
+    for (int w = 0; w < W; w++) act[w] = ~0ULL;
     for (int32_t i = 0; i < s->n_slots; i++) match[i] = held[i] = 0;
-    int any_r = 1, any_h = 1;
-    for (int32_t k = 0; k < n && (any_r || any_h); k++) {
+    int any = 1;
+    for (int32_t k = 0; k < n && any; k++) {
         const uint64_t *r = res_of(s, ids[k]), *h = ho_of(s, ids[k]);
-        any_r = any_h = 0;
+        any = 0;
         for (int w = 0; w < W; w++) {
-            uint64_t nr = act_r[w] & r[w], nh = act_h[w] & (r[w] | h[w]);
-            uint64_t drop = act_r[w] & ~nr;
-            while (drop) {
-                int bit = __builtin_ctzll(drop);
-                match[w * 64 + bit] = k;
-                drop &= drop - 1;
+            uint64_t on = act[w] & (r[w] | h[w]);
+            uint64_t bits = act[w] & ~on; /* their held run ends before block k */
+            while (bits) {
+                held[w * 64 + __builtin_ctzll(bits)] = k;
+                bits &= bits - 1;
             }
-            drop = act_h[w] & ~nh;
-            while (drop) {
-                int bit = __builtin_ctzll(drop);
-                held[w * 64 + bit] = k;
-                drop &= drop - 1;
+            bits = on & r[w]; /* still held through block k, and resumable there */
+            while (bits) {
+                match[w * 64 + __builtin_ctzll(bits)] = k + 1;
+                bits &= bits - 1;
             }
-            act_r[w] = nr;
-            act_h[w] = nh;
-            any_r |= nr != 0;
-            any_h |= nh != 0;
+            act[w] = on;
+            any |= on != 0;
         }
     }
     for (int w = 0; w < W; w++) {
-        uint64_t m = act_r[w];
-        while (m) {
-            int bit = __builtin_ctzll(m);
-            if (w * 64 + bit < s->n_slots) match[w * 64 + bit] = n;
-            m &= m - 1;
-        }
-        m = act_h[w];
+        uint64_t m = act[w];
         while (m) {
             int bit = __builtin_ctzll(m);
             if (w * 64 + bit < s->n_slots) held[w * 64 + bit] = n;
@@ -144,7 +135,9 @@ static inline void cache_hold(Cache *c, int32_t b) {
 static int64_t cache_acquire(Sim *s, int32_t slot, const int32_t *ids, int32_t n, int resumable) {
     Cache *c = &s->caches[slot];
     int32_t k = 0;
-    while (k < n && c->val[ids[k]] != 0 && !(resumable && is_pulled(s, slot, ids[k]))) k++;
+    while (k < n && c->val[ids[k]] != 0) k++;
+    if (resumable) /* resume after the deepest block computed here, passing over pulled ones */
+        while (k > 0 && is_pulled(s, slot, ids[k - 1])) k--;
     for (int32_t i = 0; i < k; i++) cache_hold(c, ids[i]);
     return k;
 }
