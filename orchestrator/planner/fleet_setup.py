@@ -59,3 +59,29 @@ def check_fits(requests: Sequence[TraceRequest], arch: ModelArch, block_bytes_: 
     if prefill_capacity is not None and need > prefill_capacity:
         raise ValueError(f"request {big.request_id!r} ({big.prompt_tokens} prompt tokens) needs {need} "
                          f"KV blocks to prefill; a prefill instance holds {prefill_capacity}")
+
+
+def answer_blocks(requests: Sequence[TraceRequest]) -> list[tuple[int, ...]]:
+    """Per request (same order): the hashes of the full blocks its answer fills on the decode, where a
+    later turn of its session reveals them; () where none does.
+
+    A decode computes the blocks its answer fills (prompt + output - 1 tokens are in its KV at the
+    end) and keeps them resumable; a session's next turn whose prompt extends this one (prompt,
+    answer, new message) names those blocks' hashes. Answers nobody continues are not modelled (a
+    trace carries no hashes for them), so the decodes' caches hold a little less than the workers'
+    would."""
+    last: dict[str, int] = {}  # session -> its latest turn so far (index into requests)
+    out: list[tuple[int, ...]] = [()] * len(requests)
+    for j, r in enumerate(requests):
+        if r.session_id is None:
+            continue
+        i = last.get(r.session_id)
+        last[r.session_id] = j
+        if i is None:
+            continue
+        prev = requests[i]
+        n = len(prev.block_hashes)
+        if r.block_hashes[:n] == prev.block_hashes:
+            filled = (prev.prompt_tokens + prev.output_tokens - 1) // 256  # full blocks in its KV at the end
+            out[i] = r.block_hashes[n:min(filled, len(r.block_hashes))]
+    return out

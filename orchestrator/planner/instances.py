@@ -25,14 +25,15 @@ from orchestrator.router.inputs import WorkerId
 class Job:
     """One request's progress through the simulated fleet."""
 
-    __slots__ = ("cached_blocks", "cached_tokens", "decode", "decode_reserve", "decoded_from", "hashes",
-                 "local", "missed", "pos", "prefill", "prefill_reserve", "req", "reused_blocks", "seq",
-                 "t_finish", "t_first", "t_join")
+    __slots__ = ("answer", "cached_blocks", "cached_tokens", "decode", "decode_reserve", "decoded_from",
+                 "hashes", "local", "missed", "pos", "prefill", "prefill_reserve", "req", "reused_blocks",
+                 "seq", "t_finish", "t_first", "t_join")
 
     def __init__(self, req: TraceRequest, seq: int) -> None:
         self.req = req
         self.seq = seq  # arrival order: the deterministic tie-break between equal finish steps
         self.hashes = req.block_hashes
+        self.answer: tuple[int, ...] = ()  # hashes of the blocks its answer fills (`answer_blocks`)
         self.prefill: PrefillEngine | None = None
         self.decode: DecodeInstance | None = None
         self.local = False

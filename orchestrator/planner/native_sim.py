@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from itertools import accumulate, chain
 
 from orchestrator.planner.fleet import FleetConfig
-from orchestrator.planner.fleet_setup import check_fits, placement, pool_capacity, pool_rate
+from orchestrator.planner.fleet_setup import answer_blocks, check_fits, placement, pool_capacity, pool_rate
 from orchestrator.planner.kv_layout import block_bytes, handoff_bytes, request_reserve_bytes
 from orchestrator.planner.models import model
 from orchestrator.planner.native.cost_params import cost_struct
@@ -102,8 +102,11 @@ class NativeSimulator:
                 raise ValueError(f"request {r.request_id!r}: {k} block hashes for {r.prompt_tokens} prompt "
                                  f"tokens (need {r.prompt_tokens // BLOCK_SIZE}, one per full block)")
         offsets = array("q", accumulate(lengths, initial=0))
+        answers = answer_blocks(reqs)
+        answer_offsets = array("q", accumulate(map(len, answers), initial=0))
         try:
             hashes = array("Q", chain.from_iterable(r.block_hashes for r in reqs))
+            answer_hashes = array("Q", chain.from_iterable(answers))
         except OverflowError as exc:
             raise ValueError(f"a block hash is not an unsigned 64-bit int: {exc}") from exc
         sessions: dict[str, int] = {}
@@ -129,7 +132,8 @@ class NativeSimulator:
         inp = TsSimInput(
             n_requests=n, arrival=_view(arrival, ctypes.c_double), prompt=_view(prompt, ctypes.c_int64),
             output=_view(output, ctypes.c_int64), block_off=_view(offsets, ctypes.c_int64),
-            block_hashes=_view(hashes, ctypes.c_uint64), session=_view(session, ctypes.c_int32),
+            block_hashes=_view(hashes, ctypes.c_uint64), answer_off=_view(answer_offsets, ctypes.c_int64),
+            answer_hashes=_view(answer_hashes, ctypes.c_uint64), session=_view(session, ctypes.c_int32),
             n_sessions=len(sessions), max_sessions=router.book.max_sessions,
             handoff_base=_view(handoff, ctypes.c_int64),
             block_bytes=self.block_bytes, reserve_fixed_blocks=-(-fixed // self.block_bytes),

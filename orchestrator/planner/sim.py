@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 from orchestrator.planner.cache import PrefixCache
 from orchestrator.planner.fleet import FleetConfig, PoolConfig
-from orchestrator.planner.fleet_setup import check_fits, placement, pool_capacity, pool_rate
+from orchestrator.planner.fleet_setup import answer_blocks, check_fits, placement, pool_capacity, pool_rate
 from orchestrator.planner.instances import DecodeInstance, Job, PrefillEngine
 from orchestrator.planner.kv_layout import block_bytes, handoff_bytes, request_reserve_bytes
 from orchestrator.planner.models import model
@@ -59,6 +59,7 @@ class Simulator:
         self.router = Router.named(fleet.policy, self.params)
         self.index = KvIndex()
         self.requests = sorted(requests, key=lambda r: r.arrival_s)
+        self._answers = answer_blocks(self.requests)
         self.events: list[tuple[float, int, int, object]] = []
         self._seq = 0
         self.now = 0.0
@@ -216,6 +217,7 @@ class Simulator:
     # ---- handlers --------------------------------------------------------------------------------
     def _arrive(self, req: TraceRequest) -> None:
         job = Job(req, len(self.jobs))
+        job.answer = self._answers[job.seq]
         self.jobs.append(job)
         rreq = RouteRequest(request_id=req.request_id, prompt_tokens=req.prompt_tokens,
                             block_hashes=req.block_hashes, session_id=req.session_id)
@@ -319,8 +321,12 @@ class Simulator:
             return
         self._dirty.add(decode.slot)
         for job in decode.pop_finished(self.now):
+            hashes = job.hashes
+            if job.answer:  # the answer's blocks were computed here: kept, resumable
+                hashes = hashes + job.answer
+                decode.cache.complete(hashes, len(job.hashes))
             decode.cache.unreserve(job.prefill_reserve if job.local else job.decode_reserve)
-            decode.cache.release(job.hashes)
+            decode.cache.release(hashes)
             self._end(job)
         self._admit(decode)
         self._kick_local(decode)

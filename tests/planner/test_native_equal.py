@@ -5,8 +5,8 @@ per instance the same busy time, and the same `SimResult`; `meets` gives the sam
 
 The situations are chosen so that every path runs, and each case asserts that its path did run:
 both 72-GPU fleets of bench/planner_speed.py, the four policies, a Mooncake slice and multi-turn
-sessions (affinity), shared prefixes with local prefills on decodes (conditional disaggregation,
-pulled blocks reused), tiny KV pools (eviction), queue limits (refusals), instances spread over
+sessions (affinity; follow-up turns prefilled on the decode that kept the previous answer's blocks),
+shared prefixes (pulled blocks reused), tiny KV pools (eviction), queue limits (refusals), instances spread over
 several NVLink domains (cross-domain transfers), single-token outputs, aggregated serving.
 """
 
@@ -106,6 +106,9 @@ def test_pro_nvl72_mooncake(mooncake: list[TraceRequest], policy: PolicyName) ->
 def test_flash_nvl72_sessions(sessions: list[TraceRequest], policy: PolicyName) -> None:
     r = _replay(_flash(policy), sessions)
     assert sum(1 for c in r.native.cached_tokens if c > 0) > 20  # later turns hit their history
+    if policy in (PolicyName.KV, PolicyName.DYNAMO):  # follow-ups prefilled on the decode that holds the
+        local = [c for c, here in zip(r.native.cached_tokens, r.native.local, strict=True) if here]
+        assert local and min(local) > 0  # ... previous answer's blocks, resuming after them
 
 
 @pytest.mark.parametrize("policy", list(PolicyName))

@@ -1,6 +1,6 @@
 """Blocks a simulated decode received in a KV handoff are held-only, as on the workers: they spare a
-later handoff's pull (the router's `match_held`) but never a local prefill (`match`), and become
-resumable only once the decode computes them itself."""
+later handoff's pull (the router's `match_held`) but no local prefill resumes right after them
+(`match`); blocks the decode computed itself after them (an answer it decoded) are resume points."""
 
 from __future__ import annotations
 
@@ -98,3 +98,27 @@ def test_a_held_only_block_becomes_resumable_once_computed_here() -> None:
     assert index.holdings(w) == frozenset({1, 2}) and index.held_only(w) == frozenset({3})
     assert cache.reserve(10)
     assert (cache.acquire_leading([1, 2, 3]), cache.acquire_kept([1, 2, 3])) == (2, 3)
+
+
+def test_a_follow_up_turn_is_prefilled_on_the_decode_that_kept_the_answer() -> None:
+    """Turn 1 is prefilled remotely and decoded on the decode, whose KV then holds the prompt's blocks
+    (pulled, held-only) and the answer's (computed there, resumable: `answer_blocks`). Turn 2 of the
+    session (prompt + answer + 100 new tokens) resumes after the answer on that decode: local, with
+    exactly the uncached tail computed."""
+    fleet = _fleet(DisaggMode.CONDITIONAL)
+    answer_out = 3 * 256 + 1  # the answer fills 3 more blocks (prompt + output - 1 tokens in the KV)
+    turn1 = tuple(range(BLOCKS))
+    turn2 = turn1 + tuple(range(500, 503)) + tuple(range(900, 901))  # + answer blocks + one new block
+    p1, p2 = BLOCKS * 256, (BLOCKS + 4) * 256 + 100
+    sim = Simulator(fleet, [TraceRequest("t1", 1.0, p1, answer_out, turn1, session_id="s"),
+                            TraceRequest("t2", 9.0, p2, 20, turn2, session_id="s")])
+    res = sim.run()
+    a, b = sim.jobs
+    assert a.answer == tuple(range(500, 503)) and b.answer == ()
+    assert not a.local and a.t_finish < b.req.arrival_s
+    decode = sim.decodes[0]
+    assert decode.cache.pulled == set(turn1)  # the prompt: held-only; the answer: computed here
+    assert b.local and b.cached_blocks == BLOCKS + 3 and b.cached_tokens == (BLOCKS + 3) * 256
+    # afterwards the decode can resume after all of turn 2's blocks (it computed the last one itself)
+    assert sim.index.match(list(turn2)) == {decode.worker: BLOCKS + 4, sim.prefills[0].worker: BLOCKS}
+    assert res.completed == 2

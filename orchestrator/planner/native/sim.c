@@ -147,10 +147,11 @@ static void on_decode_finish(Sim *s, Decode *d, int64_t version, int32_t *scratc
     for (int32_t i = 0; i < n; i++) {
         int32_t j = scratch[i];
         Job *job = &s->jobs[j];
-        s->caches[d->slot].reserved -= job->local ? job->prefill_reserve : job->decode_reserve;
         const int32_t *ids;
-        int32_t nb = job_blocks(s, j, &ids);
-        cache_release(s, d->slot, ids, nb);
+        int32_t nb = job_blocks(s, j, &ids), na = job_answer(s, j);
+        if (na) cache_complete(s, d->slot, ids, nb + na, nb, 0); /* the answer's blocks: kept, resumable */
+        s->caches[d->slot].reserved -= job->local ? job->prefill_reserve : job->decode_reserve;
+        cache_release(s, d->slot, ids, nb + na);
         end_job(s, j);
     }
     admit_decode(s, d);

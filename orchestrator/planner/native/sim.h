@@ -23,6 +23,9 @@ typedef struct {
     const int64_t *output;          /* output tokens (>= 1) */
     const int64_t *block_off;       /* n_requests + 1 offsets into block_hashes */
     const uint64_t *block_hashes;   /* every request's full-block hashes, concatenated */
+    const int64_t *answer_off;      /* n_requests + 1 offsets into answer_hashes */
+    const uint64_t *answer_hashes;  /* per request: the blocks its answer fills on the decode (kept
+                                       resumable when it ends there; fleet_setup.answer_blocks) */
     const int32_t *session;         /* dense session id, -1 = none */
     int32_t n_sessions;
     int64_t max_sessions;           /* LoadBook's session LRU bound */

@@ -21,6 +21,8 @@ class TsSimInput(ctypes.Structure):
         ("output", _P(_I64)),
         ("block_off", _P(_I64)),
         ("block_hashes", _P(_U64)),
+        ("answer_off", _P(_I64)),
+        ("answer_hashes", _P(_U64)),
         ("session", _P(_I32)),
         ("n_sessions", _I32),
         ("max_sessions", _I64),

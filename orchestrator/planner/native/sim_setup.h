@@ -17,31 +17,44 @@ static inline uint64_t mix64(uint64_t x) {
     return x;
 }
 
-/* Dense ids for the block hashes, in order of first appearance. */
+/* Dense ids for the block hashes (prompts' and answers'), in order of first appearance; each
+ * request's prompt ids then its answer ids, contiguous. */
 static int intern_blocks(Sim *s) {
-    int64_t total = s->in->block_off[s->in->n_requests];
+    const TsSimInput *in = s->in;
+    int64_t prompts = in->block_off[in->n_requests], answers = in->answer_off[in->n_requests];
+    int64_t total = prompts + answers;
     s->blocks = malloc((size_t)(total ? total : 1) * sizeof(int32_t));
+    s->all_off = malloc((size_t)(in->n_requests + 1) * sizeof(int64_t));
     int64_t cap = 16;
     while (cap < 2 * total) cap <<= 1;
     uint64_t *keys = malloc((size_t)cap * sizeof(uint64_t));
     int32_t *vals = malloc((size_t)cap * sizeof(int32_t));
-    if (!s->blocks || !keys || !vals) {
+    if (!s->blocks || !s->all_off || !keys || !vals) {
         free(keys);
         free(vals);
         return -1;
     }
     for (int64_t i = 0; i < cap; i++) vals[i] = -1;
     int32_t next = 0;
-    for (int64_t i = 0; i < total; i++) {
-        uint64_t h = s->in->block_hashes[i];
-        int64_t p = (int64_t)(mix64(h) & (uint64_t)(cap - 1));
-        while (vals[p] >= 0 && keys[p] != h) p = (p + 1) & (cap - 1);
-        if (vals[p] < 0) {
-            keys[p] = h;
-            vals[p] = next++;
+    int64_t out = 0;
+    for (int32_t j = 0; j < in->n_requests; j++) {
+        s->all_off[j] = out;
+        for (int part = 0; part < 2; part++) {
+            const uint64_t *hs = part ? in->answer_hashes : in->block_hashes;
+            const int64_t *off = part ? in->answer_off : in->block_off;
+            for (int64_t i = off[j]; i < off[j + 1]; i++) {
+                uint64_t h = hs[i];
+                int64_t p = (int64_t)(mix64(h) & (uint64_t)(cap - 1));
+                while (vals[p] >= 0 && keys[p] != h) p = (p + 1) & (cap - 1);
+                if (vals[p] < 0) {
+                    keys[p] = h;
+                    vals[p] = next++;
+                }
+                s->blocks[out++] = vals[p];
+            }
         }
-        s->blocks[i] = vals[p];
     }
+    s->all_off[in->n_requests] = out;
     free(keys);
     free(vals);
     s->n_ids = next;
@@ -50,6 +63,7 @@ static int intern_blocks(Sim *s) {
 
 static void sim_free(Sim *s) {
     free(s->blocks);
+    free(s->all_off);
     free(s->res);
     free(s->held_only);
     if (s->caches)

@@ -157,7 +157,8 @@ typedef struct {
     const TsSimInput *in;
     TsSimOutput *out;
     int32_t n_slots, words;        /* worker slots; 64-bit words per mask */
-    int32_t *blocks;               /* dense block ids, same offsets as in->block_hashes */
+    int32_t *blocks;               /* dense block ids: per request its prompt's, then its answer's */
+    int64_t *all_off;              /* n_requests + 1 offsets into blocks */
     int32_t n_ids;
     uint64_t *res, *held_only;     /* per block id: `words` mask words over slots */
     Cache *caches;                 /* per slot */
@@ -177,10 +178,15 @@ typedef struct {
     int failed;                    /* an allocation failed */
 } Sim;
 
+/* Request j's prompt block ids (its answer's follow them in the same array); their count. */
 static inline int32_t job_blocks(const Sim *s, int32_t j, const int32_t **ids) {
-    int64_t a = s->in->block_off[j], b = s->in->block_off[j + 1];
-    *ids = s->blocks + a;
-    return (int32_t)(b - a);
+    *ids = s->blocks + s->all_off[j];
+    return (int32_t)(s->in->block_off[j + 1] - s->in->block_off[j]);
+}
+
+/* How many answer block ids follow request j's prompt ids. */
+static inline int32_t job_answer(const Sim *s, int32_t j) {
+    return (int32_t)(s->in->answer_off[j + 1] - s->in->answer_off[j]);
 }
 
 static void push(Sim *s, double t, int32_t kind, int32_t a, int64_t b) {
