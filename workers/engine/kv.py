@@ -49,6 +49,11 @@ class KvSpace(Protocol):
         prefix cache already holds (the engine starts computing there; always < len(prompt_ids)).
         Called after `can_hold(seq, max_len)` said yes."""
         ...
+    def extend_tokens(self, seq: int, token_ids: Sequence[int], salt: str | bytes | None) -> None:
+        """`token_ids`: admitted `seq`'s tokens so far (prompt + generated). The full blocks among
+        them become cacheable prefix blocks once their KV is written (a follow-up turn that repeats
+        them resumes after them)."""
+        ...
     def can_hold(self, seq: int, num_tokens: int) -> bool:
         """Whether `seq` (admitted or not) could hold `num_tokens` positions without evicting anyone."""
         ...
@@ -119,6 +124,9 @@ class BlockSpace:
         if seq in self._held:
             raise ValueError(f"admit_prompt: sequence {seq} is already admitted")
         return 0  # no prefix cache; blocks are taken by `hold` as the sequence grows
+
+    def extend_tokens(self, seq: int, token_ids: Sequence[int], salt: str | bytes | None) -> None:
+        return None  # no prefix cache: no block is ever cached
 
     def can_hold(self, seq: int, num_tokens: int) -> bool:
         return self._need(seq, num_tokens) <= self.blocks_free

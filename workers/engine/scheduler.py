@@ -11,9 +11,10 @@ Every step (`schedule`):
    first chunk remain. With `prefix_caching` a new (or preempted) request instead needs room for
    its whole max length (prompt + max_tokens) and is admitted through the prefix cache: it starts
    computing after the tokens the cache holds; its chunks stop at block ends, where a step must end
-   for the block's boundary to be cached. Admission is FIFO: a head that does not fit blocks
-   the rest, so long prompts are not starved by short ones. Nothing is admitted in a step that
-   preempted (memory is short).
+   for the block's boundary to be cached (a running request's full blocks of generated tokens are
+   hashed too, `extend_tokens`: a follow-up turn repeating them resumes after them). Admission is
+   FIFO: a head that does not fit blocks the rest, so long prompts are not starved by short ones.
+   Nothing is admitted in a step that preempted (memory is short).
 A chunk samples a token iff it reaches the end of the request's tokens. The same scheduler serves
 the prefill role (the engine hands a request off after its first token) and the decode role (whose
 requests usually arrive with their prompt's KV, so their first chunk is one token).
@@ -136,6 +137,8 @@ class Scheduler:
                     break
             if state.phase is Phase.RUNNING:
                 self.kv.hold(state.seq, state.computed + n)
+                if self.config.prefix_caching:  # full blocks of generated tokens get hashes too
+                    self.kv.extend_tokens(state.seq, state.tokens, state.request.cache_salt)
                 chunks.append(_chunk(state, n))
                 budget -= n
         admitted: list[RequestState] = []

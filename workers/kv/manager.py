@@ -267,9 +267,17 @@ class KvCacheManager:
         s.registered = held
         return held
 
+    def known_blocks(self, seq: int) -> int:
+        """How many of the sequence's leading blocks have a known hash."""
+        return len(self._get(seq).hashes)
+
     def add_hashes(self, seq: int, hashes: list[int]) -> None:
-        """Extend the sequence's known block hashes (blocks filled by generated tokens)."""
-        self._get(seq).hashes.extend(hashes)
+        """Extend the sequence's known block hashes (blocks filled by generated tokens). Blocks
+        already fully written register now (a speculative step may have passed their end before
+        their last token was known); the others as `advance` reaches their end."""
+        s = self._get(seq)
+        s.hashes.extend(hashes)
+        self._register_full(s, pulled=False)
 
     # --- step end ------------------------------------------------------------------------------
     def advance(
@@ -281,12 +289,16 @@ class KvCacheManager:
         s = self._get(seq)
         self.ensure(seq, new_len)
         s.length = new_len
-        full = min(new_len // self.block_size, len(s.hashes))
+        self._register_full(s, pulled)
+        if settle:
+            self.settle(seq, boundary_state_written)
+
+    def _register_full(self, s: _Seq, pulled: bool) -> None:
+        """Register the blocks of `s` that are fully written and have a known hash."""
+        full = min(s.length // self.block_size, len(s.hashes))
         for k in range(s.registered, full):
             self.prefix.register_block(s.hashes[k], s.hashes[k - 1] if k else None, s.blocks[k], pulled)
         s.registered = max(s.registered, full)
-        if settle:
-            self.settle(seq, boundary_state_written)
 
     def settle(self, seq: int, boundary_state_written: bool) -> None:
         """Nothing more is written below the sequence's length L: register the boundary at L when

@@ -5,7 +5,8 @@ memory runs short; here `hold` admits a sequence on first use (its window and st
 reserved, its block pages up to the positions asked) and `extend`s its reservation as it grows,
 so a held sequence never runs out of pages. `admit_prompt` is the prefix-cached way in: called
 before the first `hold` with the prompt's token ids, it returns how many prompt tokens the prefix
-cache already holds (the engine then starts the request there). Events and stats come from the
+cache already holds (the engine then starts the request there); `extend_tokens` hashes the blocks
+generated tokens fill, so a follow-up turn can resume after them. Events and stats come from the
 manager; blocks are the BLOCK pool's pages (cached, unreferenced ones count as free).
 """
 
@@ -15,6 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
+from tandem.blocks import block_hashes
 from workers.kv.events import KvEvent
 from workers.kv.geometry import PoolKind
 from workers.kv.manager import KvCacheManager
@@ -65,6 +67,16 @@ class PagedKvSpace:
         self._prompt_tokens += len(prompt_ids)
         self._hit_tokens += adm.hit_tokens
         return adm.hit_tokens
+
+    def extend_tokens(self, seq: int, token_ids: Sequence[int], salt: str | bytes | None = None) -> None:
+        """`token_ids`: the admitted sequence's tokens so far (prompt + generated). Its full blocks
+        past the hashes known get theirs (tandem.blocks, with `salt`), so the blocks its generated
+        tokens fill are cached and resumable like prompt blocks; hashing runs once per new block."""
+        m = self.manager
+        known, full = m.known_blocks(seq), len(token_ids) // m.block_size
+        if full > known:
+            tokens = list(token_ids[: full * m.block_size])
+            m.add_hashes(seq, block_hashes(tokens, salt=salt, block_size=m.block_size)[known:])
 
     def _blocks(self, tokens: int) -> int:
         return -(-tokens // self.manager.block_size)
