@@ -50,6 +50,20 @@ def block_hashes(
     token_ids: Sequence[int], *, salt: str | bytes | None = None, block_size: int = BLOCK_SIZE
 ) -> list[int]:
     """Chained hashes (u64 ints) of the full `block_size`-token blocks of token_ids."""
+    return _chain(root_hash(salt), token_ids, block_size)
+
+
+def extend_block_hashes(parent: int, token_ids: Sequence[int], *, block_size: int = BLOCK_SIZE) -> list[int]:
+    """The chain continued after a block whose hash is `parent`, over the full blocks of token_ids
+    (the tokens right after that block): for any `a` of whole blocks,
+    block_hashes(a + b) == block_hashes(a) + extend_block_hashes(block_hashes(a)[-1], b).
+    The salt is already in `parent`. Lets a growing sequence hash each new block once."""
+    if not 0 <= parent < 2**64:
+        raise ValueError(f"parent hash {parent} is not an unsigned 64-bit int")
+    return _chain(parent.to_bytes(8, "little"), token_ids, block_size)
+
+
+def _chain(parent: bytes, token_ids: Sequence[int], block_size: int) -> list[int]:
     if block_size <= 0:
         raise ValueError(f"block_size must be positive, got {block_size}")
     try:
@@ -57,7 +71,6 @@ def block_hashes(
     except OverflowError as exc:
         bad = next(t for t in token_ids if not 0 <= t <= _MAX_TOKEN)
         raise ValueError(f"token id {bad} is outside [0, 2**32)") from exc
-    parent = root_hash(salt)
     out: list[int] = []
     step = 4 * block_size
     for start in range(0, len(data) - step + 1, step):

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tandem.blocks import BLOCK_SIZE, block_hashes, root_hash
+from tandem.blocks import BLOCK_SIZE, block_hashes, extend_block_hashes, root_hash
 
 pytestmark = pytest.mark.foundation
 
@@ -86,3 +86,16 @@ def test_bad_token_ids_are_named() -> None:
         block_hashes([2**32])
     with pytest.raises(TypeError, match="salt"):
         block_hashes([1], salt=3)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("split", [1, 2, 3])
+def test_extending_a_chain_equals_hashing_the_whole_sequence(split: int) -> None:
+    """A growing sequence hashes only its new blocks: the chain continued from the last known hash
+    equals the whole sequence's chain, salt included (it lives in the parent)."""
+    toks = _tokens(5 * 256 + 40, seed=split)
+    whole = block_hashes(toks, salt="tenant-a")
+    head = block_hashes(toks[: split * 256], salt="tenant-a")
+    assert head + extend_block_hashes(head[-1], toks[split * 256 :]) == whole
+    assert extend_block_hashes(head[-1], toks[split * 256 : split * 256 + 255]) == []  # no full block yet
+    with pytest.raises(ValueError, match="not an unsigned 64-bit int"):
+        extend_block_hashes(-1, toks)

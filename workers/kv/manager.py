@@ -271,6 +271,10 @@ class KvCacheManager:
         """How many of the sequence's leading blocks have a known hash."""
         return len(self._get(seq).hashes)
 
+    def last_hash(self, seq: int) -> int:
+        """The hash of the sequence's last block with a known hash (IndexError: none yet)."""
+        return self._get(seq).hashes[-1]
+
     def add_hashes(self, seq: int, hashes: list[int]) -> None:
         """Extend the sequence's known block hashes (blocks filled by generated tokens). Blocks
         already fully written register now (a speculative step may have passed their end before

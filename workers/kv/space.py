@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
-from tandem.blocks import block_hashes
+from tandem.blocks import block_hashes, extend_block_hashes
 from workers.kv.events import KvEvent
 from workers.kv.geometry import PoolKind
 from workers.kv.manager import KvCacheManager
@@ -73,10 +73,12 @@ class PagedKvSpace:
         past the hashes known get theirs (tandem.blocks, with `salt`), so the blocks its generated
         tokens fill are cached and resumable like prompt blocks; hashing runs once per new block."""
         m = self.manager
-        known, full = m.known_blocks(seq), len(token_ids) // m.block_size
+        bs = m.block_size
+        known, full = m.known_blocks(seq), len(token_ids) // bs
         if full > known:
-            tokens = list(token_ids[: full * m.block_size])
-            m.add_hashes(seq, block_hashes(tokens, salt=salt, block_size=m.block_size)[known:])
+            new = list(token_ids[known * bs : full * bs])  # only the new blocks are hashed
+            m.add_hashes(seq, extend_block_hashes(m.last_hash(seq), new, block_size=bs) if known
+                         else block_hashes(new, salt=salt, block_size=bs))
 
     def _blocks(self, tokens: int) -> int:
         return -(-tokens // self.manager.block_size)
