@@ -194,8 +194,8 @@ def test_a_running_request_keeps_decoding_while_a_pull_is_in_flight(
         assert got.filled and got.seconds >= READ_DELAY_S
         if hold_lock:  # the old behaviour: every step waits for the whole pull
             assert during <= 1, during
-        else:  # at ~13 ms a step, a 0.6 s READ leaves room for dozens; several is the claim
-            assert during >= 5, during
+        else:  # at ~13 ms a step, a 0.6 s READ leaves room for dozens; several is the claim (3: still
+            assert during >= 3, during  # true at 200 ms a step, on a machine loaded by other jobs)
         assert stream.tokens["running"] == reference.tokens(running)
         assert [first, *stream.tokens["pulled"]] == reference.tokens(pulled)
         assert stream.finish == {"running": Finish.LENGTH, "pulled": Finish.LENGTH}
