@@ -16,6 +16,7 @@ import threading
 import time
 
 import pytest
+from support.deployments import module_deployment
 from typer.testing import CliRunner
 
 from orchestrator.cli import app
@@ -42,13 +43,8 @@ CLIENTS = 8
 
 @pytest.fixture(scope="module")
 def deployment(ray_session):  # noqa: ANN001, ANN201
-    ctl, status = controller_for(parse_spec(BASE, "test"), placement_timeout_s=60)
-    tokens = ray_session.get(ctl.tokens.remote())
-    yield {"ctl": ctl, "address": status["router_address"], "http": status["http_address"], **tokens}
-    try:
-        ray_session.get(ctl.down.remote(), timeout=60)
-    finally:
-        ray_session.kill(ctl)
+    for dep in module_deployment(ray_session, parse_spec(BASE, "test")):
+        yield {**dep, "address": dep["status"]["router_address"], "http": dep["status"]["http_address"]}
 
 
 class Load:

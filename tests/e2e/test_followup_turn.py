@@ -15,9 +15,9 @@ import time
 
 import pytest
 import torch
+from support.deployments import module_deployment
 
 from orchestrator.controller import NAMESPACE
-from orchestrator.deploy import controller_for
 from orchestrator.router.client import generate, make_request, open_channel
 from orchestrator.spec import load_spec, parse_spec
 
@@ -31,13 +31,7 @@ def deployment(ray_session):  # noqa: ANN001, ANN201
     data = load_spec("deploy/local.yaml").model_dump(mode="json")
     data["name"] = "followup"
     data["router"]["disaggregation"].update(mode="conditional", max_local_prefill_tokens=256)
-    ctl, status = controller_for(parse_spec(data, "followup"), placement_timeout_s=60)
-    tokens = ray_session.get(ctl.tokens.remote())
-    yield {"ctl": ctl, "status": status, **tokens}
-    try:
-        ray_session.get(ctl.down.remote(), timeout=60)
-    finally:
-        ray_session.kill(ctl)
+    yield from module_deployment(ray_session, parse_spec(data, "followup"))
 
 
 def _turn(dep: dict, token_ids: list[int], max_tokens: int) -> list:

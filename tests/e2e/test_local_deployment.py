@@ -12,6 +12,7 @@ import grpc
 import httpx
 import pytest
 import torch
+from support.deployments import module_deployment
 from typer.testing import CliRunner
 
 from orchestrator.cli import app
@@ -29,15 +30,7 @@ SPEC = "deploy/local.yaml"
 
 @pytest.fixture(scope="module")
 def deployment(ray_session):  # noqa: ANN001, ANN201
-    spec = load_spec(SPEC)
-    ctl, status = controller_for(spec, placement_timeout_s=60)
-    tokens = ray_session.get(ctl.tokens.remote())
-    dep = {"ctl": ctl, "status": status, **tokens}
-    yield dep
-    try:  # dep["ctl"]: a test may have replaced the controller
-        ray_session.get(dep["ctl"].down.remote(), timeout=60)
-    finally:
-        ray_session.kill(dep["ctl"])
+    yield from module_deployment(ray_session, load_spec(SPEC))
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,9 @@ import urllib.request
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from support.deployments import module_deployment
 
 from orchestrator.controller import NAMESPACE, ROUTER_NAME
-from orchestrator.deploy import controller_for
 from orchestrator.router.client import generate, make_request, open_channel
 from orchestrator.spec import load_spec
 from tandem.v1 import generate_pb2
@@ -30,13 +30,7 @@ MARKER = "Zebra quartz 7781 marmalade"  # a prompt no log line may repeat
 
 @pytest.fixture(scope="module")
 def deployment(ray_session):  # noqa: ANN001, ANN201
-    ctl, status = controller_for(load_spec(SPEC), placement_timeout_s=60)
-    tokens = ray_session.get(ctl.tokens.remote())
-    yield {"ctl": ctl, "status": status, **tokens}
-    try:
-        ray_session.get(ctl.down.remote(), timeout=60)
-    finally:
-        ray_session.kill(ctl)
+    yield from module_deployment(ray_session, load_spec(SPEC))
 
 
 def _actor_log_file(ray, handle) -> str:  # noqa: ANN001

@@ -10,8 +10,8 @@ import urllib.request
 import pytest
 import torch
 import yaml
+from support.deployments import module_deployment
 
-from orchestrator.deploy import controller_for
 from orchestrator.router.client import generate, make_request, open_channel
 from orchestrator.spec import load_spec, parse_spec
 from orchestrator.worker_plan import model_source
@@ -29,13 +29,7 @@ def deployment(ray_session):  # noqa: ANN001, ANN201
         data = yaml.safe_load(f)
     data["name"] = "local-spec"
     data["decode"]["speculation"] = {"mtp_tokens": 2}
-    ctl, status = controller_for(parse_spec(data, SPEC), placement_timeout_s=60)
-    tokens = ray_session.get(ctl.tokens.remote())
-    yield {"ctl": ctl, "status": status, **tokens}
-    try:
-        ray_session.get(ctl.down.remote(), timeout=60)
-    finally:
-        ray_session.kill(ctl)
+    yield from module_deployment(ray_session, parse_spec(data, SPEC))
 
 
 def _stream(dep: dict, **kw) -> list[generate_pb2.GenerateChunk]:  # noqa: ANN003
