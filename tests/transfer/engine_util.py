@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from tandem.request import GenerationRequest
 from tandem.tokenizer import ByteTokenizer
 from workers.engine.engine import Engine, Role
 from workers.engine.runner import LocalRunner
@@ -13,6 +14,8 @@ from workers.kv.manager import KvCacheManager, KvCapacity
 from workers.kv.presets import kv_shape
 from workers.kv.space import PagedKvSpace
 from workers.model.model import DeepseekV4
+from workers.transfer.handoff import HandoffDescriptor
+from workers.transfer.prefill_side import PrefillTransfer
 
 CAP = KvCapacity(block_pages=24, window_pages=24, state_pages=6)
 LENGTHS = (1, 127, 128, 129, 300, 1000)
@@ -47,3 +50,13 @@ def pages_bytes(geom: KvGeometry, length: int, cached_blocks: int = 0) -> int:
 
 def prompt_of(n: int, seed: int) -> tuple[int, ...]:
     return tuple(torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(seed)).tolist())
+
+
+def prefill_for_handoff(pre: Engine, ptx: PrefillTransfer, req: GenerationRequest) -> tuple[int, HandoffDescriptor]:
+    """Prefill `req` on `pre` until its first token; that token and the descriptor a decode pulls."""
+    pre.add(req)
+    while True:
+        for d in pre.step().deltas:
+            if d.request_id == req.request_id and d.token_ids:
+                seq = pre.handoff_seq(req.request_id)
+                return d.token_ids[0], ptx.open(req.request_id, seq, len(req.prompt_ids))

@@ -22,7 +22,7 @@ import time
 
 import pytest
 import torch
-from engine_util import paged_engine, prompt_of, run
+from engine_util import paged_engine, prefill_for_handoff, prompt_of, run
 
 from tandem.blocks import block_hashes
 from tandem.request import GenerationRequest, SamplingConfig
@@ -53,13 +53,7 @@ def _events(engine: Engine) -> list[object]:
 def _pull(pre: Engine, ptx: PrefillTransfer, dec: Engine, dtx: DecodeTransfer,
           req: GenerationRequest) -> list[int]:
     """Prefill `req` on `pre`, pull its KV into `dec`, decode it to the end there; all its tokens."""
-    pre.add(req)
-    first = None
-    while first is None:
-        for d in pre.step().deltas:
-            if d.request_id == req.request_id and d.token_ids:
-                first = d.token_ids[0]
-    desc = ptx.open(req.request_id, pre.handoff_seq(req.request_id), len(req.prompt_ids))
+    first, desc = prefill_for_handoff(pre, ptx, req)
     got = dec.add_pulled(req, first, dtx.fill_from(desc))
     assert got.filled, got.error
     toks, _ = run(dec)[req.request_id]

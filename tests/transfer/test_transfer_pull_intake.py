@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
-from engine_util import paged_engine, prompt_of, run
+from engine_util import paged_engine, prefill_for_handoff, prompt_of, run
 
 from tandem.blocks import block_hashes
 from tandem.request import GenerationRequest, SamplingConfig
@@ -99,12 +99,7 @@ class Rig:
         return hooks.reads
 
     def prefill(self, req: GenerationRequest) -> tuple[int, HandoffDescriptor]:
-        self.pre.add(req)
-        while True:
-            for d in self.pre.step().deltas:
-                if d.request_id == req.request_id and d.token_ids:
-                    seq = self.pre.handoff_seq(req.request_id)
-                    return d.token_ids[0], self.ptx.open(req.request_id, seq, len(req.prompt_ids))
+        return prefill_for_handoff(self.pre, self.ptx, req)
 
     def close(self) -> None:
         self.ptx.close()

@@ -18,7 +18,7 @@ import time
 
 import pytest
 import torch
-from engine_util import CAP, paged_engine, pages_bytes, prompt_of, run
+from engine_util import CAP, paged_engine, pages_bytes, prefill_for_handoff, prompt_of, run
 
 from tandem.blocks import block_hashes
 from tandem.request import GenerationRequest, SamplingConfig
@@ -102,13 +102,7 @@ class Decode:
     def handoff(self, req: GenerationRequest, via: int) -> tuple[list[int], object]:
         """Prefill `req` on prefill `via`, pull it here, decode to the end."""
         pre, ptx = self.prefills.engines[via], self.prefills.tx[via]
-        pre.add(req)
-        first = None
-        while first is None:
-            for d in pre.step().deltas:
-                if d.request_id == req.request_id and d.token_ids:
-                    first = d.token_ids[0]
-        desc = ptx.open(req.request_id, pre.handoff_seq(req.request_id), len(req.prompt_ids))
+        first, desc = prefill_for_handoff(pre, ptx, req)
         got = self.engine.add_pulled(req, first, self.tx.fill_from(desc))
         assert got.filled, got.error
         toks, summary = run(self.engine)[req.request_id]
