@@ -81,6 +81,21 @@ class EpRun:
     steps: int
 
 
+
+def run_lockstep(engine: Engine, group: EpGroup, reqs: list[GenerationRequest]
+                 ) -> tuple[dict[str, list[int]], int]:
+    """Add `reqs` and step the rank in lockstep with its group until every rank is idle: each
+    request's tokens, and the steps taken."""
+    for r in reqs:
+        engine.add(r)
+    tokens: dict[str, list[int]] = {}
+    steps = 0
+    while (out := lockstep_step(engine, group)) is not None:
+        steps += 1
+        for d in out.deltas:
+            tokens.setdefault(d.request_id, []).extend(d.token_ids)
+    return tokens, steps
+
 def shard_model(rank_experts: range | None) -> DeepseekV4:
     """The tiny model (seed 0) holding only `rank_experts` (all when None)."""
     full = init_random(DeepseekV4(tiny(), quant_sim=False, with_mtp=False), seed=0)
@@ -110,14 +125,7 @@ def engine_rank(rank: int, world: int, port: int, queue, reqs: list[list[Generat
         kv = BlockSpace(BlockSpaceConfig(64, 256), cfg.window)
         engine = Engine(Role.AGGREGATED, cfg, SchedulerConfig(max_batched_tokens=128, prefill_chunk=64), kv,
                         runner, ByteTokenizer())
-        for r in reqs[rank]:
-            engine.add(r)
-        tokens: dict[str, list[int]] = {}
-        steps = 0
-        while (out := lockstep_step(engine, group)) is not None:
-            steps += 1
-            for d in out.deltas:
-                tokens.setdefault(d.request_id, []).extend(d.token_ids)
+        tokens, steps = run_lockstep(engine, group, reqs[rank])
         queue.put((rank, EpRun(tokens, mine, total, runner.bytes_dispatched, steps)))
         group.close()
     except BaseException as exc:

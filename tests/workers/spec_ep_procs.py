@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from ep_procs import _group
+from ep_procs import _group, run_lockstep
 
 from tandem.request import GenerationRequest
 from tandem.tokenizer import ByteTokenizer
@@ -14,7 +14,7 @@ from workers.engine.kv import BlockSpace, BlockSpaceConfig
 from workers.engine.scheduler import SchedulerConfig
 from workers.engine.speculate import SpeculationConfig, Speculator
 from workers.ep.dispatch import VariableAllToAll
-from workers.ep.runner import EpRunner, lockstep_step
+from workers.ep.runner import EpRunner
 from workers.model.config import load_config
 from workers.model.loader import load
 
@@ -34,14 +34,7 @@ def speculating_rank(rank: int, world: int, port: int, queue, reqs: list[list[Ge
         spec = Speculator(model, SpeculationConfig(k), lockstep=True)
         engine = Engine(Role.AGGREGATED, model.cfg, SchedulerConfig(max_batched_tokens=128, prefill_chunk=64),
                         kv, runner, ByteTokenizer(), spec)
-        for r in reqs[rank]:
-            engine.add(r)
-        tokens: dict[str, list[int]] = {}
-        steps = 0
-        while (out := lockstep_step(engine, group)) is not None:
-            steps += 1
-            for d in out.deltas:
-                tokens.setdefault(d.request_id, []).extend(d.token_ids)
+        tokens, steps = run_lockstep(engine, group, reqs[rank])
         st = engine.stats()
         queue.put((rank, (tokens, steps, st.drafted_tokens, st.accepted_tokens)))
         group.close()
