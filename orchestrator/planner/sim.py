@@ -258,12 +258,7 @@ class Simulator:
 
     def _prefill_done(self, engine: PrefillEngine) -> None:
         for job in engine.finish_iteration():
-            job.t_first = self.now
-            if self.now - job.req.arrival_s > self._slo_ttft:
-                job.missed = True
-                self.misses += 1
-            self.router.prefill_done(job.req.request_id)
-            engine.cache.complete(job.hashes, job.cached_blocks)
+            self._prefilled(job, engine.cache)
             decode = job.decode
             promised = decode.promised
             if job.req.output_tokens == 1:  # ended with its first token: nothing to hand off
@@ -276,6 +271,16 @@ class Simulator:
                 decode.waiting.append(job)
                 self._admit(decode)
         self._kick_prefill(engine)
+
+    def _prefilled(self, job: Job, cache: PrefixCache) -> None:
+        """The job's prompt is computed (its first token is out now): count a missed TTFT, release
+        its prefill booking, and keep its computed blocks in the cache that computed them."""
+        job.t_first = self.now
+        if self.now - job.req.arrival_s > self._slo_ttft:
+            job.missed = True
+            self.misses += 1
+        self.router.prefill_done(job.req.request_id)
+        cache.complete(job.hashes, job.cached_blocks)
 
     def _admit(self, decode: DecodeInstance) -> None:
         """Admit waiting remote jobs while KV and batch slots allow; start their KV pulls."""
@@ -358,12 +363,7 @@ class Simulator:
         self._dirty.add(decode.slot)
         promised = decode.promised
         for job in decode.local.finish_iteration():
-            job.t_first = self.now
-            if self.now - job.req.arrival_s > self._slo_ttft:
-                job.missed = True
-                self.misses += 1
-            self.router.prefill_done(job.req.request_id)
-            decode.cache.complete(job.hashes, job.cached_blocks)
+            self._prefilled(job, decode.cache)
             promised[0] -= 1
             promised[1] -= job.decode_reserve
             if job.req.output_tokens == 1:

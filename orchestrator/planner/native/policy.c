@@ -60,15 +60,18 @@ static void decide(TsChoice *out, const TsPolicy *p, const TsRequestView *v, int
 }
 
 /* The admitting workers of a role in WorkerId order; *any = whether the role has any worker. */
-static int32_t open_of_role(const TsWorker *ws, int32_t n, int32_t role, int32_t *idx, int *any) {
+static int32_t open_of_role(const TsWorker *ws, int32_t n, int32_t role, int32_t *idx) {
     int32_t k = 0;
-    *any = 0;
-    for (int32_t i = 0; i < n; i++) {
-        if (ws[i].role != role) continue;
-        *any = 1;
-        if (admits(&ws[i])) idx[k++] = i;
-    }
+    for (int32_t i = 0; i < n; i++)
+        if (ws[i].role == role && admits(&ws[i])) idx[k++] = i;
     return k;
+}
+
+/* outcome.open_workers: the admitting workers of `role` into idx, their count; 0 after refusing. */
+static int32_t open_or_refuse(const TsWorker *ws, int32_t n, int32_t role, int32_t *idx, TsChoice *out) {
+    int32_t m = open_of_role(ws, n, role, idx);
+    if (m == 0) refuse(out);
+    return m;
 }
 
 /* ---- kv (policy_kv.KvPolicy) ---------------------------------------------------------------- */
@@ -154,9 +157,8 @@ static void kv_domains(const TsPolicy *p, const TsWorker *ws, const TsRequestVie
 
 static void route_kv(const TsPolicy *p, const TsWorker *ws, int32_t nw, const TsRequestView *v, TsChoice *out) {
     int32_t dec[TS_MAX_WORKERS], pre[TS_MAX_WORKERS];
-    int any_dec, any_pre;
-    int32_t n_dec = open_of_role(ws, nw, TS_DECODE, dec, &any_dec);
-    int32_t n_pre = open_of_role(ws, nw, TS_PREFILL, pre, &any_pre);
+    int32_t n_dec = open_of_role(ws, nw, TS_DECODE, dec);
+    int32_t n_pre = open_of_role(ws, nw, TS_PREFILL, pre);
     int64_t n = v->prompt_tokens, bs = p->block_size, blocks = prompt_blocks(n, bs);
     double weight = p->decode_load_weight_s;
     Domains g;
@@ -256,20 +258,13 @@ static int32_t rr_turn(const TsWorker *ws, int32_t nw, int32_t role, int64_t k) 
 static void route_round_robin(const TsPolicy *p, const TsWorker *ws, int32_t nw, const TsRequestView *v,
                               TsChoice *out) {
     int32_t idx[TS_MAX_WORKERS];
-    int any;
-    if (open_of_role(ws, nw, TS_DECODE, idx, &any) == 0) {
-        refuse(out);
-        return;
-    }
+    if (!open_or_refuse(ws, nw, TS_DECODE, idx, out)) return;
     int32_t decode = rr_turn(ws, nw, TS_DECODE, v->decisions_made);
     if (p->disagg_mode == TS_DISAGG_NEVER) {
         decide(out, p, v, -1, decode);
         return;
     }
-    if (open_of_role(ws, nw, TS_PREFILL, idx, &any) == 0) {
-        refuse(out);
-        return;
-    }
+    if (!open_or_refuse(ws, nw, TS_PREFILL, idx, out)) return;
     decide(out, p, v, rr_turn(ws, nw, TS_PREFILL, v->decisions_made), decode);
 }
 
@@ -311,22 +306,15 @@ static int32_t sglang_pick(const TsPolicy *p, const TsWorker *ws, const TsReques
 static void route_sglang(const TsPolicy *p, const TsWorker *ws, int32_t nw, const TsRequestView *v,
                          TsChoice *out) {
     int32_t idx[TS_MAX_WORKERS];
-    int any;
-    int32_t m = open_of_role(ws, nw, TS_DECODE, idx, &any);
-    if (m == 0) {
-        refuse(out);
-        return;
-    }
+    int32_t m = open_or_refuse(ws, nw, TS_DECODE, idx, out);
+    if (!m) return;
     int32_t decode = sglang_pick(p, ws, v, idx, m);
     if (p->disagg_mode == TS_DISAGG_NEVER) {
         decide(out, p, v, -1, decode);
         return;
     }
-    m = open_of_role(ws, nw, TS_PREFILL, idx, &any);
-    if (m == 0) {
-        refuse(out);
-        return;
-    }
+    m = open_or_refuse(ws, nw, TS_PREFILL, idx, out);
+    if (!m) return;
     decide(out, p, v, sglang_pick(p, ws, v, idx, m), decode);
 }
 
@@ -362,23 +350,16 @@ static int32_t dynamo_argmin(const TsPolicy *p, const TsWorker *ws, const TsRequ
 static void route_dynamo(const TsPolicy *p, const TsWorker *ws, int32_t nw, const TsRequestView *v,
                          TsChoice *out) {
     int32_t idx[TS_MAX_WORKERS];
-    int any;
-    int32_t m = open_of_role(ws, nw, TS_DECODE, idx, &any);
-    if (m == 0) {
-        refuse(out);
-        return;
-    }
+    int32_t m = open_or_refuse(ws, nw, TS_DECODE, idx, out);
+    if (!m) return;
     int32_t decode = dynamo_argmin(p, ws, v, idx, m, 0.0);
     int64_t unc = uncached(v->prompt_tokens, v->matches[decode], p->block_size);
     if (local_prefill(p, unc, v->prompt_tokens)) {
         choose_pair(out, -1, decode, unc);
         return;
     }
-    m = open_of_role(ws, nw, TS_PREFILL, idx, &any);
-    if (m == 0) {
-        refuse(out);
-        return;
-    }
+    m = open_or_refuse(ws, nw, TS_PREFILL, idx, out);
+    if (!m) return;
     decide(out, p, v, dynamo_argmin(p, ws, v, idx, m, p->overlap_weight), decode);
 }
 

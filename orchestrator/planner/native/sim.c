@@ -98,12 +98,18 @@ static void kick_local(Sim *s, Decode *d) {
     push(s, s->now + dt, EV_LOCAL_DONE, (int32_t)(d - s->decodes), 0);
 }
 
-static void first_token(Sim *s, Job *job, int32_t j) {
+/* Simulator._prefilled: the prompt is computed (first token out now): count a missed TTFT and keep
+ * its computed blocks in the cache of `slot`. */
+static void prefilled(Sim *s, int32_t slot, int32_t j) {
+    Job *job = &s->jobs[j];
     job->t_first = s->now;
     if (s->now - s->in->arrival[j] > s->in->slo_ttft) {
         job->missed = 1;
         s->misses++;
     }
+    const int32_t *ids;
+    int32_t nb = job_blocks(s, j, &ids);
+    cache_complete(s, slot, ids, nb, job->cached_blocks, 0);
 }
 
 static void on_prefill_done(Sim *s, Engine *e, int32_t *scratch) {
@@ -111,10 +117,7 @@ static void on_prefill_done(Sim *s, Engine *e, int32_t *scratch) {
     for (int32_t i = 0; i < nd; i++) {
         int32_t j = scratch[i];
         Job *job = &s->jobs[j];
-        first_token(s, job, j);
-        const int32_t *ids;
-        int32_t nb = job_blocks(s, j, &ids);
-        cache_complete(s, e->slot, ids, nb, job->cached_blocks, 0);
+        prefilled(s, e->slot, j);
         Decode *d = &s->decodes[job->decode];
         if (s->in->output[j] == 1) {
             d->promised_n -= 1;
@@ -165,14 +168,13 @@ static void on_local_done(Sim *s, Decode *d, int32_t *scratch) {
     for (int32_t i = 0; i < nd; i++) {
         int32_t j = scratch[i];
         Job *job = &s->jobs[j];
-        first_token(s, job, j);
-        const int32_t *ids;
-        int32_t nb = job_blocks(s, j, &ids);
-        cache_complete(s, d->slot, ids, nb, job->cached_blocks, 0);
+        prefilled(s, d->slot, j);
         d->promised_n -= 1;
         d->promised_blocks -= job->decode_reserve;
         if (s->in->output[j] == 1) {
             s->caches[d->slot].reserved -= job->prefill_reserve;
+            const int32_t *ids;
+            int32_t nb = job_blocks(s, j, &ids);
             cache_release(s, d->slot, ids, nb);
             end_job(s, j);
         } else {
