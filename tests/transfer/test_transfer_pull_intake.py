@@ -16,8 +16,10 @@ itself (greedy: tokens compared exactly). Checked:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import pytest
@@ -101,6 +103,28 @@ class Rig:
     def prefill(self, req: GenerationRequest) -> tuple[int, HandoffDescriptor]:
         return prefill_for_handoff(self.pre, self.ptx, req)
 
+    async def read_posted(self) -> None:
+        """Until the decode has prepared (and then posts) a READ: a pull is in flight."""
+        while self.reads == 0:
+            await asyncio.sleep(0.001)
+
+    @contextlib.asynccontextmanager
+    async def serving(self, request_ids: set[str], hold_lock: bool = False
+                      ) -> AsyncIterator[tuple[EngineLoop, PullIntake, Stream, asyncio.Future]]:
+        """The decode's engine loop running, a PullIntake on it, and a Stream following
+        `request_ids` (its `follow` task); all stopped on the way out."""
+        loop = EngineLoop(self.dec, None, "decode")
+        loop.start()
+        intake = PullIntake(self.dec, self.dtx, hold_lock=hold_lock)
+        stream = Stream()
+        follower = asyncio.ensure_future(stream.follow(loop, request_ids))
+        try:
+            yield loop, intake, stream, follower
+        finally:
+            follower.cancel()
+            await loop.stop()
+            intake.close()
+
     def close(self) -> None:
         self.ptx.close()
         self.dtx.close()
@@ -152,25 +176,15 @@ async def _pull_beside_a_running_request(rig: Rig, running: GenerationRequest, p
                                          ) -> tuple[Stream, int, object]:
     """Run `running` on the decode, then take `pulled` through a PullIntake; returns the stream, the
     running request's tokens that arrived while the READ was in flight, and the take's answer."""
-    loop = EngineLoop(rig.dec, None, "decode")
-    loop.start()
-    intake = PullIntake(rig.dec, rig.dtx, hold_lock=hold_lock)
-    stream = Stream()
-    follower = asyncio.ensure_future(stream.follow(loop, {running.request_id, pulled.request_id}))
-    try:
+    async with rig.serving({running.request_id, pulled.request_id}, hold_lock) as (loop, intake, stream, follower):
         await loop.call(rig.dec.add, running)
         await stream.wait_tokens(running.request_id, 3)
         take = asyncio.ensure_future(intake.take(loop, pulled, first, desc))
-        while rig.reads == 0:  # the READ is prepared (and then posted): the pull is in flight
-            await asyncio.sleep(0.001)
+        await rig.read_posted()
         began = time.monotonic()
         got = await take
         ended = time.monotonic()
         await asyncio.wait_for(follower, 60)
-    finally:
-        follower.cancel()
-        await loop.stop()
-        intake.close()
     during = sum(began <= t <= ended for t in stream.stamps[running.request_id])
     return stream, during, got
 
@@ -233,15 +247,9 @@ def test_a_failed_or_hung_read_releases_its_pages_and_recomputes(
 
 async def _cancel_during_the_read(rig: Rig, req: GenerationRequest, first: int, desc: HandoffDescriptor
                                   ) -> tuple[Stream, int, int, object]:
-    loop = EngineLoop(rig.dec, None, "decode")
-    loop.start()
-    intake = PullIntake(rig.dec, rig.dtx)
-    stream = Stream()
-    follower = asyncio.ensure_future(stream.follow(loop, {req.request_id}))
-    try:
+    async with rig.serving({req.request_id}) as (loop, intake, stream, follower):
         take = asyncio.ensure_future(intake.take(loop, req, first, desc))
-        while rig.reads == 0:
-            await asyncio.sleep(0.001)
+        await rig.read_posted()
         in_flight = rig.dec.kv.blocks_used
         # a pull in flight counts as running in the rank's stats: the router sees its slot taken
         assert (await loop.call(rig.dec.stats)).running == 1
@@ -249,10 +257,6 @@ async def _cancel_during_the_read(rig: Rig, req: GenerationRequest, first: int, 
         await asyncio.wait_for(follower, 10)  # the stream ended before the READ did
         assert not take.done() and intake.in_flight == 1
         got = await take
-    finally:
-        follower.cancel()
-        await loop.stop()
-        intake.close()
     return stream, in_flight, rig.dec.kv.blocks_used, got
 
 
@@ -279,15 +283,9 @@ def test_a_cancel_during_the_read_releases_once_and_reports_no_block(model: Deep
 
 async def _abandon_the_caller_during_the_read(rig: Rig, req: GenerationRequest, first: int,
                                               desc: HandoffDescriptor) -> tuple[int, int, Stream]:
-    loop = EngineLoop(rig.dec, None, "decode")
-    loop.start()
-    intake = PullIntake(rig.dec, rig.dtx)
-    stream = Stream()
-    follower = asyncio.ensure_future(stream.follow(loop, {req.request_id}))
-    try:
+    async with rig.serving({req.request_id}) as (loop, intake, stream, follower):
         take = asyncio.ensure_future(intake.take(loop, req, first, desc))
-        while rig.reads == 0:
-            await asyncio.sleep(0.001)
+        await rig.read_posted()
         take.cancel()  # the actor call goes away mid-READ
         with pytest.raises(asyncio.CancelledError):
             await take
@@ -295,10 +293,6 @@ async def _abandon_the_caller_during_the_read(rig: Rig, req: GenerationRequest, 
         flying = intake.in_flight
         await intake.settle()
         await asyncio.wait_for(follower, 30)
-    finally:
-        follower.cancel()
-        await loop.stop()
-        intake.close()
     return still, flying, stream
 
 
