@@ -52,7 +52,7 @@ def build_loop() -> ctypes.CDLL:
     """policy.c plus the timing loop, one library in a temp dir, built with the core's flags."""
     out = Path(tempfile.mkdtemp(prefix="tandem-bench-")) / "policy_loop.so"
     src = native_lib.SOURCE_DIR
-    cmd = ["cc", *native_lib.CFLAGS, f"-I{src}", "-o", str(out), str(src / "policy.c"),
+    cmd = [native_lib.compiler(), *native_lib.CFLAGS, f"-I{src}", "-o", str(out), str(src / "policy.c"),
            str(ROOT / "bench" / "native_policy_loop.c")]
     subprocess.run(cmd, check=True)
     lib = ctypes.CDLL(str(out))

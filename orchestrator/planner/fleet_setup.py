@@ -9,6 +9,7 @@ from orchestrator.planner.fleet import FleetConfig, PoolConfig
 from orchestrator.planner.kv_layout import request_reserve_bytes
 from orchestrator.planner.models import ModelArch
 from orchestrator.planner.trace import TraceRequest
+from tandem.blocks import BLOCK_SIZE
 
 
 def placement(fleet: FleetConfig) -> tuple[list[str], list[str]]:
@@ -82,6 +83,6 @@ def answer_blocks(requests: Sequence[TraceRequest]) -> list[tuple[int, ...]]:
         prev = requests[i]
         n = len(prev.block_hashes)
         if r.block_hashes[:n] == prev.block_hashes:
-            filled = (prev.prompt_tokens + prev.output_tokens - 1) // 256  # full blocks in its KV at the end
+            filled = (prev.prompt_tokens + prev.output_tokens - 1) // BLOCK_SIZE  # full blocks in its KV
             out[i] = r.block_hashes[n:min(filled, len(r.block_hashes))]
     return out

@@ -11,6 +11,8 @@ engines keep and send (workers/kv/geometry.py); nothing here is fitted.
 
 from __future__ import annotations
 
+import functools
+
 from orchestrator.planner.models import AttentionGeometry, AttnKind, ModelArch
 from tandem.blocks import BLOCK_SIZE
 
@@ -51,11 +53,14 @@ def window_and_state_bytes(arch: ModelArch, tokens: int) -> int:
                for a in arch.attention)
 
 
+def _entry_bytes(arch: ModelArch, tokens: int) -> int:
+    """Compressed entries and indexer keys of `tokens` tokens, all layers."""
+    return sum(a.layers * _entries(a, tokens) * (a.entry_bytes + a.index_key_bytes) for a in arch.attention)
+
+
 def request_bytes(arch: ModelArch, tokens: int) -> int:
     """Everything one request of `tokens` tokens holds: compressed entries, keys, windows, states."""
-    entries = sum(a.layers * _entries(a, tokens) * (a.entry_bytes + a.index_key_bytes)
-                  for a in arch.attention)
-    return entries + window_and_state_bytes(arch, tokens)
+    return _entry_bytes(arch, tokens) + window_and_state_bytes(arch, tokens)
 
 
 def state_page_bytes(arch: ModelArch) -> int:
@@ -82,9 +87,22 @@ def handoff_bytes(arch: ModelArch, prompt_tokens: int, reused_blocks: int = 0) -
     if not 0 <= reused_blocks <= prompt_tokens // BLOCK_SIZE:
         raise ValueError(f"reused_blocks = {reused_blocks}: must be in "
                          f"[0, {prompt_tokens // BLOCK_SIZE}] for a prompt of {prompt_tokens} tokens")
-    full = request_bytes(arch, prompt_tokens) - window_and_state_bytes(arch, prompt_tokens)
-    sent = full - reused_blocks * block_bytes(arch)
+    sent = _entry_bytes(arch, prompt_tokens) - reused_blocks * block_bytes(arch)
     mtp = 0
     if any(a.window for a in arch.attention):
         mtp = min(prompt_tokens, arch.attention[0].window) * arch.attention[0].entry_bytes + arch.hidden * 2
     return sent + window_and_state_bytes(arch, prompt_tokens) + mtp
+
+
+@functools.cache
+def handoff_memo(arch: ModelArch) -> dict[int, int]:
+    """prompt tokens -> `handoff_bytes(arch, prompt)` with nothing reused, filled by the callers as
+    lengths come (one table per model, shared by every replay of a goodput search or a plan)."""
+    return {}
+
+
+def handoff_base(arch: ModelArch, memo: dict[int, int], prompt_tokens: int) -> int:
+    """`handoff_bytes(arch, prompt_tokens)` through `memo` (= handoff_memo(arch))."""
+    if (hit := memo.get(prompt_tokens)) is None:
+        hit = memo[prompt_tokens] = handoff_bytes(arch, prompt_tokens)
+    return hit

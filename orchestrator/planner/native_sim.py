@@ -17,7 +17,7 @@ from itertools import accumulate, chain
 
 from orchestrator.planner.fleet import FleetConfig
 from orchestrator.planner.fleet_setup import answer_blocks, check_fits, placement, pool_capacity, pool_rate
-from orchestrator.planner.kv_layout import block_bytes, handoff_bytes, request_reserve_bytes
+from orchestrator.planner.kv_layout import block_bytes, handoff_base, handoff_memo, request_reserve_bytes
 from orchestrator.planner.models import model
 from orchestrator.planner.native.cost_params import cost_struct
 from orchestrator.planner.native.lib import load
@@ -112,10 +112,8 @@ class NativeSimulator:
         sessions: dict[str, int] = {}
         session = array("i", [-1 if r.session_id is None else sessions.setdefault(r.session_id, len(sessions))
                               for r in reqs])
-        memo: dict[int, int] = {}
-        arch = self.arch
-        handoff = array("q", [memo[p] if p in memo else memo.setdefault(p, handoff_bytes(arch, p))
-                              for p in prompt])
+        arch, memo = self.arch, handoff_memo(self.arch)
+        handoff = array("q", [handoff_base(arch, memo, p) for p in prompt])
         # instances: slots are prefill0.., decode0..; ranks are their places in WorkerId order
         ids = [WorkerId(f"prefill{i}") for i in range(n_pre)] + [WorkerId(f"decode{i}") for i in range(n_dec)]
         order = {w: k for k, w in enumerate(sorted(ids))}
@@ -124,9 +122,8 @@ class NativeSimulator:
         domain = array("i", [names.setdefault(d, len(names)) for d in [*pdom, *ddom]])
         params = fleet.fleet_params()
         router = Router.named(fleet.policy, params)
-        pcost = cost_struct(fleet.cost_model(fleet.prefill)) if n_pre else cost_struct(
-            fleet.cost_model(fleet.decode))
         dcost = cost_struct(fleet.cost_model(fleet.decode))
+        pcost = cost_struct(fleet.cost_model(fleet.prefill)) if n_pre else dcost  # no prefill: never priced
         policy = policy_struct(fleet.policy, params, router)
         fixed = request_reserve_bytes(arch, 0)
         inp = TsSimInput(

@@ -18,10 +18,10 @@ import math
 from collections.abc import Sequence
 
 from orchestrator.planner.cache import PrefixCache
-from orchestrator.planner.fleet import FleetConfig, PoolConfig
+from orchestrator.planner.fleet import FleetConfig
 from orchestrator.planner.fleet_setup import answer_blocks, check_fits, placement, pool_capacity, pool_rate
 from orchestrator.planner.instances import DecodeInstance, Job, PrefillEngine
-from orchestrator.planner.kv_layout import block_bytes, handoff_bytes, request_reserve_bytes
+from orchestrator.planner.kv_layout import block_bytes, handoff_base, handoff_memo, request_reserve_bytes
 from orchestrator.planner.models import model
 from orchestrator.planner.results import SimResult, collect
 from orchestrator.planner.trace import TraceRequest
@@ -54,7 +54,7 @@ class Simulator:
         self.arch = model(fleet.model)
         self.block_bytes = block_bytes(self.arch)
         self._reserve_memo: dict[int, int] = {}  # tokens -> blocks reserved
-        self._handoff_memo: dict[tuple[int, int], int] = {}  # (prompt, reused blocks) -> bytes pulled
+        self._handoff_memo = handoff_memo(self.arch)  # prompt -> bytes pulled when nothing is reused
         self.params = fleet.fleet_params()
         self.router = Router.named(fleet.policy, self.params)
         self.index = KvIndex()
@@ -68,19 +68,19 @@ class Simulator:
         self._t_area = 0.0
         pdom, ddom = placement(fleet)
         pcost, dcost = fleet.cost_model(fleet.prefill), fleet.cost_model(fleet.decode)
-        self.prefill_rate = self._rate(fleet.prefill)
-        self.decode_rate = self._rate(fleet.decode)
+        self.prefill_rate = pool_rate(fleet, fleet.prefill)
+        self.decode_rate = pool_rate(fleet, fleet.decode)
         self.prefills = []
         for i, dom in enumerate(pdom):
             w = WorkerId(f"prefill{i}")
-            cache = PrefixCache(w, self._capacity(fleet.prefill), self.index)
+            cache = PrefixCache(w, pool_capacity(fleet, fleet.prefill, self.block_bytes), self.index)
             eng = PrefillEngine(i, pcost, cache, fleet.prefill.max_batch, fleet.prefill.max_batched_tokens,
                                 self._prefill_reserve)
             self.prefills.append(_Prefill(w, dom, eng))
         self.decodes = []
         for i, dom in enumerate(ddom):
             w = WorkerId(f"decode{i}")
-            cache = PrefixCache(w, self._capacity(fleet.decode), self.index)
+            cache = PrefixCache(w, pool_capacity(fleet, fleet.decode, self.block_bytes), self.index)
             local = PrefillEngine(len(pdom) + i, dcost, cache, fleet.decode.max_batch,
                                   fleet.decode.max_batched_tokens, self._decode_reserve)
             self.decodes.append(DecodeInstance(w, dom, dcost, cache, fleet.decode.max_batch, local))
@@ -100,12 +100,6 @@ class Simulator:
                           self._decode_finish)
 
     # ---- set-up helpers --------------------------------------------------------------------------
-    def _capacity(self, pool: PoolConfig) -> int:
-        return pool_capacity(self.fleet, pool, self.block_bytes)
-
-    def _rate(self, pool: PoolConfig) -> float:
-        return pool_rate(self.fleet, pool)
-
     def _blocks(self, nbytes: int) -> int:
         return -(-nbytes // self.block_bytes)
 
@@ -122,10 +116,8 @@ class Simulator:
         return self._reserve_blocks(job.req.prompt_tokens + job.req.output_tokens)
 
     def _handoff_bytes(self, prompt_tokens: int, reused_blocks: int) -> int:
-        if (hit := self._handoff_memo.get((prompt_tokens, reused_blocks))) is None:
-            hit = self._handoff_memo[prompt_tokens, reused_blocks] = handoff_bytes(self.arch, prompt_tokens,
-                                                                                   reused_blocks)
-        return hit
+        """`handoff_bytes(arch, prompt, reused)`: the blocks a decode holds are not pulled."""
+        return handoff_base(self.arch, self._handoff_memo, prompt_tokens) - reused_blocks * self.block_bytes
 
     def _push(self, t: float, kind: Ev, payload: object) -> None:
         self._seq += 1

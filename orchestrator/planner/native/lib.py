@@ -43,17 +43,23 @@ def library_path() -> Path:
     return _cache_dir() / f"tandem_simcore-{h.hexdigest()[:16]}.so"
 
 
-def build() -> Path:
-    """Compile the sources (if this version is not built yet); the library's path."""
-    out = library_path()
-    if out.exists():
-        return out
+def compiler() -> str:
+    """The C compiler: $CC, else cc, else gcc (NativeBuildError naming what is missing)."""
     wanted = os.environ.get("CC")
     cc = shutil.which(wanted) if wanted else shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         named = f"CC={wanted!r} is not an executable" if wanted else "no C compiler (cc or gcc) is on PATH"
         raise NativeBuildError(f"{named}: the planner's native simulator core in {SOURCE_DIR} needs one "
                                "(install gcc, or set CC)")
+    return cc
+
+
+def build() -> Path:
+    """Compile the sources (if this version is not built yet); the library's path."""
+    out = library_path()
+    if out.exists():
+        return out
+    cc = compiler()
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         tmp_out = Path(tmp) / out.name

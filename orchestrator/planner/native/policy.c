@@ -33,10 +33,7 @@ static int local_prefill(const TsPolicy *p, int64_t unc, int64_t n) {
 
 /* inputs.Link.seconds(blocks * kv_bytes_per_block) over the NVLink (same_domain) or the RDMA link. */
 static double handoff(const TsPolicy *p, int same_domain, int64_t blocks) {
-    int64_t nbytes = blocks * p->kv_bytes_per_block;
-    if (nbytes <= 0) return 0.0;
-    if (same_domain) return p->intra_lat + (double)nbytes / p->intra_bw;
-    return p->cross_lat + (double)nbytes / p->cross_bw;
+    return ts_link_seconds(p, same_domain, blocks * p->kv_bytes_per_block);
 }
 
 static void choose_pair(TsChoice *out, int32_t prefill, int32_t decode, int64_t unc) {
@@ -147,7 +144,7 @@ static void kv_domains(const TsPolicy *p, const TsWorker *ws, const TsRequestVie
     for (int32_t i = 0; i < n_pre; i++) {
         const TsWorker *w = &ws[pre[i]];
         int32_t k = group_of[i], slot = fill[k]++;
-        int64_t unc = imax64(n - (int64_t)v->matches[pre[i]] * bs, 1);
+        int64_t unc = uncached(n, v->matches[pre[i]], bs);
         g->member[slot] = pre[i];
         g->t[slot] = (double)(w->queued_tokens + unc) / w->prefill_rate;
         g->load[slot] = (double)w->queued_tokens / w->prefill_rate;
@@ -172,7 +169,7 @@ static void route_kv(const TsPolicy *p, const TsWorker *ws, int32_t nw, const Ts
         const TsWorker *d = &ws[dec[j]];
         DecodeTerms *dt = &terms[j];
         int64_t held = v->matches[dec[j]], kept = v->held[dec[j]];
-        int64_t unc_d = imax64(n - held * bs, 1);
+        int64_t unc_d = uncached(n, held, bs);
         dt->worker = dec[j];
         dt->local = local_prefill(p, unc_d, n);
         if (dt->local) {

@@ -71,6 +71,14 @@ typedef struct {
     int64_t uncached_tokens; /* RouteDecision.uncached_tokens */
 } TsChoice;
 
+/* inputs.Link.seconds(nbytes) over the NVLink (same_domain) or the RDMA link of the fleet: 0 when
+ * nothing moves. Shared by the policies' handoff estimate and the simulator's transfers. */
+static inline double ts_link_seconds(const TsPolicy *p, int same_domain, int64_t nbytes) {
+    if (nbytes <= 0) return 0.0;
+    if (same_domain) return p->intra_lat + (double)nbytes / p->intra_bw;
+    return p->cross_lat + (double)nbytes / p->cross_bw;
+}
+
 /* Workers are given sorted by WorkerId (the Python view's order); an index's rank in that order is
  * the WorkerId tie-break. */
 void ts_route(const TsPolicy *policy, const TsWorker *workers, int32_t n_workers,

@@ -62,13 +62,8 @@ static void reschedule(Sim *s, Decode *d) {
     if (dec_next_finish(s, d, s->now, &t)) push(s, t, EV_DECODE_FINISH, (int32_t)(d - s->decodes), d->version);
 }
 
-static double link_seconds(const TsPolicy *p, int same, int64_t nbytes) {
-    if (nbytes <= 0) return 0.0;
-    return same ? p->intra_lat + (double)nbytes / p->intra_bw : p->cross_lat + (double)nbytes / p->cross_bw;
-}
-
 static void admit_decode(Sim *s, Decode *d) {
-    Engine *local = &s->engines[d->engine];
+    Engine *local = &s->engines[d->slot];
     while (q_len(&d->waiting) && d->batch + d->incoming + q_len(&local->queue) < d->max_batch) {
         int32_t j = d->waiting.v[d->waiting.head];
         Job *job = &s->jobs[j];
@@ -80,15 +75,15 @@ static void admit_decode(Sim *s, Decode *d) {
         int32_t nb = job_blocks(s, j, &ids);
         int64_t n = cache_acquire(s, d->slot, ids, nb, 0);
         job->reused_blocks = n;
-        int same = s->in->domain[s->engines[job->prefill].slot] == s->in->domain[d->slot];
+        int same = s->in->domain[job->prefill] == s->in->domain[d->slot];
         d->incoming += 1;
         int64_t nbytes = s->in->handoff_base[j] - n * s->in->block_bytes;
-        push(s, s->now + link_seconds(s->in->policy, same, nbytes), EV_TRANSFER_DONE, j, 0);
+        push(s, s->now + ts_link_seconds(s->in->policy, same, nbytes), EV_TRANSFER_DONE, j, 0);
     }
 }
 
 static void kick_local(Sim *s, Decode *d) {
-    Engine *local = &s->engines[d->engine];
+    Engine *local = &s->engines[d->slot];
     if (local->busy || !q_len(&local->queue)) return;
     dec_advance(d, s->now);
     double dt;
@@ -163,7 +158,7 @@ static void on_decode_finish(Sim *s, Decode *d, int64_t version, int32_t *scratc
 }
 
 static void on_local_done(Sim *s, Decode *d, int32_t *scratch) {
-    Engine *local = &s->engines[d->engine];
+    Engine *local = &s->engines[d->slot];
     int32_t nd = engine_finish(s, local, scratch);
     for (int32_t i = 0; i < nd; i++) {
         int32_t j = scratch[i];
@@ -234,7 +229,7 @@ static void build_states(Sim *s, TsWorker *w) {
             x->queue_len = q_len(&e->queue) - e->n_running;
         } else {
             Decode *d = &s->decodes[slot - in->n_prefill];
-            Engine *local = &s->engines[d->engine];
+            Engine *local = &s->engines[d->slot];
             x->role = TS_DECODE;
             x->prefill_rate = in->decode_rate;
             x->queued_tokens = imax(local->queued_tokens, 0);
@@ -284,7 +279,7 @@ static void on_arrive(Sim *s, int32_t j) {
     d->promised_blocks += job->decode_reserve;
     if (pslot < 0) {
         job->local = 1;
-        Engine *local = &s->engines[d->engine];
+        Engine *local = &s->engines[d->slot];
         if (q_push(&local->queue, j)) s->failed = 1;
         local->queued_tokens += choice.uncached_tokens;
         kick_local(s, d);

@@ -41,7 +41,6 @@ static int engine_start(Sim *s, Engine *e, double *dt) {
         e->seg_start[n] = job->pos;
         e->seg_end[n] = end;
         e->run_job[n] = j;
-        e->run_end[n] = end;
         n++;
         budget -= end - job->pos;
         sampled += end == prompt;
@@ -60,7 +59,7 @@ static int32_t engine_finish(Sim *s, Engine *e, int32_t *done) {
     for (int32_t i = 0; i < e->n_running; i++) {
         int32_t j = e->run_job[i];
         Job *job = &s->jobs[j];
-        int64_t end = e->run_end[i];
+        int64_t end = e->seg_end[i];
         e->queued_tokens -= end - job->pos;
         job->pos = end;
         if (end == s->in->prompt[j]) done[nd++] = j;

@@ -78,7 +78,6 @@ static void sim_free(Sim *s) {
             Engine *e = &s->engines[i];
             free(e->queue.v);
             free(e->run_job);
-            free(e->run_end);
             free(e->seg_start);
             free(e->seg_end);
         }
@@ -135,15 +134,13 @@ static int sim_init(Sim *s, const TsSimInput *in, TsSimOutput *out) {
         e->max_tokens = e->is_local ? in->d_max_tokens : in->p_max_tokens;
         size_t mb = (size_t)e->max_batch;
         e->run_job = malloc(mb * sizeof(int32_t));
-        e->run_end = malloc(mb * sizeof(int64_t));
         e->seg_start = malloc(mb * sizeof(int64_t));
         e->seg_end = malloc(mb * sizeof(int64_t));
-        if (!c->val || !e->run_job || !e->run_end || !e->seg_start || !e->seg_end) return -1;
+        if (!c->val || !e->run_job || !e->seg_start || !e->seg_end) return -1;
     }
     for (int32_t i = 0; i < in->n_decode; i++) {
         Decode *d = &s->decodes[i];
         d->slot = in->n_prefill + i;
-        d->engine = d->slot;
         d->max_batch = in->d_max_batch;
     }
     for (int32_t j = 0; j < in->n_requests; j++) {

@@ -136,7 +136,7 @@ typedef struct {
     int64_t max_batch, max_tokens;
     Queue queue;
     int32_t *run_job;
-    int64_t *run_end, *seg_start, *seg_end;
+    int64_t *seg_start, *seg_end;  /* the iteration in flight: run_job[i]'s chunk [start, end) */
     int32_t n_running;
     int busy;
     double busy_time;
@@ -144,7 +144,7 @@ typedef struct {
 } Engine;
 
 typedef struct {
-    int32_t slot, engine;
+    int32_t slot;  /* also its local prefill engine's index in Sim.engines */
     Queue waiting;
     int64_t incoming, promised_n, promised_blocks;
     FinHeap heap;
