@@ -87,8 +87,7 @@ class NixlPuller:
 
     def __init__(self, namespace: str | None = None) -> None:
         self.namespace = namespace
-        self._rank: DecodeTransfer | None = None
-        self._intake: PullIntake | None = None
+        self._intake: PullIntake | None = None  # holds the rank's DecodeTransfer and engine
         self._meetings: dict[str, asyncio.Future[None]] = {}  # prefill agent -> its pairing
 
     def bind(self, config: WorkerConfig, built: BuiltRank) -> None:
@@ -96,15 +95,18 @@ class NixlPuller:
         if not isinstance(kv, PagedKvSpace):
             raise ValueError(f"NixlPuller for {config.name}: the engine's KV is {type(kv).__name__}, "
                              "not the paged pools NIXL pulls into")
-        self._engine = built.engine
-        self._rank = DecodeTransfer(config.name, kv.cache, config.handoff_timeout_s, faults=config.faults)
-        self._intake = PullIntake(built.engine, self._rank)
+        rank = DecodeTransfer(config.name, kv.cache, config.handoff_timeout_s, faults=config.faults)
+        self._intake = PullIntake(built.engine, rank)
+
+    @property
+    def intake(self) -> PullIntake:
+        if self._intake is None:
+            raise RuntimeError("NixlPuller is not bound to a decode rank")
+        return self._intake
 
     @property
     def transfer(self) -> DecodeTransfer:
-        if self._rank is None:
-            raise RuntimeError("NixlPuller is not bound to a decode rank")
-        return self._rank
+        return self.intake.rank
 
     async def _meet(self, desc: worker_pb2.HandoffDescriptor) -> None:
         """Pair with the prefill rank that `desc` names, both ways, once. Concurrent handoffs from a
@@ -132,9 +134,8 @@ class NixlPuller:
 
     async def take(self, loop: EngineLoop, request: GenerationRequest, desc: worker_pb2.HandoffDescriptor
                    ) -> PulledKv:
-        rank, intake = self.transfer, self._intake
-        if intake is None:
-            raise RuntimeError("NixlPuller is not bound to a decode rank")
+        intake = self.intake
+        rank = intake.rank
         try:
             if desc.layout_hash != layout_hash(rank.agent.layout.digest):
                 raise LayoutMismatch(f"handoff of {desc.request_id!r}: layout hash {desc.layout_hash:#x} "
@@ -153,5 +154,5 @@ class NixlPuller:
         """Count and log the failed pull, and queue `request` to recompute its prompt."""
         why = f"{type(exc).__name__}: {exc}"
         await loop.call(self.transfer.recompute, desc.request_id, why)
-        await loop.call(self._engine.add_prefilled, request, desc.first_token, None)
+        await loop.call(self.intake.engine.add_prefilled, request, desc.first_token, None)
         return PulledKv(False, error=why)

@@ -38,7 +38,6 @@ class _Staged:
     layers: list[int] = field(default_factory=list)
     window: dict[int, torch.Tensor] = field(default_factory=dict)
     entries: dict[tuple[int, EntryKind], torch.Tensor] = field(default_factory=dict)
-    before: dict[tuple[int, EntryKind], CompressorState | None] = field(default_factory=dict)
     after: dict[tuple[int, EntryKind], CompressorState] = field(default_factory=dict)
     advanced: int = 0
 
@@ -111,8 +110,6 @@ class StagedCache:
             self.base.set_compressor_state(layer, seq, kind, state)
             return
         st.touch(layer)
-        if (layer, kind) not in st.before:
-            st.before[(layer, kind)] = self.base.compressor_state(layer, seq, kind)
         st.after[(layer, kind)] = state
 
     def advance(self, seq: int, n: int) -> None:

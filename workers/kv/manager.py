@@ -145,11 +145,7 @@ class KvCacheManager:
                 )
         s = _Seq(max_len, list(hashes))
         self._seqs[seq] = s
-        for h in hashes[:k]:
-            page = self.prefix.block_page(h)
-            self.allocators[PoolKind.BLOCK].ref(page)
-            self.prefix.touch_block(page)
-            s.blocks.append(page)
+        self._share_blocks(s, hashes[:k])
         if k:
             page = self.prefix.boundary_page(hashes[k - 1])
             self.allocators[PoolKind.WINDOW].ref(page)
@@ -259,11 +255,7 @@ class KvCacheManager:
             )
         k = len(s.blocks)
         held = k + self.prefix.held(s.hashes[k:n_blocks])
-        for h in s.hashes[k:held]:
-            page = self.prefix.block_page(h)
-            self.allocators[PoolKind.BLOCK].ref(page)
-            self.prefix.touch_block(page)
-            s.blocks.append(page)
+        self._share_blocks(s, s.hashes[k:held])
         s.registered = held
         return held
 
@@ -274,6 +266,14 @@ class KvCacheManager:
     def last_hash(self, seq: int) -> int:
         """The hash of the sequence's last block with a known hash (IndexError: none yet)."""
         return self._get(seq).hashes[-1]
+
+    def _share_blocks(self, s: _Seq, hashes: list[int]) -> None:
+        """Append the cached block pages of `hashes` to the sequence, one more reference each."""
+        for h in hashes:
+            page = self.prefix.block_page(h)
+            self.allocators[PoolKind.BLOCK].ref(page)
+            self.prefix.touch_block(page)
+            s.blocks.append(page)
 
     def add_hashes(self, seq: int, hashes: list[int]) -> None:
         """Extend the sequence's known block hashes (blocks filled by generated tokens). Blocks
