@@ -230,12 +230,13 @@ class RouterHost:
             if was != now:
                 raise ValueError(f"router settings: {name} cannot change on a running router "
                                  f"({was!r} -> {now!r})")
-        self.settings = settings
+        old, self.settings = self.settings, settings
         self.gateway.limits = settings.rank_limits
         self._frontend.limits = settings.limits
         self._frontend.quotas = self._frontend.slots.limits = settings.quotas  # open streams stay counted
         self._frontend.max_migrations = settings.max_migrations
-        self._frontend.tokenizer = load_tokenizer(settings.checkpoint)
+        if settings.checkpoint != old.checkpoint:  # a real tokenizer takes a while to parse: only if it moved
+            self._frontend.tokenizer = load_tokenizer(settings.checkpoint)
         self._frontend.router = self._router()
         await self._update_health()  # the disaggregation mode may have changed what ready needs
         log.info("router settings applied in place (policy %s)", settings.policy.value)

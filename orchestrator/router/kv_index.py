@@ -148,43 +148,46 @@ class KvIndex:
         resumable, as its own prefix cache finds it (workers/kv/prefix_cache.py `lookup`); 0: left out."""
         return self.match_views(block_hashes)[0]
 
-    def _leading(self, block_hashes: Sequence[int]) -> dict[Hashable, int]:
-        """Per worker: its leading run of resumable blocks (= `match` while nobody holds held-only)."""
-        owners = self._owners
-        # Masks of the query's blocks up to the first block nobody holds. Blocks with the same
-        # holders share one mask object (`_canonical`), so the running AND can only change where
-        # the object changes: find those few points by identity, in C, and AND only there.
-        masks = list(takewhile(bool, map(owners.get, block_hashes, repeat(0))))
+    def _leading(self, own: Iterable[int]) -> dict[Hashable, int]:
+        """Per worker: its leading run of resumable blocks (= `match` while nobody holds held-only),
+        from the query's resumable masks `own` (owners.get per block, 0 where nobody holds it)."""
+        # Masks up to the first block nobody holds. Blocks with the same holders share one mask
+        # object (`_canonical`), so the running AND can only change where the object changes: find
+        # those few points by identity, in C, and AND only there.
+        masks = list(takewhile(bool, own))
         return self._depths(masks, map(is_not, masks[1:], masks)) if masks else {}
+
+    def _held_run(self, own: Iterable[int], hs: Sequence[int]) -> dict[Hashable, int]:
+        """Per worker: its leading run of blocks of either kind, from the resumable masks `own`."""
+        masks = list(takewhile(bool, map(or_, own, map(self._held.get, hs, repeat(0)))))
+        # ORed masks are not interned: the change points are found by value
+        return self._depths(masks, map(ne, masks[1:], masks)) if masks else {}
+
+    def _own(self, hs: Sequence[int]) -> list[int]:
+        return list(map(self._owners.get, hs, repeat(0)))
 
     def match_held(self, block_hashes: Sequence[int]) -> dict[Hashable, int]:
         """Per worker: its leading run of blocks of either kind (what a handoff to it need not move)."""
-        owners, held = self._owners, self._held
-        if not held:
-            return self._leading(block_hashes)
         hs = block_hashes if isinstance(block_hashes, list | tuple) else list(block_hashes)
-        masks = list(takewhile(bool, map(or_, map(owners.get, hs, repeat(0)), map(held.get, hs, repeat(0)))))
-        # ORed masks are not interned: the change points are found by value
-        return self._depths(masks, map(ne, masks[1:], masks)) if masks else {}
+        return self._held_run(self._own(hs), hs) if self._held else self._leading(self._own(hs))
 
     def match_views(self, block_hashes: Sequence[int]) -> tuple[dict[Hashable, int], dict[Hashable, int]]:
         """(`match`, `match_held`) of one query; the same dict twice while no worker holds a
         held-only block (read them, do not change them)."""
         if not self._held:
-            resumable = self._leading(block_hashes)
+            resumable = self._leading(map(self._owners.get, block_hashes, repeat(0)))
             return resumable, resumable
         hs = block_hashes if isinstance(block_hashes, list | tuple) else list(block_hashes)
-        resumable, held = self._leading(hs), self.match_held(hs)
-        owners = self._owners
+        own = self._own(hs)  # each block's resumable mask, looked up once
+        resumable, held = self._leading(own), self._held_run(own, hs)
         for worker, n in held.items():
             lead = resumable.get(worker, 0)
             if n <= lead + 1:  # block `lead` (if held) is held-only: nothing deeper to find
                 continue
-            bit = 1 << self._slot[worker]
-            masks = list(map(owners.get, hs[lead + 1 : n], repeat(0)))
-            deepest = next((k for k in range(len(masks) - 1, -1, -1) if masks[k] & bit), None)
-            if deepest is not None:  # a resumable block after held-only ones: resume after it
-                resumable[worker] = lead + 2 + deepest
+            mine = list(map(and_, reversed(own[lead + 1 : n]), repeat(1 << self._slot[worker])))
+            last = next(compress(range(len(mine)), mine), None)  # from the end, in C
+            if last is not None:  # a resumable block after held-only ones: resume after it
+                resumable[worker] = n - last
         return resumable, held
 
     def _depths(self, masks: list[int], changed: Iterable[bool]) -> dict[Hashable, int]:

@@ -66,16 +66,19 @@ class LoadSnapshot:
 
 
 def read_counters(registry: CollectorRegistry) -> RequestCounters:
-    """The request counters from the router's Prometheus registry (`RouterMetrics`)."""
+    """The request counters from the router's Prometheus registry (`RouterMetrics`), read in one
+    pass over it (get_sample_value would walk every collector once per value)."""
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in registry.collect() for s in family.samples}
 
     def get(name: str) -> float:
-        value = registry.get_sample_value(name)
+        value = samples.get((name, ()))
         if value is None:
             raise KeyError(f"router metric {name!r} is not registered")
         return value
 
     def decisions(reason: Reason) -> int:
-        value = registry.get_sample_value("tandem_router_decisions_total", {"reason": reason.value})
+        value = samples.get(("tandem_router_decisions_total", (("reason", reason.value),)))
         return 0 if value is None else int(value)  # a reason's series appears with its first decision
 
     return RequestCounters(
